@@ -1,0 +1,265 @@
+//! The instrumentation layer every worker puts between hyper and the app: it
+//! reads the body (413 past `max_body_size`), calls the app through a
+//! [`Runner`], catches panics (500, `kind="panic"`), records the request in the
+//! store and writes the access log. Accepting connections is the worker's job.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use http::{header, HeaderValue, Method, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+
+use crate::app::{text, Reply, Request, Response, Route, SharedApp};
+use crate::config::Config;
+use crate::log::AccessLog;
+use crate::store::{ErrorKind, Recorder, RequestRecord};
+
+/// The response type handed back to hyper.
+pub type HttpResponse = hyper::Response<Full<Bytes>>;
+
+/// The app panicked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Panicked;
+
+/// Runs the app for one request: on the current task ([`Inline`]) or elsewhere
+/// (the thread worker's pool).
+pub trait Runner {
+    /// Calls `app` with `req`, catching panics.
+    fn run(
+        &self,
+        app: &SharedApp,
+        req: Request,
+    ) -> impl Future<Output = Result<Response, Panicked>> + Send;
+}
+
+/// Calls the app on the current task.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Inline;
+
+impl Runner for Inline {
+    fn run(
+        &self,
+        app: &SharedApp,
+        req: Request,
+    ) -> impl Future<Output = Result<Response, Panicked>> + Send {
+        let reply = std::panic::catch_unwind(AssertUnwindSafe(|| app.call(req)));
+        async move {
+            match reply {
+                Ok(Reply::Ready(r)) => Ok(r),
+                Ok(Reply::Pending(fut)) => AssertUnwindSafe(fut).catch_unwind().await.map_err(|_| Panicked),
+                Err(_) => Err(Panicked),
+            }
+        }
+    }
+}
+
+/// Calls the app to completion on the current thread, driving an async app's
+/// future with a minimal executor. For threads that may block (sync worker,
+/// thread-worker pool).
+pub fn call_blocking(app: &SharedApp, req: Request) -> Result<Response, Panicked> {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| app.call(req))) {
+        Ok(Reply::Ready(r)) => Ok(r),
+        Ok(Reply::Pending(fut)) => {
+            std::panic::catch_unwind(AssertUnwindSafe(|| futures_executor::block_on(fut)))
+                .map_err(|_| Panicked)
+        }
+        Err(_) => Err(Panicked),
+    }
+}
+
+/// The method label: standard methods by name, anything else `other`.
+pub fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
+/// An app wrapped with metrics, limits and the access log.
+#[derive(Debug)]
+pub struct Instrumented {
+    app: SharedApp,
+    recorder: Arc<Recorder>,
+    access: Option<AccessLog>,
+    max_body: u64,
+}
+
+impl Instrumented {
+    /// Wraps `app`.
+    pub fn new(
+        app: SharedApp,
+        recorder: Arc<Recorder>,
+        access: Option<AccessLog>,
+        max_body: u64,
+    ) -> Instrumented {
+        Instrumented {
+            app,
+            recorder,
+            access,
+            max_body,
+        }
+    }
+
+    /// The worker's recorder.
+    pub fn recorder(&self) -> &Arc<Recorder> {
+        &self.recorder
+    }
+
+    /// The app.
+    pub fn app(&self) -> &SharedApp {
+        &self.app
+    }
+
+    /// The access log, if any.
+    pub fn access_log(&self) -> Option<&AccessLog> {
+        self.access.as_ref()
+    }
+
+    /// Serves one request from hyper. `peer` is the client address for the
+    /// access log.
+    pub async fn handle<R: Runner>(
+        &self,
+        req: hyper::Request<Incoming>,
+        peer: &str,
+        runner: &R,
+    ) -> HttpResponse {
+        let start = self.recorder.begin();
+        let (parts, body) = req.into_parts();
+        let uri = parts.uri.clone();
+        let method = method_label(&parts.method);
+        let version = parts.version;
+        let too_long = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n > self.max_body);
+        let body = if too_long {
+            Err(StatusCode::PAYLOAD_TOO_LARGE)
+        } else {
+            match Limited::new(body, self.max_body.min(usize::MAX as u64) as usize)
+                .collect()
+                .await
+            {
+                Ok(c) => Ok(c.to_bytes()),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    Err(StatusCode::PAYLOAD_TOO_LARGE)
+                }
+                Err(_) => Err(StatusCode::BAD_REQUEST),
+            }
+        };
+        let (resp, request_bytes, error) = match body {
+            Err(status) => (
+                text(status, status.canonical_reason().unwrap_or("")),
+                0,
+                Some(ErrorKind::BadRequest),
+            ),
+            Ok(body) => {
+                let n = body.len() as u64;
+                let req = Request::from_parts(parts, body);
+                match runner.run(&self.app, req).await {
+                    Ok(resp) => {
+                        let err = resp
+                            .status()
+                            .is_server_error()
+                            .then_some(ErrorKind::AppError);
+                        (resp, n, err)
+                    }
+                    Err(Panicked) => (
+                        text(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error\n"),
+                        n,
+                        Some(ErrorKind::Panic),
+                    ),
+                }
+            }
+        };
+        let route = resp
+            .extensions()
+            .get::<Route>()
+            .map_or_else(|| uri.path(), |r| r.0);
+        let status = resp.status();
+        let response_bytes = resp.body().len() as u64;
+        self.recorder.finish(
+            start,
+            &RequestRecord {
+                method,
+                route,
+                status: status.as_u16(),
+                request_bytes,
+                response_bytes,
+                error,
+            },
+        );
+        if let Some(log) = &self.access {
+            log.write(format_args!(
+                "{peer} - - [{}] \"{} {} {:?}\" {} {}",
+                httpdate::fmt_http_date(std::time::SystemTime::now()),
+                method,
+                uri,
+                version,
+                status.as_u16(),
+                response_bytes,
+            ));
+        }
+        let mut resp = resp.map(Full::new);
+        resp.headers_mut()
+            .entry(header::SERVER)
+            .or_insert(HeaderValue::from_static("gpe"));
+        resp
+    }
+}
+
+/// An http/1 connection builder with the configured limits. `keep_alive` off
+/// makes every response carry `Connection: close`.
+pub fn http1_builder(config: &Config, keep_alive: bool) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.keep_alive(keep_alive)
+        .max_buf_size(config.max_head_bytes())
+        .max_headers(config.limit_request_fields)
+        .half_close(false);
+    b
+}
+
+/// Classifies an error returned by a hyper connection for `gpe_http_errors_total`.
+pub fn classify(e: &hyper::Error) -> Option<ErrorKind> {
+    if e.is_parse() || e.is_parse_too_large() || e.is_parse_status() {
+        Some(ErrorKind::BadRequest)
+    } else if e.is_timeout() {
+        None
+    } else if e.is_incomplete_message() || e.is_canceled() || e.is_closed() || e.is_body_write_aborted() {
+        Some(ErrorKind::ClientDisconnect)
+    } else {
+        None
+    }
+}
+
+/// Counts a connection as open for as long as it lives.
+#[derive(Debug)]
+pub struct ConnectionGuard(Arc<Recorder>);
+
+impl ConnectionGuard {
+    /// Counts one accepted connection.
+    pub fn new(recorder: Arc<Recorder>) -> ConnectionGuard {
+        recorder.connection_opened();
+        ConnectionGuard(recorder)
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connection_closed();
+    }
+}

@@ -1,0 +1,169 @@
+//! Listening sockets: bound once by the master, inherited by every worker
+//! across fork, always in non-blocking mode. Accepting and serving happen in
+//! the worker crates.
+
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::BindAddr;
+
+/// A bound, listening, non-blocking socket.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix domain stream socket.
+    Unix(UnixListener),
+}
+
+/// An accepted connection (non-blocking, like its listener's accept).
+#[derive(Debug)]
+pub enum Stream {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix domain.
+    Unix(UnixStream),
+}
+
+impl Listener {
+    /// Binds and listens on `addr`. A stale unix socket file is replaced.
+    ///
+    /// # Errors
+    /// The address is in use, not permitted, or otherwise cannot be bound.
+    pub fn bind(addr: &BindAddr, backlog: u32, reuse_port: bool) -> io::Result<Listener> {
+        let backlog = backlog.min(i32::MAX as u32) as i32;
+        match addr {
+            BindAddr::Tcp(sa) => {
+                let socket = Socket::new(Domain::for_address(*sa), Type::STREAM, Some(Protocol::TCP))?;
+                socket.set_reuse_address(true)?;
+                if reuse_port {
+                    socket.set_reuse_port(true)?;
+                }
+                socket.set_tcp_nodelay(true)?;
+                socket.bind(&(*sa).into())?;
+                socket.listen(backlog)?;
+                socket.set_nonblocking(true)?;
+                Ok(Listener::Tcp(socket.into()))
+            }
+            BindAddr::Unix(path) => {
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    use std::os::unix::fs::FileTypeExt;
+                    if meta.file_type().is_socket() {
+                        std::fs::remove_file(path)?;
+                    }
+                }
+                let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+                socket.bind(&socket2::SockAddr::unix(path)?)?;
+                socket.listen(backlog)?;
+                socket.set_nonblocking(true)?;
+                Ok(Listener::Unix(socket.into()))
+            }
+        }
+    }
+
+    /// Accepts one connection if one is waiting (`WouldBlock` otherwise).
+    /// Returns the stream and a printable peer address.
+    ///
+    /// # Errors
+    /// `WouldBlock` when none is waiting; other accept errors.
+    pub fn accept(&self) -> io::Result<(Stream, String)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, peer) = l.accept()?;
+                let _ = s.set_nodelay(true);
+                Ok((Stream::Tcp(s), peer.ip().to_string()))
+            }
+            Listener::Unix(l) => {
+                let (s, _) = l.accept()?;
+                Ok((Stream::Unix(s), "unix".to_owned()))
+            }
+        }
+    }
+
+    /// The bound address, printable.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| "tcp:?".to_owned(), |a| a.to_string()),
+            Listener::Unix(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+                .unwrap_or_else(|| "unix:?".to_owned()),
+        }
+    }
+
+    /// A second handle to the same socket.
+    ///
+    /// # Errors
+    /// dup(2) failed.
+    pub fn try_clone(&self) -> io::Result<Listener> {
+        Ok(match self {
+            Listener::Tcp(l) => Listener::Tcp(l.try_clone()?),
+            Listener::Unix(l) => Listener::Unix(l.try_clone()?),
+        })
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Unix(l) => l.as_fd(),
+        }
+    }
+}
+
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> RawFd {
+        self.as_fd().as_raw_fd()
+    }
+}
+
+impl Stream {
+    /// Sets blocking or non-blocking mode.
+    ///
+    /// # Errors
+    /// fcntl(2) failed.
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_nonblocking(on),
+            Stream::Unix(s) => s.set_nonblocking(on),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binds_tcp_and_unix_and_accepts() {
+        let l = Listener::bind(&BindAddr::Tcp("127.0.0.1:0".parse().unwrap()), 16, false).unwrap();
+        let addr = match &l {
+            Listener::Tcp(t) => t.local_addr().unwrap(),
+            Listener::Unix(_) => unreachable!(),
+        };
+        assert_eq!(
+            l.accept().map(|_| ()).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        let _c = TcpStream::connect(addr).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let (_s, peer) = l.accept().unwrap();
+        assert_eq!(peer, "127.0.0.1");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let u = Listener::bind(&BindAddr::Unix(path.clone()), 16, false).unwrap();
+        assert_eq!(u.describe(), format!("unix:{}", path.display()));
+        drop(u);
+        // A stale socket file is replaced.
+        let _u2 = Listener::bind(&BindAddr::Unix(path), 16, false).unwrap();
+    }
+}

@@ -1,0 +1,201 @@
+//! The master (Gunicorn's arbiter): binds the sockets, creates the metric
+//! store, forks the exporter and the workers, and supervises them from one
+//! single-threaded loop (`arbiter`). This module owns start-up and clean-up;
+//! the loop's decisions live in `arbiter`.
+
+mod arbiter;
+mod pidfile;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::app::AppFactory;
+use crate::config::{BindAddr, Config, ConfigError};
+use crate::listener::Listener;
+use crate::store::StoreDir;
+use crate::worker::Worker;
+
+pub use pidfile::Pidfile;
+
+/// What the exporter process receives after fork.
+#[derive(Debug)]
+pub struct ExporterContext {
+    /// The metrics listener, bound by the master (blocking mode).
+    pub listener: TcpListener,
+    /// The store to read.
+    pub store: StoreDir,
+    /// The metrics path (for example `/metrics`).
+    pub path: String,
+}
+
+/// Runs the exporter in its own process; returns its exit code.
+pub type ExporterMain = Arc<dyn Fn(ExporterContext) -> i32 + Send + Sync>;
+/// Picks the worker implementation for a worker type name, or explains why
+/// none is available (for example, a cargo feature that is off).
+pub type WorkerSelector = Arc<dyn Fn(&str) -> Result<Arc<dyn Worker>, String> + Send + Sync>;
+/// Rebuilds the settings from their sources, for HUP.
+pub type Reloader = Arc<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
+
+/// Everything the master needs to run a server.
+pub struct ServerSpec {
+    /// The settings.
+    pub config: Config,
+    /// Builds the app in each worker.
+    pub app: AppFactory,
+    /// Worker implementations available in this binary.
+    pub workers: WorkerSelector,
+    /// The exporter, when metrics are on.
+    pub exporter: Option<ExporterMain>,
+    /// Reloads the settings on HUP; `None` keeps them.
+    pub reload: Option<Reloader>,
+}
+
+impl std::fmt::Debug for ServerSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerSpec")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the server could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum MasterError {
+    /// A setting was refused at start-up.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The worker type is not available.
+    #[error("setting `worker`: {0}")]
+    Worker(String),
+    /// A listener could not be bound.
+    #[error("setting `{setting}`: cannot listen on {addr}: {source}")]
+    Bind {
+        /// `bind` or `metrics_bind`.
+        setting: &'static str,
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The metric store could not be created.
+    #[error("setting `metrics_dir`: cannot prepare {path}: {source}")]
+    Store {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The pid file is in use or cannot be written.
+    #[error("setting `pidfile`: {0}")]
+    Pidfile(std::io::Error),
+    /// Workers kept failing to boot.
+    #[error("workers failed to boot {0} times in a row (see the errors above); stopping")]
+    BootFailed(u32),
+    /// Any other OS error.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl MasterError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            MasterError::BootFailed(_) => crate::worker::EXIT_BOOT_ERROR,
+            MasterError::Config(_) | MasterError::Worker(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Binds every configured listener.
+///
+/// # Errors
+/// The first address that cannot be bound, naming the `bind` setting.
+pub fn bind_all(config: &Config) -> Result<Vec<Listener>, MasterError> {
+    config
+        .binds
+        .iter()
+        .map(|addr| {
+            Listener::bind(addr, config.backlog, config.reuse_port).map_err(|source| {
+                MasterError::Bind {
+                    setting: "bind",
+                    addr: addr.to_string(),
+                    source,
+                }
+            })
+        })
+        .collect()
+}
+
+fn private_store_dir() -> PathBuf {
+    let base = if std::path::Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    base.join(format!("gpe-{}", std::process::id()))
+}
+
+/// Runs a server until it is stopped. Returns once every child has exited and
+/// the pid file, store and unix sockets are cleaned up.
+///
+/// # Errors
+/// Start-up failures (bad worker type, bind, store, pid file) or repeated
+/// worker boot failures.
+pub fn run(spec: ServerSpec) -> Result<(), MasterError> {
+    let config = &spec.config;
+    let worker = (spec.workers)(&config.worker).map_err(MasterError::Worker)?;
+    crate::log::open_errorlog(&config.errorlog).map_err(|e| {
+        MasterError::Config(ConfigError::Invalid {
+            setting: "errorlog",
+            value: format!("{:?}", config.errorlog),
+            expected: format!("a writable file ({e})"),
+        })
+    })?;
+    // Refuse a live pid file before binding anything.
+    if let Some(p) = &config.pidfile {
+        Pidfile::create(p).map_err(MasterError::Pidfile)?.remove();
+    }
+    let listeners = bind_all(config)?;
+    let metrics_listener = if config.metrics && spec.exporter.is_some() {
+        let l = TcpListener::bind(config.metrics_bind).map_err(|source| MasterError::Bind {
+            setting: "metrics_bind",
+            addr: config.metrics_bind.to_string(),
+            source,
+        })?;
+        Some(l)
+    } else {
+        None
+    };
+    let (store, own_dir) = match &config.metrics_dir {
+        Some(p) => (StoreDir::new(p), false),
+        None => (StoreDir::new(private_store_dir()), true),
+    };
+    let created = store.prepare().map_err(|source| MasterError::Store {
+        path: store.path().to_owned(),
+        source,
+    })?;
+    let pidfile = match &config.pidfile {
+        Some(p) => Some(Pidfile::create(p).map_err(MasterError::Pidfile)?),
+        None => None,
+    };
+    let result = arbiter::Arbiter::start(
+        &spec,
+        worker,
+        listeners,
+        metrics_listener,
+        store.clone(),
+    )
+    .and_then(|mut a| a.run());
+    store.cleanup(own_dir || created);
+    if let Some(p) = &pidfile {
+        p.remove();
+    }
+    for b in &spec.config.binds {
+        if let BindAddr::Unix(path) = b {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    result
+}

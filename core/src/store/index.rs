@@ -1,0 +1,429 @@
+//! The series index: one append-only table, shared by every process of a server,
+//! that gives each label set of each family a global id. Value rows in every data
+//! file are indexed by that id, so merging files is a sum by id.
+//!
+//! Appending takes an exclusive `flock` on the index file (cold path: once per
+//! new label set and process); lookups go through a per-process mirror and take
+//! no lock. Each family holds at most `family_cap` label sets; later ones share
+//! the family's `other` series.
+
+use std::collections::HashMap as StdHashMap;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use hashbrown::HashMap;
+use nix::fcntl::{Flock, FlockArg};
+
+use super::catalogue::Family;
+use super::layout::{
+    Entry, Mapped, CAPACITY, INDEX_FILE_BYTES, LABEL_BYTES, MAGIC, MAX_BUCKETS, VERSION,
+};
+
+/// Label value used for every label of a family's overflow series.
+pub const OTHER: &str = "other";
+
+/// The shared series index of one server.
+#[derive(Debug)]
+pub struct Index {
+    map: Mapped,
+    path: PathBuf,
+}
+
+/// Label values of a family encoded as an index key: the family code, then each
+/// value as a length byte and its bytes. At most `1 + LABEL_BYTES` bytes.
+#[derive(Clone, Copy)]
+pub struct Key {
+    buf: [u8; 1 + LABEL_BYTES],
+    len: usize,
+    labels: u8,
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Key").field("bytes", &self.as_bytes()).finish()
+    }
+}
+
+impl Key {
+    /// Encodes `values` for `family`. Values too long for an entry are cut at a
+    /// character boundary, the longest first, so the same input always gives the
+    /// same key.
+    pub fn new(family: Family, values: &[&str]) -> Key {
+        debug_assert_eq!(values.len(), family.labels().len());
+        let mut lens = [0usize; 8];
+        let n = values.len().min(lens.len());
+        for (len, v) in lens.iter_mut().zip(values) {
+            *len = v.len().min(u8::MAX as usize);
+        }
+        // Shrink the longest value until everything fits.
+        loop {
+            let total: usize = lens[..n].iter().map(|l| l + 1).sum();
+            if total <= LABEL_BYTES {
+                break;
+            }
+            let Some((i, _)) = lens[..n].iter().enumerate().max_by_key(|(_, l)| **l) else {
+                break;
+            };
+            let want = lens[i].saturating_sub(total - LABEL_BYTES);
+            lens[i] = floor_char_boundary(values[i], want);
+        }
+        let mut key = Key {
+            buf: [0; 1 + LABEL_BYTES],
+            len: 1,
+            labels: n as u8,
+        };
+        key.buf[0] = family.code();
+        for (v, &l) in values.iter().zip(&lens[..n]) {
+            key.buf[key.len] = l as u8;
+            key.buf[key.len + 1..key.len + 1 + l].copy_from_slice(&v.as_bytes()[..l]);
+            key.len += 1 + l;
+        }
+        key
+    }
+
+    /// The encoded bytes (family code first).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    fn family_code(&self) -> u8 {
+        self.buf[0]
+    }
+
+    fn entry(&self) -> Entry {
+        let mut data = [0u8; LABEL_BYTES];
+        let body = &self.buf[1..self.len];
+        data[..body.len()].copy_from_slice(body);
+        Entry {
+            family: self.buf[0],
+            labels: self.labels,
+            len: body.len() as u16,
+            data,
+        }
+    }
+}
+
+fn floor_char_boundary(s: &str, mut at: usize) -> usize {
+    at = at.min(s.len());
+    while !s.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
+}
+
+/// Decodes the label values of an index entry.
+pub fn entry_values(entry: &Entry) -> Vec<&str> {
+    let mut out = Vec::with_capacity(entry.labels as usize);
+    let data = &entry.data[..(entry.len as usize).min(LABEL_BYTES)];
+    let mut at = 0;
+    while at < data.len() && out.len() < entry.labels as usize {
+        let l = data[at] as usize;
+        let end = (at + 1 + l).min(data.len());
+        out.push(std::str::from_utf8(&data[at + 1..end]).unwrap_or("invalid"));
+        at = end;
+    }
+    out
+}
+
+impl Index {
+    /// Creates the index at `path` with the given per-family cap and duration
+    /// bucket bounds (seconds).
+    ///
+    /// # Errors
+    /// File creation or mapping errors; `InvalidInput` for too many buckets.
+    pub fn create(path: &Path, family_cap: u32, duration_buckets: &[f64]) -> io::Result<Index> {
+        if duration_buckets.len() > MAX_BUCKETS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "too many histogram buckets",
+            ));
+        }
+        let map = Mapped::create(path, INDEX_FILE_BYTES)?;
+        let h = map.index_header();
+        h.version.store(VERSION, Ordering::Relaxed);
+        h.family_cap.store(family_cap, Ordering::Relaxed);
+        h.duration_buckets_len
+            .store(duration_buckets.len() as u32, Ordering::Relaxed);
+        for (cell, b) in h.duration_buckets.iter().zip(duration_buckets) {
+            cell.store(b.to_bits(), Ordering::Relaxed);
+        }
+        h.magic.store(MAGIC, Ordering::Release);
+        Ok(Index {
+            map,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Opens an existing index.
+    ///
+    /// # Safety
+    /// See [`Mapped::open`]: the file must be a gpe index.
+    ///
+    /// # Errors
+    /// Missing file, wrong size or magic.
+    pub unsafe fn open(path: &Path) -> io::Result<Index> {
+        // SAFETY: forwarded to the caller.
+        let map = unsafe { Mapped::open(path, INDEX_FILE_BYTES)? };
+        let h = map.index_header();
+        if h.magic.load(Ordering::Acquire) != MAGIC || h.version.load(Ordering::Relaxed) != VERSION
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not a gpe index of this version", path.display()),
+            ));
+        }
+        Ok(Index {
+            map,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Entries published so far.
+    pub fn used(&self) -> u32 {
+        self.map
+            .index_header()
+            .used
+            .load(Ordering::Acquire)
+            .min(CAPACITY as u32)
+    }
+
+    /// The family and label values of published entry `id`.
+    pub fn describe(&self, id: u32) -> Option<(Family, Vec<&str>)> {
+        if id >= self.used() {
+            return None;
+        }
+        let e = self.map.entry(id);
+        Some((Family::from_code(e.family)?, entry_values(e)))
+    }
+
+    /// The per-family series cap.
+    pub fn family_cap(&self) -> u32 {
+        self.map.index_header().family_cap.load(Ordering::Relaxed)
+    }
+
+    /// Duration bucket bounds in seconds.
+    pub fn duration_buckets(&self) -> Vec<f64> {
+        let h = self.map.index_header();
+        let n = (h.duration_buckets_len.load(Ordering::Relaxed) as usize).min(MAX_BUCKETS);
+        h.duration_buckets[..n]
+            .iter()
+            .map(|c| f64::from_bits(c.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// The id of `family`'s overflow series, if it exists yet.
+    pub fn other_id(&self, family: Family) -> Option<u32> {
+        let v = self.map.index_header().other_ids[family.code() as usize].load(Ordering::Acquire);
+        v.checked_sub(1)
+    }
+
+    fn family_full(&self, family: Family) -> bool {
+        self.map.index_header().family_counts[family.code() as usize].load(Ordering::Acquire)
+            >= self.family_cap()
+    }
+
+    /// Appends `key` unless it exists, returning its id; `Ok(None)` when the
+    /// family is full (the caller then uses [`Index::other`]).
+    fn append(&self, key: &Key, other: bool) -> io::Result<Option<u32>> {
+        let _lock = self.lock()?;
+        let h = self.map.index_header();
+        let used = h.used.load(Ordering::Acquire);
+        let fam = key.family_code() as usize;
+        if other {
+            if let Some(id) = h.other_ids[fam].load(Ordering::Acquire).checked_sub(1) {
+                return Ok(Some(id));
+            }
+        } else {
+            for id in 0..used {
+                let e = self.map.entry(id);
+                if e.family == key.family_code() && e_bytes(e) == &key.as_bytes()[1..] {
+                    return Ok(Some(id));
+                }
+            }
+            if h.family_counts[fam].load(Ordering::Acquire) >= h.family_cap.load(Ordering::Relaxed)
+            {
+                return Ok(None);
+            }
+        }
+        if used as usize >= CAPACITY {
+            return Err(io::Error::other("series index is full"));
+        }
+        // SAFETY: we hold the exclusive lock and `used` is the next free entry.
+        unsafe { self.map.write_entry(used, &key.entry()) };
+        h.used.store(used + 1, Ordering::Release);
+        if other {
+            h.other_ids[fam].store(used + 1, Ordering::Release);
+        } else {
+            h.family_counts[fam].fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(Some(used))
+    }
+
+    /// The id of `family`'s overflow series, creating it if needed.
+    ///
+    /// # Errors
+    /// Locking errors or a full index.
+    pub fn other(&self, family: Family) -> io::Result<u32> {
+        if let Some(id) = self.other_id(family) {
+            return Ok(id);
+        }
+        let values = vec![OTHER; family.labels().len()];
+        let key = Key::new(family, &values);
+        self.append(&key, true)?
+            .ok_or_else(|| io::Error::other("overflow series refused"))
+    }
+
+    fn lock(&self) -> io::Result<Flock<File>> {
+        // A fresh open file description per lock: flock does not exclude holders of
+        // the same description, and descriptions are shared across fork.
+        let file = File::open(&self.path)?;
+        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| io::Error::from(e))
+    }
+}
+
+fn e_bytes(e: &Entry) -> &[u8] {
+    &e.data[..(e.len as usize).min(LABEL_BYTES)]
+}
+
+/// Outcome of resolving a label set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolved {
+    /// The label set's own series.
+    Own(u32),
+    /// The family is full: the `other` series.
+    Other(u32),
+}
+
+impl Resolved {
+    /// The row id to update.
+    pub fn id(self) -> u32 {
+        match self {
+            Resolved::Own(id) | Resolved::Other(id) => id,
+        }
+    }
+}
+
+/// A per-process mirror of the index for lock-free lookups.
+#[derive(Debug, Default)]
+pub struct Mirror {
+    seen: u32,
+    ids: HashMap<Box<[u8]>, u32>,
+}
+
+impl Mirror {
+    /// Brings the mirror up to date with published entries.
+    fn refresh(&mut self, index: &Index) {
+        let used = index.used();
+        let other: StdHashMap<u32, ()> = crate::store::catalogue::Family::ALL
+            .iter()
+            .filter_map(|f| index.other_id(*f).map(|id| (id, ())))
+            .collect();
+        for id in self.seen..used {
+            if other.contains_key(&id) {
+                continue;
+            }
+            let e = index.map.entry(id);
+            let mut k = Vec::with_capacity(1 + e.len as usize);
+            k.push(e.family);
+            k.extend_from_slice(e_bytes(e));
+            self.ids.insert(k.into_boxed_slice(), id);
+        }
+        self.seen = used;
+    }
+
+    /// Resolves `key` to a row id, appending it to the index if it is new and
+    /// its family has room.
+    ///
+    /// # Errors
+    /// Locking errors or a full index.
+    pub fn resolve(&mut self, index: &Index, key: &Key) -> io::Result<Resolved> {
+        if let Some(&id) = self.ids.get(key.as_bytes()) {
+            return Ok(Resolved::Own(id));
+        }
+        if index.used() != self.seen {
+            self.refresh(index);
+            if let Some(&id) = self.ids.get(key.as_bytes()) {
+                return Ok(Resolved::Own(id));
+            }
+        }
+        let family = Family::from_code(key.family_code())
+            .ok_or_else(|| io::Error::other("unknown family"))?;
+        if !index.family_full(family) {
+            if let Some(id) = index.append(key, false)? {
+                self.refresh(index);
+                return Ok(Resolved::Own(id));
+            }
+        }
+        Ok(Resolved::Other(index.other(family)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index(cap: u32) -> (tempfile::TempDir, Index) {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::create(&dir.path().join("index"), cap, &[0.1, 1.0]).unwrap();
+        (dir, idx)
+    }
+
+    #[test]
+    fn same_labels_same_id_across_mirrors() {
+        let (dir, idx) = index(10);
+        // SAFETY: the file is the index just created.
+        let other_view = unsafe { Index::open(&dir.path().join("index")) }.unwrap();
+        let mut a = Mirror::default();
+        let mut b = Mirror::default();
+        let k = Key::new(Family::HttpDuration, &["GET", "/x"]);
+        let ia = a.resolve(&idx, &k).unwrap();
+        let ib = b.resolve(&other_view, &k).unwrap();
+        assert_eq!(ia, ib);
+        assert_eq!(ia, Resolved::Own(0));
+        let k2 = Key::new(Family::HttpDuration, &["GET", "/y"]);
+        assert_eq!(b.resolve(&other_view, &k2).unwrap(), Resolved::Own(1));
+        assert_eq!(idx.describe(1).unwrap().1, vec!["GET", "/y"]);
+        assert_eq!(idx.duration_buckets(), vec![0.1, 1.0]);
+    }
+
+    #[test]
+    fn cap_collapses_into_other() {
+        let (_dir, idx) = index(3);
+        let mut m = Mirror::default();
+        let mut own = 0;
+        let mut other = None;
+        for i in 0..10 {
+            let route = format!("/r{i}");
+            let r = m
+                .resolve(&idx, &Key::new(Family::HttpDuration, &["GET", &route]))
+                .unwrap();
+            match r {
+                Resolved::Own(_) => own += 1,
+                Resolved::Other(id) => {
+                    assert!(other.is_none() || other == Some(id));
+                    other = Some(id);
+                }
+            }
+        }
+        assert_eq!(own, 3);
+        let id = other.unwrap();
+        assert_eq!(idx.describe(id).unwrap().1, vec![OTHER, OTHER]);
+        assert_eq!(idx.used(), 4);
+    }
+
+    #[test]
+    fn long_values_are_cut_at_char_boundaries_deterministically() {
+        let long = "é".repeat(200);
+        let k1 = Key::new(Family::HttpRequests, &["GET", &long, "200"]);
+        let k2 = Key::new(Family::HttpRequests, &["GET", &long, "200"]);
+        assert_eq!(k1.as_bytes(), k2.as_bytes());
+        assert!(k1.as_bytes().len() <= 1 + LABEL_BYTES);
+        let e = k1.entry();
+        let vals = entry_values(&e);
+        assert_eq!(vals[0], "GET");
+        assert_eq!(vals[2], "200");
+        assert!(vals[1].chars().all(|c| c == 'é'));
+    }
+}

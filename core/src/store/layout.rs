@@ -1,0 +1,346 @@
+//! The fixed byte layout of the store's files and the mapped views over them.
+//!
+//! Every file is created at its full, fixed size and never grows. All shared
+//! fields are atomics, so any process may read while another writes. This module
+//! holds the store's only `unsafe` code: mapping a file and viewing the mapping
+//! as the `repr(C)` structs below.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64};
+
+use memmap2::MmapRaw;
+
+/// Magic number at the start of every store file ("GPESTORE").
+pub const MAGIC: u64 = 0x4750_4553_544f_5245;
+/// Layout version; bumped whenever a struct below changes.
+pub const VERSION: u32 = 1;
+/// Number of series every file can hold (index entries and value rows).
+pub const CAPACITY: usize = 16_384;
+/// `u64` cells per series row: up to 14 finite buckets, `+Inf`, and the sum.
+pub const CELLS: usize = 16;
+/// Largest number of finite histogram buckets a family may use.
+pub const MAX_BUCKETS: usize = CELLS - 2;
+/// Bytes of label data one index entry can hold.
+pub const LABEL_BYTES: usize = 124;
+/// Number of family counters in headers (more than the catalogue needs).
+pub const MAX_FAMILIES: usize = 16;
+/// Number of signal counters in the master header.
+pub const MAX_SIGNALS: usize = 16;
+/// Number of exit-reason counters in the master header.
+pub const MAX_REASONS: usize = 8;
+
+/// What a data file holds.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// The master's own counters (signals, exits, reloads, worker counts).
+    Master = 1,
+    /// Counters folded in from workers that have exited.
+    Retired = 2,
+    /// One worker process (slot + generation).
+    Worker = 3,
+}
+
+/// Header of a data file (master, retired or worker). Padded to 1 KiB.
+#[repr(C)]
+#[derive(Debug)]
+pub struct Header {
+    /// [`MAGIC`] once the file is fully initialised.
+    pub magic: AtomicU64,
+    /// [`VERSION`].
+    pub version: AtomicU32,
+    /// [`FileKind`] as `u32`.
+    pub kind: AtomicU32,
+    /// Worker slot (workers only).
+    pub slot: AtomicU32,
+    /// Worker type code (see `WorkerKind` in the catalogue); 0 if none.
+    pub worker_kind: AtomicU32,
+    /// Generation of the process in its slot, increasing over the server's life.
+    pub generation: AtomicU64,
+    /// Process id of the writer (master or worker).
+    pub pid: AtomicU32,
+    /// Current worker state code (see `WorkerState`).
+    pub state: AtomicU32,
+    /// Set to 1 by the master once this file's counters were folded into the
+    /// retired totals; readers must then skip it.
+    pub folded: AtomicU32,
+    /// Padding.
+    pub _pad0: AtomicU32,
+    /// Wall-clock time (Unix nanoseconds) of the last state change.
+    pub state_since_ns: AtomicU64,
+    /// Monotonic time (nanoseconds) of the last sign of life.
+    pub heartbeat_ns: AtomicU64,
+    /// Wall-clock start time (Unix nanoseconds) of the writer process.
+    pub start_time_ns: AtomicU64,
+    /// Requests in progress in this process.
+    pub in_flight: AtomicI64,
+    /// Connections open in this process.
+    pub connections: AtomicI64,
+    /// Retired file only: sequence counter of the master's fold (odd while folding).
+    pub epoch: AtomicU64,
+    /// Requests this process has completed (drives `max_requests`).
+    pub requests: AtomicU64,
+    /// Master only: live workers.
+    pub workers: AtomicU64,
+    /// Master only: desired workers.
+    pub workers_desired: AtomicU64,
+    /// Master only: completed reloads.
+    pub reloads: AtomicU64,
+    /// Master only: handled signals, by signal code.
+    pub signals: [AtomicU64; MAX_SIGNALS],
+    /// Master only: worker exits, by reason code.
+    pub exits: [AtomicU64; MAX_REASONS],
+    /// Observations that fell into a family's `other` series, by family.
+    pub dropped: [AtomicU64; MAX_FAMILIES],
+}
+
+/// Byte offset of the value rows in a data file.
+pub const HEADER_BYTES: usize = 1024;
+const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_BYTES);
+
+/// One series' cells: counter value in cell 0, or histogram buckets then sum.
+pub type Row = [AtomicU64; CELLS];
+
+/// Total size of a data file.
+pub const DATA_FILE_BYTES: usize = HEADER_BYTES + CAPACITY * std::mem::size_of::<Row>();
+
+/// Header of the series index shared by every process of one server.
+#[repr(C)]
+#[derive(Debug)]
+pub struct IndexHeader {
+    /// [`MAGIC`] once initialised.
+    pub magic: AtomicU64,
+    /// [`VERSION`].
+    pub version: AtomicU32,
+    /// Entries published so far; entries below it never change again.
+    pub used: AtomicU32,
+    /// Series allowed per family before label sets collapse into `other`.
+    pub family_cap: AtomicU32,
+    /// Number of finite duration buckets in use.
+    pub duration_buckets_len: AtomicU32,
+    /// Duration bucket upper bounds, as `f64` bits.
+    pub duration_buckets: [AtomicU64; MAX_BUCKETS],
+    /// Entries per family (the `other` series not included).
+    pub family_counts: [AtomicU32; MAX_FAMILIES],
+    /// Entry id + 1 of each family's `other` series, 0 until it exists.
+    pub other_ids: [AtomicU32; MAX_FAMILIES],
+}
+
+/// Byte offset of the entries in the index file.
+pub const INDEX_HEADER_BYTES: usize = 512;
+const _: () = assert!(std::mem::size_of::<IndexHeader>() <= INDEX_HEADER_BYTES);
+
+/// One index entry: which family, and the label values in the family's order.
+#[repr(C)]
+#[derive(Debug)]
+pub struct Entry {
+    /// Family code.
+    pub family: u8,
+    /// Number of label values.
+    pub labels: u8,
+    /// Bytes of `data` in use.
+    pub len: u16,
+    /// Label values, each as one length byte followed by its UTF-8 bytes.
+    pub data: [u8; LABEL_BYTES],
+}
+const _: () = assert!(std::mem::size_of::<Entry>() == 128);
+
+/// Total size of the index file.
+pub const INDEX_FILE_BYTES: usize = INDEX_HEADER_BYTES + CAPACITY * std::mem::size_of::<Entry>();
+
+/// A store file mapped shared into this process.
+#[derive(Debug)]
+pub struct Mapped {
+    map: MmapRaw,
+}
+
+impl Mapped {
+    /// Creates `path` (which must not exist) at `len` zeroed bytes and maps it.
+    ///
+    /// # Errors
+    /// Any error from creating, sizing or mapping the file.
+    pub fn create(path: &Path, len: usize) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        file.set_len(len as u64)?;
+        Self::map(&file, len)
+    }
+
+    /// Maps an existing store file of exactly `len` bytes.
+    ///
+    /// # Safety
+    /// Every process that maps this file must access it only through this
+    /// module's views (atomics and published, never-rewritten index entries).
+    /// Files created by [`Mapped::create`] and written by gpe satisfy this.
+    ///
+    /// # Errors
+    /// Not found, wrong size, or any mapping error.
+    pub unsafe fn open(path: &Path, len: usize) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let actual = file.metadata()?.len();
+        if actual != len as u64 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} is {actual} bytes, expected {len}: not a gpe store file of this version",
+                    path.display()
+                ),
+            ));
+        }
+        Self::map(&file, len)
+    }
+
+    fn map(file: &File, len: usize) -> io::Result<Self> {
+        let map = MmapRaw::map_raw(file)?;
+        if map.len() < len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "store file shorter than its layout",
+            ));
+        }
+        Ok(Self { map })
+    }
+
+    /// The data-file header.
+    ///
+    /// The mapping must be a data file (at least [`DATA_FILE_BYTES`] long).
+    pub fn header(&self) -> &Header {
+        assert!(self.map.len() >= DATA_FILE_BYTES);
+        // SAFETY: the mapping is page-aligned and at least HEADER_BYTES long (checked
+        // above), `Header` is `repr(C)` of atomics only, for which every bit pattern
+        // (including the zeroes of a new file) is valid, and all concurrent access from
+        // other processes goes through the same atomics. The reference lives no longer
+        // than `self`, which owns the mapping.
+        unsafe { &*(self.map.as_ptr() as *const Header) }
+    }
+
+    /// The value row of series `id` in a data file.
+    ///
+    /// # Panics
+    /// If `id` is not below [`CAPACITY`].
+    pub fn row(&self, id: u32) -> &Row {
+        let id = id as usize;
+        assert!(id < CAPACITY && self.map.len() >= DATA_FILE_BYTES);
+        // SAFETY: the row lies inside the mapping (bounds checked above), rows are
+        // 8-byte aligned (HEADER_BYTES and the row size are multiples of 8 and the
+        // mapping is page-aligned), and a row is an array of atomics, valid for any bits.
+        unsafe {
+            &*(self
+                .map
+                .as_ptr()
+                .add(HEADER_BYTES + id * std::mem::size_of::<Row>()) as *const Row)
+        }
+    }
+
+    /// The index header. The mapping must be an index file.
+    pub fn index_header(&self) -> &IndexHeader {
+        assert!(self.map.len() >= INDEX_FILE_BYTES);
+        // SAFETY: as for `header`: aligned, in bounds, atomics only.
+        unsafe { &*(self.map.as_ptr() as *const IndexHeader) }
+    }
+
+    /// Entry `id` of an index file. Only entries below the published `used`
+    /// count may be read; they are never written again.
+    pub fn entry(&self, id: u32) -> &Entry {
+        let id = id as usize;
+        assert!(id < CAPACITY && self.map.len() >= INDEX_FILE_BYTES);
+        // SAFETY: in bounds (checked), `Entry` is plain bytes (valid for any bits) and
+        // align 2 at a 128-byte stride from a 512-byte offset. Callers read an entry
+        // only after an acquire load of `used` covers it; its writer published it with
+        // a release store after writing it and never writes it again.
+        unsafe {
+            &*(self
+                .map
+                .as_ptr()
+                .add(INDEX_HEADER_BYTES + id * std::mem::size_of::<Entry>())
+                as *const Entry)
+        }
+    }
+
+    /// Writes entry `id` of an index file before it is published.
+    ///
+    /// # Safety
+    /// The caller holds the index's exclusive lock and `id` equals the current
+    /// `used` count, so no process reads or writes this entry concurrently.
+    pub unsafe fn write_entry(&self, id: u32, entry: &Entry) {
+        let id = id as usize;
+        assert!(id < CAPACITY && self.map.len() >= INDEX_FILE_BYTES);
+        // SAFETY: in bounds (checked); exclusive per the caller's contract.
+        unsafe {
+            let dst = self
+                .map
+                .as_mut_ptr()
+                .add(INDEX_HEADER_BYTES + id * std::mem::size_of::<Entry>())
+                as *mut Entry;
+            std::ptr::write(
+                dst,
+                Entry {
+                    family: entry.family,
+                    labels: entry.labels,
+                    len: entry.len,
+                    data: entry.data,
+                },
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn created_file_has_fixed_size_and_shared_atomics() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w");
+        let a = Mapped::create(&path, DATA_FILE_BYTES).unwrap();
+        // SAFETY: the file was just created by this module.
+        let b = unsafe { Mapped::open(&path, DATA_FILE_BYTES) }.unwrap();
+        a.header().requests.fetch_add(3, Ordering::Relaxed);
+        a.row(CAPACITY as u32 - 1)[CELLS - 1].fetch_add(7, Ordering::Relaxed);
+        assert_eq!(b.header().requests.load(Ordering::Relaxed), 3);
+        assert_eq!(
+            b.row(CAPACITY as u32 - 1)[CELLS - 1].load(Ordering::Relaxed),
+            7
+        );
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            DATA_FILE_BYTES as u64
+        );
+    }
+
+    #[test]
+    fn open_refuses_wrong_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x");
+        std::fs::write(&path, b"short").unwrap();
+        // SAFETY: the open fails before mapping.
+        let err = unsafe { Mapped::open(&path, DATA_FILE_BYTES) }.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn index_entries_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i");
+        let m = Mapped::create(&path, INDEX_FILE_BYTES).unwrap();
+        let mut e = Entry {
+            family: 3,
+            labels: 1,
+            len: 2,
+            data: [0; LABEL_BYTES],
+        };
+        e.data[0] = 1;
+        e.data[1] = b'x';
+        // SAFETY: single process, nothing published yet.
+        unsafe { m.write_entry(5, &e) };
+        assert_eq!(m.entry(5).family, 3);
+        assert_eq!(&m.entry(5).data[..2], &[1, b'x']);
+    }
+}

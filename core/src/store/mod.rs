@@ -1,0 +1,358 @@
+//! The shared-memory metric store: one directory per server holding the series
+//! index, one data file per worker process (slot + generation), one for the
+//! master and one for the totals of workers that have exited.
+//!
+//! Workers write through a [`Recorder`]; the master folds dead workers with
+//! [`fold`]; the exporter reads a consistent [`Snapshot`]. Layout details live in
+//! `layout`, the catalogue of families in `catalogue`.
+
+pub mod catalogue;
+pub mod index;
+pub mod layout;
+mod recorder;
+mod snapshot;
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+pub use catalogue::{ExitReason, Family, MasterSignal, WorkerKind, WorkerState};
+pub use index::Index;
+pub use recorder::{ErrorKind, Recorder, RequestRecord};
+pub use snapshot::{MasterView, Series, Snapshot, WorkerView};
+
+use layout::{FileKind, Header, Mapped, Row, DATA_FILE_BYTES, MAGIC, VERSION};
+
+/// Current wall-clock time in Unix nanoseconds.
+pub fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Current monotonic time in nanoseconds (same clock in every process).
+pub fn monotonic_ns() -> u64 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(ts) => (ts.tv_sec() as u64)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(ts.tv_nsec() as u64),
+        Err(_) => 0,
+    }
+}
+
+/// The store's directory and the names of the files in it.
+#[derive(Debug, Clone)]
+pub struct StoreDir {
+    path: PathBuf,
+}
+
+const WORKER_PREFIX: &str = "worker-";
+
+impl StoreDir {
+    /// A store directory at `path` (not touched until used).
+    pub fn new(path: impl Into<PathBuf>) -> StoreDir {
+        StoreDir { path: path.into() }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Path of the series index.
+    pub fn index_path(&self) -> PathBuf {
+        self.path.join("index")
+    }
+
+    /// Path of the master's data file.
+    pub fn master_path(&self) -> PathBuf {
+        self.path.join("master")
+    }
+
+    /// Path of the retired totals.
+    pub fn retired_path(&self) -> PathBuf {
+        self.path.join("retired")
+    }
+
+    /// Path of the data file of the worker in `slot`, generation `generation`.
+    pub fn worker_path(&self, slot: u32, generation: u64) -> PathBuf {
+        self.path
+            .join(format!("{WORKER_PREFIX}{slot}-{generation}"))
+    }
+
+    /// Worker files present now, as (slot, generation, path), in name order.
+    ///
+    /// # Errors
+    /// Reading the directory failed.
+    pub fn worker_files(&self) -> io::Result<Vec<(u32, u64, PathBuf)>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.path)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Some(rest) = name.strip_prefix(WORKER_PREFIX) else {
+                continue;
+            };
+            let Some((slot, generation)) = rest.split_once('-') else {
+                continue;
+            };
+            if let (Ok(slot), Ok(generation)) = (slot.parse(), generation.parse()) {
+                out.push((slot, generation, entry.path()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Prepares the directory for a new server: creates it if needed and removes
+    /// store files left by an earlier run. Returns whether it was created.
+    ///
+    /// # Errors
+    /// The directory cannot be created or cleaned.
+    pub fn prepare(&self) -> io::Result<bool> {
+        let created = match fs::create_dir(&self.path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(e),
+        };
+        if !created {
+            for (_, _, p) in self.worker_files()? {
+                fs::remove_file(p)?;
+            }
+            for p in [self.index_path(), self.master_path(), self.retired_path()] {
+                match fs::remove_file(&p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(created)
+    }
+
+    /// Removes every store file, and the directory itself when `remove_dir`.
+    pub fn cleanup(&self, remove_dir: bool) {
+        if let Ok(files) = self.worker_files() {
+            for (_, _, p) in files {
+                let _ = fs::remove_file(p);
+            }
+        }
+        for p in [self.index_path(), self.master_path(), self.retired_path()] {
+            let _ = fs::remove_file(p);
+        }
+        if remove_dir {
+            let _ = fs::remove_dir(&self.path);
+        }
+    }
+}
+
+/// One mapped data file (master, retired or worker).
+#[derive(Debug)]
+pub struct DataFile {
+    map: Mapped,
+}
+
+/// Identity written into a new data file's header.
+#[derive(Debug, Clone, Copy)]
+pub struct FileIdentity {
+    /// What the file holds.
+    pub kind: FileKind,
+    /// Worker slot (0 for master and retired).
+    pub slot: u32,
+    /// Generation (0 for master and retired).
+    pub generation: u64,
+    /// Worker type, if a worker.
+    pub worker_kind: Option<WorkerKind>,
+}
+
+impl DataFile {
+    /// Creates a data file at `path`, fully initialised before it appears under
+    /// that name (it is written under a temporary name, then renamed).
+    ///
+    /// # Errors
+    /// Creating, mapping or renaming failed.
+    pub fn create(path: &Path, id: FileIdentity) -> io::Result<DataFile> {
+        let tmp = path.with_extension("tmp");
+        let _ = fs::remove_file(&tmp);
+        let map = Mapped::create(&tmp, DATA_FILE_BYTES)?;
+        let h = map.header();
+        h.version.store(VERSION, Ordering::Relaxed);
+        h.kind.store(id.kind as u32, Ordering::Relaxed);
+        h.slot.store(id.slot, Ordering::Relaxed);
+        h.generation.store(id.generation, Ordering::Relaxed);
+        h.worker_kind
+            .store(id.worker_kind.map_or(0, WorkerKind::code), Ordering::Relaxed);
+        h.state.store(WorkerState::Booting.code(), Ordering::Relaxed);
+        let now = unix_now_ns();
+        h.state_since_ns.store(now, Ordering::Relaxed);
+        h.start_time_ns.store(now, Ordering::Relaxed);
+        h.heartbeat_ns.store(monotonic_ns(), Ordering::Relaxed);
+        h.magic.store(MAGIC, Ordering::Release);
+        fs::rename(&tmp, path)?;
+        Ok(DataFile { map })
+    }
+
+    /// Opens an existing data file.
+    ///
+    /// # Safety
+    /// The file must be a gpe data file (see [`Mapped::open`]).
+    ///
+    /// # Errors
+    /// Missing, wrong size, or not initialised.
+    pub unsafe fn open(path: &Path) -> io::Result<DataFile> {
+        // SAFETY: forwarded to the caller.
+        let map = unsafe { Mapped::open(path, DATA_FILE_BYTES)? };
+        let h = map.header();
+        if h.magic.load(Ordering::Acquire) != MAGIC || h.version.load(Ordering::Relaxed) != VERSION
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not a gpe data file of this version", path.display()),
+            ));
+        }
+        Ok(DataFile { map })
+    }
+
+    /// The header.
+    pub fn header(&self) -> &Header {
+        self.map.header()
+    }
+
+    /// The value row of series `id`.
+    pub fn row(&self, id: u32) -> &Row {
+        self.map.row(id)
+    }
+
+    /// Sets the worker state and its since-time.
+    pub fn set_state(&self, state: WorkerState) {
+        let h = self.header();
+        h.state.store(state.code(), Ordering::Relaxed);
+        h.state_since_ns.store(unix_now_ns(), Ordering::Relaxed);
+    }
+
+    /// Records a sign of life now.
+    pub fn beat(&self) {
+        self.header()
+            .heartbeat_ns
+            .store(monotonic_ns(), Ordering::Relaxed);
+    }
+}
+
+/// Folds the counters of the exited worker `dead` into `retired` and marks it
+/// folded. `cpu_ns` (from the reaped child's rusage) is added to its slot's CPU
+/// series. The caller (the master, the only writer of `retired`) must bracket
+/// every fold of one reap with [`fold_begin`] and [`fold_end`].
+///
+/// # Errors
+/// Resolving the CPU series failed.
+pub fn fold(
+    index: &Index,
+    mirror: &mut index::Mirror,
+    retired: &DataFile,
+    dead: &DataFile,
+    cpu_ns: u64,
+) -> io::Result<()> {
+    let dh = dead.header();
+    if dh.folded.load(Ordering::Acquire) != 0 {
+        return Ok(());
+    }
+    let used = index.used();
+    for id in 0..used {
+        let src = dead.row(id);
+        let dst = retired.row(id);
+        for (s, d) in src.iter().zip(dst) {
+            let v = s.load(Ordering::Relaxed);
+            if v != 0 {
+                d.fetch_add(v, Ordering::Relaxed);
+            }
+        }
+    }
+    let rh = retired.header();
+    for (s, d) in dh.dropped.iter().zip(&rh.dropped) {
+        d.fetch_add(s.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+    if cpu_ns > 0 {
+        let slot = dh.slot.load(Ordering::Relaxed).to_string();
+        let key = index::Key::new(Family::WorkerCpuRetired, &[&slot]);
+        let id = mirror.resolve(index, &key)?.id();
+        retired.row(id)[0].fetch_add(cpu_ns, Ordering::Relaxed);
+    }
+    dh.folded.store(1, Ordering::Release);
+    Ok(())
+}
+
+/// Opens the fold window (the retired epoch becomes odd).
+pub fn fold_begin(retired: &DataFile) {
+    retired.header().epoch.fetch_add(1, Ordering::AcqRel);
+    std::sync::atomic::fence(Ordering::Release);
+}
+
+/// Closes the fold window (the retired epoch becomes even).
+pub fn fold_end(retired: &DataFile) {
+    retired.header().epoch.fetch_add(1, Ordering::Release);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fold_moves_counts_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StoreDir::new(dir.path().join("m"));
+        assert!(store.prepare().unwrap());
+        let index = Index::create(&store.index_path(), 100, &[1.0]).unwrap();
+        let retired = DataFile::create(
+            &store.retired_path(),
+            FileIdentity {
+                kind: FileKind::Retired,
+                slot: 0,
+                generation: 0,
+                worker_kind: None,
+            },
+        )
+        .unwrap();
+        let w = DataFile::create(
+            &store.worker_path(1, 7),
+            FileIdentity {
+                kind: FileKind::Worker,
+                slot: 1,
+                generation: 7,
+                worker_kind: Some(WorkerKind::Sync),
+            },
+        )
+        .unwrap();
+        let mut m = index::Mirror::default();
+        let id = m
+            .resolve(&index, &index::Key::new(Family::WorkerRequests, &["1"]))
+            .unwrap()
+            .id();
+        w.row(id)[0].fetch_add(5, Ordering::Relaxed);
+        fold_begin(&retired);
+        fold(&index, &mut m, &retired, &w, 2_000_000_000).unwrap();
+        fold(&index, &mut m, &retired, &w, 2_000_000_000).unwrap();
+        fold_end(&retired);
+        assert_eq!(retired.row(id)[0].load(Ordering::Relaxed), 5);
+        assert_eq!(retired.header().epoch.load(Ordering::Relaxed), 2);
+        let snap = Snapshot::read(&store).unwrap();
+        let reqs: u64 = snap
+            .series
+            .iter()
+            .filter(|s| s.family == Family::WorkerRequests)
+            .map(|s| s.cells[0])
+            .sum();
+        assert_eq!(reqs, 5, "a folded file is not counted twice");
+        let cpu = snap
+            .series
+            .iter()
+            .find(|s| s.family == Family::WorkerCpuRetired)
+            .unwrap();
+        assert_eq!(cpu.cells[0], 2_000_000_000);
+        assert_eq!(
+            store.worker_files().unwrap(),
+            vec![(1, 7, store.worker_path(1, 7))]
+        );
+    }
+}

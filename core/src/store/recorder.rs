@@ -1,0 +1,394 @@
+//! The writer side of the store: one [`Recorder`] per worker process, shared by
+//! its threads. Known label sets cost one hash lookup and a handful of relaxed
+//! atomic adds; new ones go through the index's cold path once per process.
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+
+use super::catalogue::{Buckets, Family, Shape, WorkerState, SIZE_BUCKETS};
+use super::index::{Index, Key, Mirror, Resolved};
+use super::layout::{Row, CELLS};
+use super::{monotonic_ns, DataFile, StoreDir};
+
+/// Why a request failed, the `kind` label of `gpe_http_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The app panicked; answered 500.
+    Panic,
+    /// The app answered 5xx.
+    AppError,
+    /// The request was malformed or too large (400, 413, 431).
+    BadRequest,
+    /// The request ran past the worker's time limit.
+    Timeout,
+    /// The client went away before the response was written.
+    ClientDisconnect,
+}
+
+impl ErrorKind {
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::Panic => "panic",
+            ErrorKind::AppError => "app_error",
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::ClientDisconnect => "client_disconnect",
+        }
+    }
+}
+
+/// What one finished request records.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestRecord<'a> {
+    /// Method label (see [`method_label`](crate::instrument::method_label)).
+    pub method: &'a str,
+    /// Route template, or the path when the app gave none.
+    pub route: &'a str,
+    /// Response status.
+    pub status: u16,
+    /// Request body bytes.
+    pub request_bytes: u64,
+    /// Response body bytes.
+    pub response_bytes: u64,
+    /// The error kind, if the request failed.
+    pub error: Option<ErrorKind>,
+}
+
+/// Ids resolved once at start-up.
+#[derive(Debug, Clone, Copy)]
+struct FixedIds {
+    worker_requests: u32,
+    worker_accepted: u32,
+    request_size: u32,
+    response_size: u32,
+}
+
+/// The per-process writer of one worker's data file.
+#[derive(Debug)]
+pub struct Recorder {
+    file: DataFile,
+    index: Index,
+    mirror: Mutex<Mirror>,
+    metrics: bool,
+    duration_bounds_ns: Vec<u64>,
+    size_bounds: Vec<u64>,
+    fixed: FixedIds,
+}
+
+impl Recorder {
+    /// Opens the data file of `slot`/`generation` in `store` (the master created
+    /// it) and the shared index. With `metrics` off only the header (state,
+    /// heartbeat, in-flight, request count) is written.
+    ///
+    /// # Errors
+    /// The files are missing or invalid, or the fixed series cannot be resolved.
+    pub fn open(store: &StoreDir, slot: u32, generation: u64, metrics: bool) -> io::Result<Self> {
+        // SAFETY: both files were created by this server's master in its store
+        // directory and are only ever accessed through the store's views.
+        let (file, index) = unsafe {
+            (
+                DataFile::open(&store.worker_path(slot, generation))?,
+                Index::open(&store.index_path())?,
+            )
+        };
+        let mut mirror = Mirror::default();
+        let slot_label = slot.to_string();
+        let mut fixed_id = |family: Family, values: &[&str]| -> io::Result<u32> {
+            Ok(mirror.resolve(&index, &Key::new(family, values))?.id())
+        };
+        let fixed = FixedIds {
+            worker_requests: fixed_id(Family::WorkerRequests, &[&slot_label])?,
+            worker_accepted: fixed_id(Family::WorkerAccepted, &[&slot_label])?,
+            request_size: fixed_id(Family::HttpRequestSize, &[])?,
+            response_size: fixed_id(Family::HttpResponseSize, &[])?,
+        };
+        let duration_bounds_ns = index
+            .duration_buckets()
+            .iter()
+            .map(|s| (s * 1e9) as u64)
+            .collect();
+        file.header()
+            .pid
+            .store(std::process::id(), Ordering::Relaxed);
+        Ok(Recorder {
+            file,
+            index,
+            mirror: Mutex::new(mirror),
+            metrics,
+            duration_bounds_ns,
+            size_bounds: SIZE_BUCKETS.iter().map(|b| *b as u64).collect(),
+            fixed,
+        })
+    }
+
+    /// The data file (header access for workers: state, heartbeat).
+    pub fn file(&self) -> &DataFile {
+        &self.file
+    }
+
+    /// Requests this process has completed.
+    pub fn requests(&self) -> u64 {
+        self.file.header().requests.load(Ordering::Relaxed)
+    }
+
+    /// Marks the worker ready to serve.
+    pub fn ready(&self) {
+        self.file.set_state(WorkerState::Idle);
+        self.file.beat();
+    }
+
+    /// Marks the worker draining: it accepts no more connections.
+    pub fn draining(&self) {
+        self.file.set_state(WorkerState::Draining);
+    }
+
+    /// Records a sign of life.
+    pub fn beat(&self) {
+        self.file.beat();
+    }
+
+    /// A connection was accepted.
+    pub fn connection_opened(&self) {
+        self.file
+            .header()
+            .connections
+            .fetch_add(1, Ordering::Relaxed);
+        if self.metrics {
+            self.file.row(self.fixed.worker_accepted)[0].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A connection was closed.
+    pub fn connection_closed(&self) {
+        self.file
+            .header()
+            .connections
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A request started; returns its start time for [`Recorder::finish`].
+    pub fn begin(&self) -> u64 {
+        let h = self.file.header();
+        if h.in_flight.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.transition(WorkerState::Busy);
+        }
+        monotonic_ns()
+    }
+
+    fn transition(&self, to: WorkerState) {
+        let h = self.file.header();
+        if h.state.load(Ordering::Relaxed) != WorkerState::Draining.code() {
+            self.file.set_state(to);
+        }
+    }
+
+    /// A request finished.
+    pub fn finish(&self, start: u64, rec: &RequestRecord<'_>) {
+        let end = monotonic_ns();
+        let h = self.file.header();
+        if self.metrics {
+            self.record(end.saturating_sub(start), rec);
+        }
+        h.requests.fetch_add(1, Ordering::Relaxed);
+        h.heartbeat_ns.store(end, Ordering::Relaxed);
+        if h.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.transition(WorkerState::Idle);
+        }
+    }
+
+    /// Records an error that has no request (a malformed request head).
+    pub fn error_without_request(&self, kind: ErrorKind) {
+        if self.metrics {
+            if let Some(id) = self.resolve(Family::HttpErrors, &["unknown", "unknown", kind.label()])
+            {
+                self.file.row(id)[0].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn record(&self, duration_ns: u64, rec: &RequestRecord<'_>) {
+        let mut status_buf = [0u8; 3];
+        let status = status_str(rec.status, &mut status_buf);
+        if let Some(id) = self.resolve(Family::HttpRequests, &[rec.method, rec.route, status]) {
+            self.file.row(id)[0].fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(id) = self.resolve(Family::HttpDuration, &[rec.method, rec.route]) {
+            observe(self.file.row(id), &self.duration_bounds_ns, duration_ns);
+        }
+        if let Some(kind) = rec.error {
+            if let Some(id) = self.resolve(Family::HttpErrors, &[rec.method, rec.route, kind.label()])
+            {
+                self.file.row(id)[0].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        observe(
+            self.file.row(self.fixed.request_size),
+            &self.size_bounds,
+            rec.request_bytes,
+        );
+        observe(
+            self.file.row(self.fixed.response_size),
+            &self.size_bounds,
+            rec.response_bytes,
+        );
+        self.file.row(self.fixed.worker_requests)[0].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn resolve(&self, family: Family, values: &[&str]) -> Option<u32> {
+        debug_assert!(
+            !matches!(family.shape(), Shape::Histogram(Buckets::Size)),
+            "size histograms use fixed ids"
+        );
+        let key = Key::new(family, values);
+        let mut mirror = self.mirror.lock().unwrap_or_else(|p| p.into_inner());
+        match mirror.resolve(&self.index, &key) {
+            Ok(Resolved::Own(id)) => Some(id),
+            Ok(Resolved::Other(id)) => {
+                self.file.header().dropped[family.code() as usize]
+                    .fetch_add(1, Ordering::Relaxed);
+                Some(id)
+            }
+            // The index is full or its lock failed: count the loss, keep serving.
+            Err(_) => {
+                self.file.header().dropped[family.code() as usize]
+                    .fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+}
+
+/// Adds one observation of `value` to a histogram row with finite `bounds`.
+pub(crate) fn observe(row: &Row, bounds: &[u64], value: u64) {
+    let bucket = bounds
+        .iter()
+        .position(|b| value <= *b)
+        .unwrap_or(bounds.len());
+    row[bucket].fetch_add(1, Ordering::Relaxed);
+    row[CELLS - 1].fetch_add(value, Ordering::Relaxed);
+}
+
+/// Formats a status code (100..=999) without allocating.
+fn status_str(status: u16, buf: &mut [u8; 3]) -> &str {
+    let s = status.clamp(100, 999);
+    buf[0] = b'0' + (s / 100) as u8;
+    buf[1] = b'0' + (s / 10 % 10) as u8;
+    buf[2] = b'0' + (s % 10) as u8;
+    std::str::from_utf8(buf).unwrap_or("000")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::layout::FileKind;
+    use crate::store::{FileIdentity, Snapshot, WorkerKind};
+
+    fn setup(cap: u32) -> (tempfile::TempDir, StoreDir, Recorder) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StoreDir::new(dir.path().join("s"));
+        store.prepare().unwrap();
+        Index::create(&store.index_path(), cap, &[0.001, 1.0]).unwrap();
+        DataFile::create(
+            &store.worker_path(0, 1),
+            FileIdentity {
+                kind: FileKind::Worker,
+                slot: 0,
+                generation: 1,
+                worker_kind: Some(WorkerKind::Sync),
+            },
+        )
+        .unwrap();
+        let rec = Recorder::open(&store, 0, 1, true).unwrap();
+        (dir, store, rec)
+    }
+
+    #[test]
+    fn status_strings() {
+        let mut b = [0; 3];
+        assert_eq!(status_str(200, &mut b), "200");
+        assert_eq!(status_str(404, &mut b), "404");
+        assert_eq!(status_str(5, &mut b), "100");
+    }
+
+    #[test]
+    fn observe_puts_values_in_the_first_fitting_bucket() {
+        let row: Row = Default::default();
+        observe(&row, &[10, 100], 10);
+        observe(&row, &[10, 100], 11);
+        observe(&row, &[10, 100], 1000);
+        let cells: Vec<u64> = row.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        assert_eq!(&cells[..3], &[1, 1, 1]);
+        assert_eq!(cells[CELLS - 1], 1021);
+    }
+
+    #[test]
+    fn requests_are_counted_exactly_and_state_follows_in_flight() {
+        let (_d, store, rec) = setup(100);
+        rec.ready();
+        for i in 0..10u16 {
+            let start = rec.begin();
+            assert_eq!(
+                rec.file().header().state.load(Ordering::Relaxed),
+                WorkerState::Busy.code()
+            );
+            rec.finish(
+                start,
+                &RequestRecord {
+                    method: "GET",
+                    route: "/",
+                    status: if i % 2 == 0 { 200 } else { 500 },
+                    request_bytes: 0,
+                    response_bytes: 13,
+                    error: (i % 2 == 1).then_some(ErrorKind::AppError),
+                },
+            );
+        }
+        assert_eq!(
+            rec.file().header().state.load(Ordering::Relaxed),
+            WorkerState::Idle.code()
+        );
+        let snap = Snapshot::read(&store).unwrap();
+        let get = |fam: Family, labels: &[&str]| -> u64 {
+            snap.series
+                .iter()
+                .find(|s| s.family == fam && s.labels == labels)
+                .map_or(0, |s| s.cells[0])
+        };
+        assert_eq!(get(Family::HttpRequests, &["GET", "/", "200"]), 5);
+        assert_eq!(get(Family::HttpRequests, &["GET", "/", "500"]), 5);
+        assert_eq!(get(Family::HttpErrors, &["GET", "/", "app_error"]), 5);
+        assert_eq!(get(Family::WorkerRequests, &["0"]), 10);
+        assert_eq!(rec.requests(), 10);
+    }
+
+    #[test]
+    fn overflow_goes_to_other_and_counts_drops() {
+        let (_d, store, rec) = setup(5);
+        for i in 0..50 {
+            let route = format!("/p/{i}");
+            let start = rec.begin();
+            rec.finish(
+                start,
+                &RequestRecord {
+                    method: "GET",
+                    route: &route,
+                    status: 404,
+                    request_bytes: 0,
+                    response_bytes: 0,
+                    error: None,
+                },
+            );
+        }
+        let snap = Snapshot::read(&store).unwrap();
+        let reqs: Vec<_> = snap
+            .series
+            .iter()
+            .filter(|s| s.family == Family::HttpRequests)
+            .collect();
+        assert_eq!(reqs.len(), 6, "cap of 5 plus other");
+        assert_eq!(reqs.iter().map(|s| s.cells[0]).sum::<u64>(), 50);
+        assert_eq!(snap.dropped[Family::HttpRequests.code() as usize], 45);
+    }
+}

@@ -1,0 +1,209 @@
+//! The [`Worker`] trait each worker crate implements, the [`WorkerContext`] a
+//! worker receives after fork, and the child-side boot sequence that builds it
+//! (signals, store, app factory). Accept loops live in the worker crates.
+
+use std::io;
+use std::sync::Arc;
+
+use nix::sys::signal::Signal;
+
+use crate::app::AppFactory;
+use crate::config::Config;
+use crate::instrument::Instrumented;
+use crate::listener::Listener;
+use crate::log::AccessLog;
+use crate::store::{Recorder, StoreDir, WorkerKind};
+use crate::sys::SignalPipe;
+
+/// Exit code of a worker whose app factory failed.
+pub const EXIT_BOOT_ERROR: i32 = 3;
+/// Exit code of a worker that retired after `max_requests`.
+pub const EXIT_MAX_REQUESTS: i32 = 4;
+
+/// How a worker's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerExit {
+    /// Stopped on the master's request.
+    Stopped,
+    /// Retired itself after its share of requests.
+    MaxRequests,
+}
+
+/// What the master asked of a worker, from its signals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// TERM: stop accepting, finish in-flight requests, exit.
+    Graceful,
+    /// INT or QUIT: exit now.
+    Quick,
+}
+
+/// A concurrency model. Implemented by each worker crate; the master runs one
+/// in every worker process after fork.
+pub trait Worker: Send + Sync {
+    /// Which model this is.
+    fn kind(&self) -> WorkerKind;
+
+    /// Serves `ctx.listeners` until told to stop (or until `max_requests`).
+    ///
+    /// # Errors
+    /// The worker could not run (runtime creation and the like).
+    fn run(&self, ctx: WorkerContext) -> io::Result<WorkerExit>;
+}
+
+/// Everything a worker process needs, built after fork.
+#[derive(Debug)]
+pub struct WorkerContext {
+    /// The settings.
+    pub config: Arc<Config>,
+    /// Inherited listening sockets (non-blocking).
+    pub listeners: Vec<Listener>,
+    /// The app with metrics, limits and access log around it.
+    pub service: Arc<Instrumented>,
+    /// The worker's slot.
+    pub slot: u32,
+    /// Requests after which this process retires (jitter applied), if any.
+    pub max_requests: Option<u64>,
+    signals: SignalPipe,
+}
+
+impl WorkerContext {
+    /// The signal pipe's read end: readable when a control signal arrived.
+    pub fn signal_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.signals.fd()
+    }
+
+    /// Takes pending signals: reopens logs on USR1 and returns the strongest
+    /// stop request, if any.
+    pub fn take_control(&self) -> Option<Control> {
+        let mut out = None;
+        for sig in self.signals.drain() {
+            match sig {
+                Signal::SIGTERM => {
+                    if out.is_none() {
+                        out = Some(Control::Graceful);
+                    }
+                }
+                Signal::SIGINT | Signal::SIGQUIT => out = Some(Control::Quick),
+                Signal::SIGUSR1 => self.reopen_logs(),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    fn reopen_logs(&self) {
+        if let Some(log) = self.service.access_log() {
+            if let Err(e) = log.reopen() {
+                crate::log_error!("cannot reopen the access log: {e}");
+            }
+        }
+        if let Err(e) = crate::log::open_errorlog(&self.config.errorlog) {
+            crate::log_error!("cannot reopen the error log: {e}");
+        }
+    }
+
+    /// The worker's recorder.
+    pub fn recorder(&self) -> &Arc<Recorder> {
+        self.service.recorder()
+    }
+
+    /// Whether this process has served its share of requests.
+    pub fn max_requests_reached(&self) -> bool {
+        self.max_requests
+            .is_some_and(|limit| self.recorder().requests() >= limit)
+    }
+}
+
+/// Where a worker process sits in the server.
+#[derive(Debug, Clone)]
+pub(crate) struct Placement {
+    pub store: StoreDir,
+    pub slot: u32,
+    pub generation: u64,
+}
+
+/// Child side of a worker fork: builds the context and runs `worker`. Returns
+/// the process exit code.
+pub(crate) fn child_main(
+    worker: &dyn Worker,
+    factory: &AppFactory,
+    config: Arc<Config>,
+    listeners: Vec<Listener>,
+    place: Placement,
+) -> i32 {
+    // Die with the master rather than serve on as an orphan.
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM);
+    let signals = match SignalPipe::install(&[
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+    ]) {
+        Ok(s) => s,
+        Err(e) => {
+            crate::log_error!("worker {}: cannot install signal handlers: {e}", place.slot);
+            return 1;
+        }
+    };
+    let recorder = match Recorder::open(&place.store, place.slot, place.generation, config.metrics)
+    {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            crate::log_error!("worker {}: cannot open the metric store: {e}", place.slot);
+            return 1;
+        }
+    };
+    let app = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory())) {
+        Ok(Ok(app)) => app,
+        Ok(Err(e)) => {
+            crate::log_error!("worker {} failed to boot: app factory error: {e}", place.slot);
+            return EXIT_BOOT_ERROR;
+        }
+        Err(_) => {
+            crate::log_error!("worker {} failed to boot: app factory panicked", place.slot);
+            return EXIT_BOOT_ERROR;
+        }
+    };
+    let access = match &config.accesslog {
+        None => None,
+        Some(t) => match AccessLog::open(t.clone()) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                crate::log_error!("worker {}: cannot open the access log: {e}", place.slot);
+                return EXIT_BOOT_ERROR;
+            }
+        },
+    };
+    let max_requests = (config.max_requests > 0).then(|| {
+        let jitter = if config.max_requests_jitter > 0 {
+            rand::random_range(0..=config.max_requests_jitter)
+        } else {
+            0
+        };
+        config.max_requests + jitter
+    });
+    let service = Arc::new(Instrumented::new(
+        app,
+        recorder.clone(),
+        access,
+        config.max_body_size,
+    ));
+    recorder.ready();
+    let ctx = WorkerContext {
+        config,
+        listeners,
+        service,
+        slot: place.slot,
+        max_requests,
+        signals,
+    };
+    match worker.run(ctx) {
+        Ok(WorkerExit::Stopped) => 0,
+        Ok(WorkerExit::MaxRequests) => EXIT_MAX_REQUESTS,
+        Err(e) => {
+            crate::log_error!("worker {} failed: {e}", place.slot);
+            1
+        }
+    }
+}
