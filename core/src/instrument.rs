@@ -263,3 +263,72 @@ impl Drop for ConnectionGuard {
         self.0.connection_closed();
     }
 }
+
+/// Serves one connection with hyper until it closes, counting it as open while
+/// it lives. When `drain` completes first, the connection finishes its current
+/// request and closes (`Connection: close`). Errors hyper reports are counted
+/// by kind.
+pub async fn serve_io<I, R, D>(
+    io: I,
+    peer: &str,
+    svc: &Arc<Instrumented>,
+    builder: &http1::Builder,
+    runner: &R,
+    drain: D,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    R: Runner,
+    D: Future<Output = ()>,
+{
+    let _guard = ConnectionGuard::new(svc.recorder().clone());
+    let service = hyper::service::service_fn(|req| async move {
+        Ok::<_, std::convert::Infallible>(svc.handle(req, peer, runner).await)
+    });
+    let conn = builder.serve_connection(io, service);
+    futures_util::pin_mut!(conn);
+    futures_util::pin_mut!(drain);
+    let result = match futures_util::future::select(conn.as_mut(), drain).await {
+        futures_util::future::Either::Left((r, _)) => r,
+        futures_util::future::Either::Right(((), _)) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        if let Some(kind) = classify(&e) {
+            svc.recorder().error_without_request(kind);
+        }
+    }
+}
+
+/// Serves an accepted [`Stream`](crate::listener::Stream) on the current tokio
+/// runtime (see [`serve_io`]).
+///
+/// # Errors
+/// The stream cannot be registered with the runtime.
+pub async fn serve_tokio<R, D>(
+    stream: crate::listener::Stream,
+    peer: &str,
+    svc: &Arc<Instrumented>,
+    builder: &http1::Builder,
+    runner: &R,
+    drain: D,
+) -> std::io::Result<()>
+where
+    R: Runner,
+    D: Future<Output = ()>,
+{
+    use hyper_util::rt::TokioIo;
+    stream.set_nonblocking(true)?;
+    match stream {
+        crate::listener::Stream::Tcp(s) => {
+            let io = TokioIo::new(tokio::net::TcpStream::from_std(s)?);
+            serve_io(io, peer, svc, builder, runner, drain).await;
+        }
+        crate::listener::Stream::Unix(s) => {
+            let io = TokioIo::new(tokio::net::UnixStream::from_std(s)?);
+            serve_io(io, peer, svc, builder, runner, drain).await;
+        }
+    }
+    Ok(())
+}

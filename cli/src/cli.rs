@@ -1,0 +1,208 @@
+//! The command line: `gpe serve`, `gpe exporter`, `gpe check`. `main` parses
+//! and calls [`run`]; errors become exit statuses only in [`exit_status`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use gpe_core::app::AppFactory;
+use gpe_core::config::{BindAddr, Config, RawSettings};
+use gpe_core::master::{self, MasterError, ServerSpec};
+use gpe_core::store::StoreDir;
+
+/// gpe: a pre-fork HTTP application server with Prometheus metrics built in.
+#[derive(Debug, Parser)]
+#[command(name = "gpe", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve a built-in app (hello, echo, static) with a master and workers.
+    Serve(ServeArgs),
+    /// Serve /metrics from a metrics directory (sidecar).
+    Exporter(ExporterArgs),
+    /// Validate a config file and print the resolved settings.
+    Check(CheckArgs),
+}
+
+/// Settings shared by `gpe serve` and binaries built on the gpe library.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// TOML config file (also GPE_CONFIG)
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Turn metrics off (no store writes, no exporter)
+    #[arg(long)]
+    pub no_metrics: bool,
+    /// Server settings.
+    #[command(flatten)]
+    pub settings: RawSettings,
+}
+
+impl ServerArgs {
+    /// Parses the process arguments (for library users' binaries).
+    pub fn parse() -> ServerArgs {
+        #[derive(Parser)]
+        #[command(version, about = "A gpe server")]
+        struct Top {
+            #[command(flatten)]
+            args: ServerArgs,
+        }
+        Top::parse().args
+    }
+
+    fn flags(&self) -> RawSettings {
+        let mut s = self.settings.clone();
+        if self.no_metrics {
+            s.metrics = Some(false);
+        }
+        s
+    }
+
+    /// Loads the settings from all sources.
+    ///
+    /// # Errors
+    /// A source fails to parse or a setting is invalid.
+    pub fn load(&self) -> Result<Config, gpe_core::ConfigError> {
+        Config::load(self.flags(), self.config.clone(), std::env::vars())
+    }
+}
+
+/// `gpe serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Built-in app: hello, echo or static
+    #[arg(long, default_value = "hello")]
+    pub app: String,
+    /// Directory served by the static app
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+    /// Server settings.
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// `gpe exporter`.
+#[derive(Debug, Clone, Args)]
+pub struct ExporterArgs {
+    /// The metrics directory the server writes (its --metrics-dir)
+    #[arg(long)]
+    pub metrics_dir: PathBuf,
+    /// Address to serve on
+    #[arg(long, default_value = "127.0.0.1:9091")]
+    pub metrics_bind: String,
+    /// Path of the metrics endpoint
+    #[arg(long, default_value = "/metrics")]
+    pub metrics_path: String,
+}
+
+/// `gpe check`.
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// The config file to validate
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+/// A failure that already carries its exit code.
+#[derive(Debug)]
+pub struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl From<MasterError> for Failure {
+    fn from(e: MasterError) -> Self {
+        Failure {
+            code: e.exit_code().clamp(1, 255) as u8,
+            error: e.into(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Failure { code: 2, error }
+    }
+}
+
+/// Runs a parsed command line.
+///
+/// # Errors
+/// Whatever stopped the command, with its exit code.
+pub fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Serve(args) => {
+            let factory = crate::apps::factory(&args.app, args.root.clone())
+                .map_err(|e| anyhow::anyhow!(e))?;
+            run_server(args.server, factory)
+        }
+        Command::Exporter(args) => run_exporter(args),
+        Command::Check(args) => {
+            let config = Config::load(RawSettings::default(), Some(args.config.clone()), Vec::new())
+                .map_err(anyhow::Error::from)?;
+            crate::workers::select(&config.worker).map_err(|e| anyhow::anyhow!("setting `worker`: {e}"))?;
+            println!("{} is valid:\n{config:#?}", args.config.display());
+            Ok(())
+        }
+    }
+}
+
+/// Runs the master for `factory` with the settings of `args`.
+///
+/// # Errors
+/// Invalid settings, start-up failures, repeated boot failures.
+pub fn run_server(args: ServerArgs, factory: AppFactory) -> Result<(), Failure> {
+    let config = args.load().map_err(MasterError::from)?;
+    let reload_args = args.clone();
+    let spec = ServerSpec {
+        config,
+        app: factory,
+        workers: Arc::new(crate::workers::select),
+        exporter: Some(Arc::new(gpe_exporter::exporter_main)),
+        reload: Some(Arc::new(move || reload_args.load())),
+    };
+    master::run(spec).map_err(Failure::from)
+}
+
+fn run_exporter(args: ExporterArgs) -> Result<(), Failure> {
+    let addr = match BindAddr::parse("metrics_bind", &args.metrics_bind)
+        .map_err(anyhow::Error::from)?
+    {
+        BindAddr::Tcp(a) => a,
+        BindAddr::Unix(_) => {
+            return Err(anyhow::anyhow!("setting `metrics_bind`: expected HOST:PORT").into())
+        }
+    };
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("setting `metrics_bind`: cannot listen on {addr}"))?;
+    let store = StoreDir::new(&args.metrics_dir);
+    if !store.index_path().exists() {
+        gpe_core::log_warn!(
+            "{} holds no gpe store yet; /metrics answers 503 until a server writes it",
+            args.metrics_dir.display()
+        );
+    }
+    gpe_core::log_info!("Exporter serving {} at http://{addr}{}", args.metrics_dir.display(), args.metrics_path);
+    gpe_exporter::serve(listener, store, args.metrics_path)
+        .context("exporter failed")
+        .map_err(Failure::from)
+}
+
+/// Turns a result into the process exit status, printing the error.
+pub fn exit_status(r: Result<(), Failure>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("gpe: error: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}

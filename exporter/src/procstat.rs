@@ -1,0 +1,58 @@
+//! Figures read from `/proc/<pid>` at scrape time: resident memory, CPU
+//! seconds, open and maximum file descriptors, start time, virtual memory.
+
+use procfs::process::{LimitValue, Process};
+
+/// One process' figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProcStat {
+    /// Resident set size in bytes (`statm` resident pages × page size).
+    pub resident_bytes: u64,
+    /// Virtual memory size in bytes.
+    pub virtual_bytes: u64,
+    /// User + system CPU seconds.
+    pub cpu_seconds: f64,
+    /// Open file descriptors.
+    pub open_fds: u64,
+    /// Soft limit on file descriptors (`u64::MAX` when unlimited).
+    pub max_fds: u64,
+    /// Start time in Unix seconds.
+    pub start_time: f64,
+}
+
+/// Reads `pid`'s figures; `None` when the process is gone or unreadable.
+pub fn read(pid: u32) -> Option<ProcStat> {
+    let p = Process::new(i32::try_from(pid).ok()?).ok()?;
+    let stat = p.stat().ok()?;
+    let statm = p.statm().ok()?;
+    let ticks = procfs::ticks_per_second() as f64;
+    let boot = procfs::boot_time_secs().unwrap_or(0) as f64;
+    let max_fds = p
+        .limits()
+        .ok()
+        .map(|l| match l.max_open_files.soft_limit {
+            LimitValue::Unlimited => u64::MAX,
+            LimitValue::Value(v) => v,
+        })
+        .unwrap_or(0);
+    Some(ProcStat {
+        resident_bytes: statm.resident * procfs::page_size(),
+        virtual_bytes: stat.vsize,
+        cpu_seconds: (stat.utime + stat.stime) as f64 / ticks,
+        open_fds: p.fd_count().map_or(0, |n| n as u64),
+        max_fds,
+        start_time: boot + stat.starttime as f64 / ticks,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_own_process() {
+        let s = super::read(std::process::id()).unwrap();
+        assert!(s.resident_bytes > 0);
+        assert!(s.open_fds >= 3);
+        assert!(s.start_time > 1.6e9);
+        assert!(super::read(u32::MAX).is_none());
+    }
+}

@@ -1,0 +1,114 @@
+//! The sync worker: one connection at a time, one request per connection
+//! (`Connection: close`), the app called inline. Like Gunicorn's sync worker,
+//! it suits apps whose requests are short and CPU-bound; `timeout` also caps
+//! one request's time, since a busy worker sends no heartbeat.
+//!
+//! hyper needs a runtime even for one connection, so each process runs a tokio
+//! current-thread runtime and blocks on one connection at a time.
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+use std::io;
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use gpe_core::instrument::{http1_builder, serve_tokio, Inline};
+use gpe_core::store::WorkerKind;
+use gpe_core::{Control, Worker, WorkerContext, WorkerExit};
+use hyper_util::rt::TokioTimer;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+/// How long the accept loop waits before refreshing the heartbeat.
+const TICK: Duration = Duration::from_millis(500);
+
+/// The sync worker.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SyncWorker;
+
+impl Worker for SyncWorker {
+    fn kind(&self) -> WorkerKind {
+        WorkerKind::Sync
+    }
+
+    fn run(&self, ctx: WorkerContext) -> io::Result<WorkerExit> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let mut builder = http1_builder(&ctx.config, false);
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(ctx.config.keepalive.as_secs().max(2)));
+        let recorder = ctx.recorder().clone();
+        loop {
+            if ctx.max_requests_reached() {
+                recorder.draining();
+                return Ok(WorkerExit::MaxRequests);
+            }
+            let ready = {
+                let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(ctx.listeners.len() + 1);
+                fds.push(PollFd::new(ctx.signal_fd(), PollFlags::POLLIN));
+                for l in &ctx.listeners {
+                    fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
+                }
+                let ms = TICK.as_millis() as u16;
+                match poll(&mut fds, PollTimeout::from(ms)) {
+                    Ok(_) => fds
+                        .iter()
+                        .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+                        .collect::<Vec<bool>>(),
+                    Err(nix::errno::Errno::EINTR) => vec![true],
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            recorder.beat();
+            if ready.first().copied().unwrap_or(false) && ctx.take_control().is_some() {
+                recorder.draining();
+                return Ok(WorkerExit::Stopped);
+            }
+            for (i, listener) in ctx.listeners.iter().enumerate() {
+                if !ready.get(i + 1).copied().unwrap_or(false) {
+                    continue;
+                }
+                let (stream, peer) = match listener.accept() {
+                    Ok(c) => c,
+                    // Another worker took it, or the client gave up: not an error.
+                    Err(e) if is_transient(&e) => continue,
+                    Err(e) if e.raw_os_error() == Some(nix::libc::EMFILE)
+                        || e.raw_os_error() == Some(nix::libc::ENFILE) =>
+                    {
+                        gpe_core::log_error!("accept: {e}; backing off");
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let served = rt.block_on(serve_tokio(
+                    stream,
+                    &peer,
+                    &ctx.service,
+                    &builder,
+                    &Inline,
+                    std::future::pending::<()>(),
+                ));
+                if let Err(e) = served {
+                    gpe_core::log_warn!("cannot serve a connection: {e}");
+                }
+                recorder.beat();
+                if let Some(Control::Quick | Control::Graceful) = ctx.take_control() {
+                    recorder.draining();
+                    return Ok(WorkerExit::Stopped);
+                }
+            }
+        }
+    }
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
