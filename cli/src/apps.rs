@@ -4,7 +4,9 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use gpe_core::app::{blocking, text, with_route, AppFactory, BoxError, Request, Response, SharedApp};
+use gpe_core::app::{
+    blocking, text, with_route, AppFactory, BoxError, Request, Response, SharedApp,
+};
 use http::{header, HeaderValue, Method, StatusCode};
 
 /// `hello`: `GET /` answers `Hello, World!`; other paths 404.
@@ -56,10 +58,7 @@ fn serve_file(root: &Path, req: &Request) -> Response {
         return text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n");
     }
     let rel = PathBuf::from(req.uri().path().trim_start_matches('/'));
-    if rel
-        .components()
-        .any(|c| !matches!(c, Component::Normal(_)))
-    {
+    if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
         return text(StatusCode::FORBIDDEN, "Forbidden\n");
     }
     let mut path = root.join(&rel);
@@ -142,7 +141,10 @@ mod tests {
         assert_eq!(call(&h, Method::GET, "/x", "").status(), 404);
         assert_eq!(call(&h, Method::POST, "/", "").status(), 405);
         let e = echo();
-        assert_eq!(call(&e, Method::PUT, "/a/b", "payload").body().as_ref(), b"payload");
+        assert_eq!(
+            call(&e, Method::PUT, "/a/b", "payload").body().as_ref(),
+            b"payload"
+        );
     }
 
     #[test]

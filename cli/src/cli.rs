@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve a built-in app (hello, echo, static) with a master and workers.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Serve /metrics from a metrics directory (sidecar).
     Exporter(ExporterArgs),
     /// Validate a config file and print the resolved settings.
@@ -146,9 +146,14 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Exporter(args) => run_exporter(args),
         Command::Check(args) => {
-            let config = Config::load(RawSettings::default(), Some(args.config.clone()), Vec::new())
-                .map_err(anyhow::Error::from)?;
-            crate::workers::select(&config.worker).map_err(|e| anyhow::anyhow!("setting `worker`: {e}"))?;
+            let config = Config::load(
+                RawSettings::default(),
+                Some(args.config.clone()),
+                Vec::new(),
+            )
+            .map_err(anyhow::Error::from)?;
+            crate::workers::select(&config.worker)
+                .map_err(|e| anyhow::anyhow!("setting `worker`: {e}"))?;
             println!("{} is valid:\n{config:#?}", args.config.display());
             Ok(())
         }
@@ -173,14 +178,13 @@ pub fn run_server(args: ServerArgs, factory: AppFactory) -> Result<(), Failure> 
 }
 
 fn run_exporter(args: ExporterArgs) -> Result<(), Failure> {
-    let addr = match BindAddr::parse("metrics_bind", &args.metrics_bind)
-        .map_err(anyhow::Error::from)?
-    {
-        BindAddr::Tcp(a) => a,
-        BindAddr::Unix(_) => {
-            return Err(anyhow::anyhow!("setting `metrics_bind`: expected HOST:PORT").into())
-        }
-    };
+    let addr =
+        match BindAddr::parse("metrics_bind", &args.metrics_bind).map_err(anyhow::Error::from)? {
+            BindAddr::Tcp(a) => a,
+            BindAddr::Unix(_) => {
+                return Err(anyhow::anyhow!("setting `metrics_bind`: expected HOST:PORT").into())
+            }
+        };
     let listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("setting `metrics_bind`: cannot listen on {addr}"))?;
     let store = StoreDir::new(&args.metrics_dir);
@@ -190,7 +194,11 @@ fn run_exporter(args: ExporterArgs) -> Result<(), Failure> {
             args.metrics_dir.display()
         );
     }
-    gpe_core::log_info!("Exporter serving {} at http://{addr}{}", args.metrics_dir.display(), args.metrics_path);
+    gpe_core::log_info!(
+        "Exporter serving {} at http://{addr}{}",
+        args.metrics_dir.display(),
+        args.metrics_path
+    );
     gpe_exporter::serve(listener, store, args.metrics_path)
         .context("exporter failed")
         .map_err(Failure::from)

@@ -151,7 +151,10 @@ mod tests {
         assert!(matches!(b.call(Request::new(Bytes::new())), Reply::Ready(r) if r.status() == 200));
         let a = handler(|_req| async { text(http::StatusCode::ACCEPTED, "later") });
         assert_eq!(a.style(), AppStyle::Async);
-        assert!(matches!(a.call(Request::new(Bytes::new())), Reply::Pending(_)));
+        assert!(matches!(
+            a.call(Request::new(Bytes::new())),
+            Reply::Pending(_)
+        ));
         let r = with_route(text(http::StatusCode::OK, ""), "/x/{id}");
         assert_eq!(r.extensions().get::<Route>(), Some(&Route("/x/{id}")));
     }

@@ -460,7 +460,9 @@ impl Config {
         if histogram_buckets.is_empty()
             || histogram_buckets.len() > MAX_BUCKETS
             || !ascending
-            || histogram_buckets.iter().any(|b| !b.is_finite() || *b <= 0.0)
+            || histogram_buckets
+                .iter()
+                .any(|b| !b.is_finite() || *b <= 0.0)
         {
             return Err(ConfigError::invalid(
                 "histogram_buckets",
@@ -617,12 +619,7 @@ mod tests {
         assert!(e.to_string().contains("`bind`"), "{e}");
         let e = Config::load(flags(&["-k", "fibers"]), None, vec![]).unwrap_err();
         assert!(e.to_string().contains("`worker`"), "{e}");
-        let e = Config::load(
-            flags(&[]),
-            Some("/nonexistent/gpe.toml".into()),
-            vec![],
-        )
-        .unwrap_err();
+        let e = Config::load(flags(&[]), Some("/nonexistent/gpe.toml".into()), vec![]).unwrap_err();
         assert!(e.to_string().contains("config file"), "{e}");
         let e = Config::load(
             flags(&[]),

@@ -51,7 +51,10 @@ impl Runner for Inline {
         async move {
             match reply {
                 Ok(Reply::Ready(r)) => Ok(r),
-                Ok(Reply::Pending(fut)) => AssertUnwindSafe(fut).catch_unwind().await.map_err(|_| Panicked),
+                Ok(Reply::Pending(fut)) => AssertUnwindSafe(fut)
+                    .catch_unwind()
+                    .await
+                    .map_err(|_| Panicked),
                 Err(_) => Err(Panicked),
             }
         }
@@ -239,7 +242,11 @@ pub fn classify(e: &hyper::Error) -> Option<ErrorKind> {
         Some(ErrorKind::BadRequest)
     } else if e.is_timeout() {
         None
-    } else if e.is_incomplete_message() || e.is_canceled() || e.is_closed() || e.is_body_write_aborted() {
+    } else if e.is_incomplete_message()
+        || e.is_canceled()
+        || e.is_closed()
+        || e.is_body_write_aborted()
+    {
         Some(ErrorKind::ClientDisconnect)
     } else {
         None

@@ -38,7 +38,8 @@ impl Listener {
         let backlog = backlog.min(i32::MAX as u32) as i32;
         match addr {
             BindAddr::Tcp(sa) => {
-                let socket = Socket::new(Domain::for_address(*sa), Type::STREAM, Some(Protocol::TCP))?;
+                let socket =
+                    Socket::new(Domain::for_address(*sa), Type::STREAM, Some(Protocol::TCP))?;
                 socket.set_reuse_address(true)?;
                 if reuse_port {
                     socket.set_reuse_port(true)?;

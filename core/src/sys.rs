@@ -103,7 +103,10 @@ impl SignalPipe {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         let mut fds = [PollFd::new(self.fd(), PollFlags::POLLIN)];
-        let _ = poll(&mut fds, PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX));
+        let _ = poll(
+            &mut fds,
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+        );
     }
 
     /// Restores default dispositions for this pipe's signals and closes it. A

@@ -79,11 +79,7 @@ impl WorkerContext {
         let mut out = None;
         for sig in self.signals.drain() {
             match sig {
-                Signal::SIGTERM => {
-                    if out.is_none() {
-                        out = Some(Control::Graceful);
-                    }
-                }
+                Signal::SIGTERM if out.is_none() => out = Some(Control::Graceful),
                 Signal::SIGINT | Signal::SIGQUIT => out = Some(Control::Quick),
                 Signal::SIGUSR1 => self.reopen_logs(),
                 _ => {}
@@ -157,7 +153,10 @@ pub(crate) fn child_main(
     let app = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory())) {
         Ok(Ok(app)) => app,
         Ok(Err(e)) => {
-            crate::log_error!("worker {} failed to boot: app factory error: {e}", place.slot);
+            crate::log_error!(
+                "worker {} failed to boot: app factory error: {e}",
+                place.slot
+            );
             return EXIT_BOOT_ERROR;
         }
         Err(_) => {

@@ -101,8 +101,10 @@ fn answer(req: &Request<Incoming>, store: &StoreDir, path: &str) -> Response<Ful
     } else {
         reply(StatusCode::OK, format.content_type(), Bytes::from(text))
     };
-    resp.headers_mut()
-        .insert(header::VARY, HeaderValue::from_static("Accept, Accept-Encoding"));
+    resp.headers_mut().insert(
+        header::VARY,
+        HeaderValue::from_static("Accept, Accept-Encoding"),
+    );
     resp
 }
 

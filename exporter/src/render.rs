@@ -29,9 +29,7 @@ impl Format {
     /// The `Content-Type` of this format.
     pub fn content_type(self) -> &'static str {
         match self {
-            Format::OpenMetrics => {
-                "application/openmetrics-text; version=1.0.0; charset=utf-8"
-            }
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
             Format::Text004 => prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
         }
     }
@@ -120,15 +118,19 @@ fn gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
     Ok(())
 }
 
+/// An info metric, written as a gauge of value 1 named `<name>_info` (the
+/// form `promtool check metrics` accepts in both formats; Prometheus ingests
+/// OpenMetrics info metrics the same way).
 fn info(
     enc: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
     samples: &[Labels<'_>],
 ) -> std::fmt::Result {
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Info)?;
+    let name = format!("{name}_info");
+    let mut m = enc.encode_descriptor(&name, help, None, MetricType::Gauge)?;
     for labels in samples {
-        m.encode_info(labels)?;
+        m.encode_family(labels)?.encode_gauge(&1i64)?;
     }
     Ok(())
 }
@@ -165,7 +167,8 @@ impl Scrape {
             Buckets::Duration => (self.snap.duration_buckets.clone(), 1e9),
             Buckets::Size => (SIZE_BUCKETS.to_vec(), 1.0),
         };
-        let mut m = enc.encode_descriptor(family.name(), family.help(), None, MetricType::Histogram)?;
+        let mut m =
+            enc.encode_descriptor(family.name(), family.help(), None, MetricType::Histogram)?;
         for s in self.series(family) {
             // prometheus-client takes per-bucket counts and accumulates them.
             let n = bounds.len().min(CELLS - 2);
@@ -208,7 +211,12 @@ impl Scrape {
     fn encode_workers(&self, enc: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
         self.counter_family(enc, Family::WorkerRequests)?;
         self.counter_family(enc, Family::WorkerAccepted)?;
-        let slots: Vec<String> = self.snap.workers.iter().map(|w| w.slot.to_string()).collect();
+        let slots: Vec<String> = self
+            .snap
+            .workers
+            .iter()
+            .map(|w| w.slot.to_string())
+            .collect();
         let per_worker = |f: &dyn Fn(&gpe_core::store::WorkerView) -> Option<f64>| {
             self.snap
                 .workers
@@ -281,7 +289,12 @@ impl Scrape {
             "Unix time at which each worker entered its current state",
             &per_worker(&|w| Some(w.state_since)),
         )?;
-        let pids: Vec<String> = self.snap.workers.iter().map(|w| w.pid.to_string()).collect();
+        let pids: Vec<String> = self
+            .snap
+            .workers
+            .iter()
+            .map(|w| w.pid.to_string())
+            .collect();
         let infos: Vec<Labels<'_>> = self
             .snap
             .workers
@@ -464,6 +477,10 @@ pub fn describe(text: &str) -> String {
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .count();
-    let _ = write!(s, "{families} families, {samples} samples, {} bytes", text.len());
+    let _ = write!(
+        s,
+        "{families} families, {samples} samples, {} bytes",
+        text.len()
+    );
     s
 }

@@ -73,8 +73,9 @@ impl Worker for SyncWorker {
                     Ok(c) => c,
                     // Another worker took it, or the client gave up: not an error.
                     Err(e) if is_transient(&e) => continue,
-                    Err(e) if e.raw_os_error() == Some(nix::libc::EMFILE)
-                        || e.raw_os_error() == Some(nix::libc::ENFILE) =>
+                    Err(e)
+                        if e.raw_os_error() == Some(nix::libc::EMFILE)
+                            || e.raw_os_error() == Some(nix::libc::ENFILE) =>
                     {
                         gpe_core::log_error!("accept: {e}; backing off");
                         std::thread::sleep(Duration::from_millis(100));

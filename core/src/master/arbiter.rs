@@ -23,8 +23,8 @@ use crate::listener::Listener;
 use crate::store::index::Mirror;
 use crate::store::layout::FileKind;
 use crate::store::{
-    fold, fold_begin, fold_end, DataFile, ExitReason, FileIdentity, Index, MasterSignal,
-    StoreDir, WorkerState,
+    fold, fold_begin, fold_end, DataFile, ExitReason, FileIdentity, Index, MasterSignal, StoreDir,
+    WorkerState,
 };
 use crate::sys::{self, Ended, Forked, Reaped, SignalPipe};
 use crate::worker::{child_main, Placement, Worker, EXIT_BOOT_ERROR, EXIT_MAX_REQUESTS};
@@ -311,7 +311,10 @@ impl<'a> Arbiter<'a> {
     }
 
     fn stop(&mut self, graceful: bool) {
-        if let Phase::Stopping { graceful: false, .. } = self.phase {
+        if let Phase::Stopping {
+            graceful: false, ..
+        } = self.phase
+        {
             return;
         }
         if let Phase::Stopping { graceful: true, .. } = self.phase {
@@ -374,7 +377,11 @@ impl<'a> Arbiter<'a> {
         if Some(r.pid) == self.exporter {
             self.exporter = None;
             if self.phase == Phase::Running {
-                log_warn!("exporter (pid {}) exited ({:?}); restarting", r.pid, r.ended);
+                log_warn!(
+                    "exporter (pid {}) exited ({:?}); restarting",
+                    r.pid,
+                    r.ended
+                );
             }
             return;
         }
@@ -383,7 +390,13 @@ impl<'a> Arbiter<'a> {
         };
         let p = self.procs.remove(i);
         let reason = exit_reason(p.life, r.ended);
-        if let Err(e) = fold(&self.index, &mut self.mirror, &self.retired, &p.file, r.cpu_ns) {
+        if let Err(e) = fold(
+            &self.index,
+            &mut self.mirror,
+            &self.retired,
+            &p.file,
+            r.cpu_ns,
+        ) {
             log_error!("cannot fold the counters of worker {}: {e}", p.slot);
         }
         let _ = std::fs::remove_file(self.store.worker_path(p.slot, p.generation));
@@ -406,7 +419,10 @@ impl<'a> Arbiter<'a> {
         if reason == ExitReason::BootError {
             self.boot_failures += 1;
             if self.boot_failures >= BOOT_FAILURE_LIMIT && self.failed.is_none() {
-                log_error!("workers failed to boot {} times in a row", self.boot_failures);
+                log_error!(
+                    "workers failed to boot {} times in a row",
+                    self.boot_failures
+                );
                 self.failed = Some(MasterError::BootFailed(self.boot_failures));
                 self.stop(false);
             }
@@ -453,7 +469,11 @@ impl<'a> Arbiter<'a> {
                 }
                 | Life::TimedOut { deadline, killed } => {
                     if !*killed && now >= *deadline {
-                        log_warn!("worker {} (pid {}) did not stop in time; killing", p.slot, p.pid);
+                        log_warn!(
+                            "worker {} (pid {}) did not stop in time; killing",
+                            p.slot,
+                            p.pid
+                        );
                         sys::send(p.pid, Signal::SIGKILL);
                         *killed = true;
                     }
@@ -510,7 +530,11 @@ impl<'a> Arbiter<'a> {
 
     fn publish(&self) {
         let h = self.master_file.header();
-        let serving = self.procs.iter().filter(|p| p.life == Life::Serving).count();
+        let serving = self
+            .procs
+            .iter()
+            .filter(|p| p.life == Life::Serving)
+            .count();
         h.workers.store(serving as u64, Ordering::Relaxed);
         h.workers_desired
             .store(u64::from(self.desired), Ordering::Relaxed);
@@ -536,7 +560,7 @@ impl<'a> Arbiter<'a> {
                 Err(e)
             }
             Ok(Forked::Child) => {
-                self.into_child();
+                self.become_child();
                 let listeners = std::mem::take(&mut self.listeners);
                 let code = child_main(
                     self.worker.as_ref(),
@@ -583,7 +607,7 @@ impl<'a> Arbiter<'a> {
         match unsafe { sys::fork() } {
             Err(e) => log_error!("cannot start the exporter: {e}"),
             Ok(Forked::Child) => {
-                self.into_child();
+                self.become_child();
                 self.listeners.clear();
                 let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM);
                 let code = main(ExporterContext {
@@ -598,7 +622,7 @@ impl<'a> Arbiter<'a> {
     }
 
     /// In a freshly forked child: give back the master's signal handling.
-    fn into_child(&mut self) {
+    fn become_child(&mut self) {
         if let Some(pipe) = self.signals.take() {
             pipe.reset();
         }

@@ -180,14 +180,8 @@ pub fn run(spec: ServerSpec) -> Result<(), MasterError> {
         Some(p) => Some(Pidfile::create(p).map_err(MasterError::Pidfile)?),
         None => None,
     };
-    let result = arbiter::Arbiter::start(
-        &spec,
-        worker,
-        listeners,
-        metrics_listener,
-        store.clone(),
-    )
-    .and_then(|mut a| a.run());
+    let result = arbiter::Arbiter::start(&spec, worker, listeners, metrics_listener, store.clone())
+        .and_then(|mut a| a.run());
     store.cleanup(own_dir || created);
     if let Some(p) = &pidfile {
         p.remove();

@@ -42,7 +42,9 @@ pub struct Key {
 
 impl std::fmt::Debug for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Key").field("bytes", &self.as_bytes()).finish()
+        f.debug_struct("Key")
+            .field("bytes", &self.as_bytes())
+            .finish()
     }
 }
 

@@ -182,9 +182,12 @@ impl DataFile {
         h.kind.store(id.kind as u32, Ordering::Relaxed);
         h.slot.store(id.slot, Ordering::Relaxed);
         h.generation.store(id.generation, Ordering::Relaxed);
-        h.worker_kind
-            .store(id.worker_kind.map_or(0, WorkerKind::code), Ordering::Relaxed);
-        h.state.store(WorkerState::Booting.code(), Ordering::Relaxed);
+        h.worker_kind.store(
+            id.worker_kind.map_or(0, WorkerKind::code),
+            Ordering::Relaxed,
+        );
+        h.state
+            .store(WorkerState::Booting.code(), Ordering::Relaxed);
         let now = unix_now_ns();
         h.state_since_ns.store(now, Ordering::Relaxed);
         h.start_time_ns.store(now, Ordering::Relaxed);

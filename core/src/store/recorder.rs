@@ -201,7 +201,8 @@ impl Recorder {
     /// Records an error that has no request (a malformed request head).
     pub fn error_without_request(&self, kind: ErrorKind) {
         if self.metrics {
-            if let Some(id) = self.resolve(Family::HttpErrors, &["unknown", "unknown", kind.label()])
+            if let Some(id) =
+                self.resolve(Family::HttpErrors, &["unknown", "unknown", kind.label()])
             {
                 self.file.row(id)[0].fetch_add(1, Ordering::Relaxed);
             }
@@ -218,7 +219,8 @@ impl Recorder {
             observe(self.file.row(id), &self.duration_bounds_ns, duration_ns);
         }
         if let Some(kind) = rec.error {
-            if let Some(id) = self.resolve(Family::HttpErrors, &[rec.method, rec.route, kind.label()])
+            if let Some(id) =
+                self.resolve(Family::HttpErrors, &[rec.method, rec.route, kind.label()])
             {
                 self.file.row(id)[0].fetch_add(1, Ordering::Relaxed);
             }
@@ -246,14 +248,12 @@ impl Recorder {
         match mirror.resolve(&self.index, &key) {
             Ok(Resolved::Own(id)) => Some(id),
             Ok(Resolved::Other(id)) => {
-                self.file.header().dropped[family.code() as usize]
-                    .fetch_add(1, Ordering::Relaxed);
+                self.file.header().dropped[family.code() as usize].fetch_add(1, Ordering::Relaxed);
                 Some(id)
             }
             // The index is full or its lock failed: count the loss, keep serving.
             Err(_) => {
-                self.file.header().dropped[family.code() as usize]
-                    .fetch_add(1, Ordering::Relaxed);
+                self.file.header().dropped[family.code() as usize].fetch_add(1, Ordering::Relaxed);
                 None
             }
         }

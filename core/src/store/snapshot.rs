@@ -176,8 +176,8 @@ fn read_once(
         let pid = h.pid.load(Ordering::Relaxed);
         let inf = h.in_flight.load(Ordering::Relaxed).max(0);
         in_flight += inf;
-        let mut state = WorkerState::from_code(h.state.load(Ordering::Relaxed))
-            .unwrap_or(WorkerState::Booting);
+        let mut state =
+            WorkerState::from_code(h.state.load(Ordering::Relaxed)).unwrap_or(WorkerState::Booting);
         if matches!(state, WorkerState::Idle | WorkerState::Busy) {
             state = if inf > 0 {
                 WorkerState::Busy

@@ -1,0 +1,54 @@
+//! gpe-testapp: a controllable app built on the gpe library, taking the same
+//! command line as `gpe serve`. Routes:
+//!
+//! - `/` answers `ok`;
+//! - `/sleep/{ms}` blocks for `ms` milliseconds, then answers `slept`;
+//! - `/status/{code}` answers with that status;
+//! - `/panic` panics (gpe answers 500);
+//! - `/bytes/{n}` answers `n` bytes;
+//! - anything else answers 404.
+//!
+//! With `GPE_TESTAPP_BOOT_FAIL=1` the app factory fails, for boot-error tests.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use gpe::{blocking, text, with_route, Request, Response, StatusCode};
+
+fn route(req: Request) -> Response {
+    let path = req.uri().path().to_owned();
+    let mut parts = path.trim_start_matches('/').splitn(2, '/');
+    match (parts.next(), parts.next()) {
+        (Some(""), None) => with_route(text(StatusCode::OK, "ok"), "/"),
+        (Some("sleep"), Some(ms)) => match ms.parse::<u64>() {
+            Ok(ms) if ms <= 60_000 => {
+                std::thread::sleep(Duration::from_millis(ms));
+                with_route(text(StatusCode::OK, "slept"), "/sleep/{ms}")
+            }
+            _ => with_route(text(StatusCode::BAD_REQUEST, "bad ms"), "/sleep/{ms}"),
+        },
+        (Some("status"), Some(code)) => {
+            let status = code
+                .parse::<u16>()
+                .ok()
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or(StatusCode::BAD_REQUEST);
+            with_route(text(status, status.as_str().to_owned()), "/status/{code}")
+        }
+        (Some("panic"), None) => panic!("gpe-testapp: /panic was requested"),
+        (Some("bytes"), Some(n)) => match n.parse::<usize>() {
+            Ok(n) if n <= 64 << 20 => with_route(text(StatusCode::OK, vec![b'x'; n]), "/bytes/{n}"),
+            _ => with_route(text(StatusCode::BAD_REQUEST, "bad n"), "/bytes/{n}"),
+        },
+        _ => text(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+fn main() -> ExitCode {
+    gpe::serve(|| {
+        if std::env::var_os("GPE_TESTAPP_BOOT_FAIL").is_some() {
+            return Err("GPE_TESTAPP_BOOT_FAIL is set".into());
+        }
+        Ok(blocking(route))
+    })
+}
