@@ -680,3 +680,77 @@ fn malformed_requests_get_4xx_and_the_worker_lives() {
         Some(2.0)
     );
 }
+
+#[test]
+fn unix_socket_and_sidecar_exporter() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("gpe.sock");
+    let s = Server::start(
+        TESTAPP,
+        Opts::new("sync", 1).args(&["--bind", &format!("unix:{}", sock.display())]),
+    );
+    for i in 0..7 {
+        let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        c.write_all(
+            format!("GET /status/20{i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with(&format!("HTTP/1.1 20{i}")), "{out}");
+    }
+    // The same counts through a sidecar exporter reading the metrics directory.
+    let port = free_port();
+    let mut sidecar = std::process::Command::new(workspace_bin("gpe"))
+        .args([
+            "exporter",
+            "--metrics-dir",
+            s.metrics_dir().to_str().unwrap(),
+        ])
+        .args(["--metrics-bind", &format!("127.0.0.1:{port}")])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut seen = None;
+    wait_until(Duration::from_secs(10), || {
+        seen = http(addr, "GET", "/metrics", &[], b"")
+            .ok()
+            .map(|r| Metrics::parse(&String::from_utf8_lossy(&r.body)));
+        seen.is_some()
+    });
+    let _ = sidecar.kill();
+    let _ = sidecar.wait();
+    let m = seen.expect("sidecar answers");
+    assert_eq!(m.sum("gpe_http_requests_total"), 7.0);
+    assert_eq!(
+        m.sum("gpe_http_requests_total"),
+        s.scrape().sum("gpe_http_requests_total")
+    );
+    drop(s);
+    assert!(!sock.exists(), "the unix socket file is removed on exit");
+}
+
+#[test]
+fn check_validates_config_files() {
+    let gpe = workspace_bin("gpe");
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "workers = 3\nbind = [\"127.0.0.1:8123\"]\n").unwrap();
+    let out = std::process::Command::new(&gpe)
+        .args(["check", "-c", good.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("workers: 3"));
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "workers = 0\n").unwrap();
+    let out = std::process::Command::new(&gpe)
+        .args(["check", "-c", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`workers`"));
+}
