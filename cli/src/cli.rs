@@ -154,7 +154,13 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             .map_err(anyhow::Error::from)?;
             crate::workers::select(&config.worker)
                 .map_err(|e| anyhow::anyhow!("setting `worker`: {e}"))?;
-            println!("{} is valid:\n{config:#?}", args.config.display());
+            use std::io::Write as _;
+            // A closed stdout (`gpe check ... | head`) is not an error of the config.
+            let _ = writeln!(
+                std::io::stdout().lock(),
+                "{} is valid:\n{config:#?}",
+                args.config.display()
+            );
             Ok(())
         }
     }
@@ -185,6 +191,13 @@ fn run_exporter(args: ExporterArgs) -> Result<(), Failure> {
                 return Err(anyhow::anyhow!("setting `metrics_bind`: expected HOST:PORT").into())
             }
         };
+    if !args.metrics_path.starts_with('/') || args.metrics_path == "/healthz" {
+        return Err(anyhow::anyhow!(
+            "invalid value {:?} for setting `metrics_path`: expected a path starting with / other than /healthz",
+            args.metrics_path
+        )
+        .into());
+    }
     let listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("setting `metrics_bind`: cannot listen on {addr}"))?;
     let store = StoreDir::new(&args.metrics_dir);

@@ -189,7 +189,9 @@ impl RawSettings {
         })
     }
 
-    /// Reads `GPE_*` variables from `vars` (`GPE_CONFIG` excepted). List
+    /// Reads `GPE_*` variables from `vars` (`GPE_CONFIG` and the upgrade
+    /// hand-over variables excepted; any other unknown `GPE_*` name is an
+    /// error, to catch typos). List
     /// settings (`bind`, `histogram_buckets`) are comma-separated.
     ///
     /// # Errors
@@ -202,7 +204,8 @@ impl RawSettings {
             let Some(key) = name.strip_prefix("GPE_") else {
                 continue;
             };
-            if key == "CONFIG" {
+            // Not settings: the config file path and what a binary upgrade hands over.
+            if matches!(key, "CONFIG" | "LISTEN_FDS" | "METRICS_FD" | "UPGRADE_FROM") {
                 continue;
             }
             let key = key.to_ascii_lowercase();
@@ -220,6 +223,8 @@ impl RawSettings {
                         .map(|s| scalar(s.trim()))
                         .collect::<Vec<_>>(),
                 ),
+                "worker" | "pidfile" | "accesslog" | "errorlog" | "metrics_bind"
+                | "metrics_path" | "metrics_dir" => toml::Value::String(value.clone()),
                 _ => scalar(&value),
             };
             let mut table = toml::Table::new();

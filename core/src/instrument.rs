@@ -151,7 +151,7 @@ impl Instrumented {
             .and_then(|v| v.parse::<u64>().ok())
             .is_some_and(|n| n > self.max_body);
         let body = if too_long {
-            Err(StatusCode::PAYLOAD_TOO_LARGE)
+            Err((StatusCode::PAYLOAD_TOO_LARGE, ErrorKind::BadRequest))
         } else {
             match Limited::new(body, self.max_body.min(usize::MAX as u64) as usize)
                 .collect()
@@ -159,16 +159,17 @@ impl Instrumented {
             {
                 Ok(c) => Ok(c.to_bytes()),
                 Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                    Err(StatusCode::PAYLOAD_TOO_LARGE)
+                    Err((StatusCode::PAYLOAD_TOO_LARGE, ErrorKind::BadRequest))
                 }
-                Err(_) => Err(StatusCode::BAD_REQUEST),
+                // The body stopped arriving: the client went away or broke framing.
+                Err(_) => Err((StatusCode::BAD_REQUEST, ErrorKind::ClientDisconnect)),
             }
         };
         let (resp, request_bytes, error) = match body {
-            Err(status) => (
+            Err((status, kind)) => (
                 text(status, status.canonical_reason().unwrap_or("")),
                 0,
-                Some(ErrorKind::BadRequest),
+                Some(kind),
             ),
             Ok(body) => {
                 let n = body.len() as u64;
@@ -288,7 +289,11 @@ pub async fn serve_io<I, R, D>(
     D: Future<Output = ()>,
 {
     let _guard = ConnectionGuard::new(svc.recorder().clone());
+    // Atomic (not Cell) so that the connection future stays Send.
+    let served = std::sync::atomic::AtomicU64::new(0);
+    let served = &served;
     let service = hyper::service::service_fn(|req| async move {
+        served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok::<_, std::convert::Infallible>(svc.handle(req, peer, runner).await)
     });
     let conn = builder.serve_connection(io, service);
@@ -302,7 +307,14 @@ pub async fn serve_io<I, R, D>(
         }
     };
     if let Err(e) = result {
-        if let Some(kind) = classify(&e) {
+        // A head that never arrived on a fresh connection is a timeout; an idle
+        // keep-alive connection timing out after requests is normal.
+        let kind = if e.is_timeout() {
+            (served.load(std::sync::atomic::Ordering::Relaxed) == 0).then_some(ErrorKind::Timeout)
+        } else {
+            classify(&e)
+        };
+        if let Some(kind) = kind {
             svc.recorder().error_without_request(kind);
         }
     }

@@ -4,7 +4,7 @@
 
 use std::io;
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -63,6 +63,39 @@ impl Listener {
                 socket.set_nonblocking(true)?;
                 Ok(Listener::Unix(socket.into()))
             }
+        }
+    }
+
+    /// Takes ownership of an inherited listening socket (from systemd socket
+    /// activation or a binary upgrade) and puts it in non-blocking mode.
+    ///
+    /// # Safety
+    /// `fd` must be an open file descriptor that nothing else in this process
+    /// owns or will close.
+    ///
+    /// # Errors
+    /// `fd` is not a listening stream socket of family inet, inet6 or unix.
+    pub unsafe fn from_raw_fd(fd: RawFd) -> io::Result<Listener> {
+        // SAFETY: ownership of `fd` is transferred to us by the caller's contract.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let socket = Socket::from(owned);
+        if socket.r#type()? != Type::STREAM || !socket.is_listener()? {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("inherited fd {fd} is not a listening stream socket"),
+            ));
+        }
+        socket.set_nonblocking(true)?;
+        let addr = socket.local_addr()?;
+        if addr.is_unix() {
+            Ok(Listener::Unix(socket.into()))
+        } else if addr.as_socket().is_some() {
+            Ok(Listener::Tcp(socket.into()))
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("inherited fd {fd} has an unsupported address family"),
+            ))
         }
     }
 
@@ -166,5 +199,22 @@ mod tests {
         drop(u);
         // A stale socket file is replaced.
         let _u2 = Listener::bind(&BindAddr::Unix(path), 16, false).unwrap();
+    }
+
+    #[test]
+    fn adopts_inherited_fds_and_refuses_others() {
+        use std::os::fd::IntoRawFd;
+        let l = Listener::bind(&BindAddr::Tcp("127.0.0.1:0".parse().unwrap()), 16, false).unwrap();
+        let described = l.describe();
+        let fd = match l {
+            Listener::Tcp(t) => t.into_raw_fd(),
+            Listener::Unix(_) => unreachable!(),
+        };
+        // SAFETY: `fd` was just released by its owner.
+        let adopted = unsafe { Listener::from_raw_fd(fd) }.unwrap();
+        assert_eq!(adopted.describe(), described);
+        let file = std::fs::File::open("/dev/null").unwrap().into_raw_fd();
+        // SAFETY: `file` was just released by its owner; the call closes it.
+        assert!(unsafe { Listener::from_raw_fd(file) }.is_err());
     }
 }

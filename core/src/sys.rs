@@ -119,6 +119,26 @@ impl SignalPipe {
     }
 }
 
+/// Blocks `signals` for the calling thread and returns the previous mask, to
+/// be restored with [`restore_mask`]. The master forks with its signals
+/// blocked, so a signal sent to a new child before it has reset its handlers
+/// stays pending instead of running the master's handler in the child.
+///
+/// # Errors
+/// pthread_sigmask(3) failed.
+pub fn block(signals: &[Signal]) -> io::Result<SigSet> {
+    let mut set = SigSet::empty();
+    for &sig in signals {
+        set.add(sig);
+    }
+    Ok(set.thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_BLOCK)?)
+}
+
+/// Restores a signal mask saved by [`block`].
+pub fn restore_mask(mask: &SigSet) {
+    let _ = mask.thread_set_mask();
+}
+
 /// Sets `signals` back to their default action.
 fn reset_dispositions(signals: &[Signal]) {
     let dfl = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
@@ -126,6 +146,27 @@ fn reset_dispositions(signals: &[Signal]) {
         // SAFETY: installing SIG_DFL has no handler code to be unsafe about.
         let _ = unsafe { sigaction(sig, &dfl) };
     }
+}
+
+extern "C" fn on_abort(_sig: libc::c_int) {
+    // SAFETY: _exit(2) is async-signal-safe and ends the process at once.
+    unsafe { libc::_exit(1) }
+}
+
+/// Makes SIGABRT (the master's heartbeat-timeout signal) end this process
+/// with exit code 1 at once, without a core dump, as Gunicorn's workers do.
+///
+/// # Errors
+/// sigaction(2) failed.
+pub fn exit_on_abort() -> io::Result<()> {
+    let action = SigAction::new(
+        SigHandler::Handler(on_abort),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    // SAFETY: `on_abort` only calls the async-signal-safe _exit(2).
+    unsafe { sigaction(Signal::SIGABRT, &action) }?;
+    Ok(())
 }
 
 /// The result of [`fork`].
@@ -171,6 +212,18 @@ pub struct Reaped {
     pub ended: Ended,
     /// User + system CPU time it used, in nanoseconds.
     pub cpu_ns: u64,
+}
+
+/// Whether some child has exited and waits to be reaped (it is not reaped).
+pub fn child_exited() -> bool {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+    matches!(
+        waitid(
+            Id::All,
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT
+        ),
+        Ok(status) if status != WaitStatus::StillAlive
+    )
 }
 
 /// Reaps one exited child without blocking; `Ok(None)` when none is ready.
@@ -239,18 +292,28 @@ mod tests {
         assert_eq!(pipe.drain(), vec![Signal::SIGUSR2, Signal::SIGUSR2]);
         pipe.reset();
 
-        // SAFETY: the child only calls async-signal-safe _exit.
+        // SAFETY: the child only calls async-signal-safe functions before exiting.
         match unsafe { fork() }.unwrap() {
-            Forked::Child => unsafe { libc::_exit(7) },
+            Forked::Child => {
+                if exit_on_abort().is_ok() {
+                    let _ = nix::sys::signal::raise(Signal::SIGABRT);
+                }
+                // SAFETY: _exit is async-signal-safe.
+                unsafe { libc::_exit(7) }
+            }
             Forked::Parent(child) => {
                 let reaped = loop {
+                    if !child_exited() {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
                     if let Some(r) = reap_one().unwrap() {
                         break r;
                     }
                     std::thread::sleep(Duration::from_millis(5));
                 };
                 assert_eq!(reaped.pid, child);
-                assert_eq!(reaped.ended, Ended::Exited(7));
+                assert_eq!(reaped.ended, Ended::Exited(1), "SIGABRT exits with 1");
             }
         }
     }

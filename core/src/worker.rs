@@ -142,6 +142,9 @@ pub(crate) fn child_main(
             return 1;
         }
     };
+    if let Err(e) = crate::sys::exit_on_abort() {
+        crate::log_warn!("worker {}: cannot handle SIGABRT: {e}", place.slot);
+    }
     let recorder = match Recorder::open(&place.store, place.slot, place.generation, config.metrics)
     {
         Ok(r) => Arc::new(r),

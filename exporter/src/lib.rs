@@ -61,7 +61,7 @@ fn answer(req: &Request<Incoming>, store: &StoreDir, path: &str) -> Response<Ful
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok()),
     );
-    let text = match Snapshot::read(store).map(|s| render(s, format)) {
+    let text = match render::Scrape::collect(store).map(|s| render(s, format)) {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             return reply(

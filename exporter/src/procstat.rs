@@ -24,7 +24,9 @@ pub struct ProcStat {
 pub fn read(pid: u32) -> Option<ProcStat> {
     let p = Process::new(i32::try_from(pid).ok()?).ok()?;
     let stat = p.stat().ok()?;
-    let statm = p.statm().ok()?;
+    // A killed worker not yet reaped (a zombie) has no memory map but still
+    // reports its CPU time, which must keep counting until the master folds it.
+    let resident = p.statm().map_or(0, |m| m.resident);
     let ticks = procfs::ticks_per_second() as f64;
     let boot = procfs::boot_time_secs().unwrap_or(0) as f64;
     let max_fds = p
@@ -36,7 +38,7 @@ pub fn read(pid: u32) -> Option<ProcStat> {
         })
         .unwrap_or(0);
     Some(ProcStat {
-        resident_bytes: statm.resident * procfs::page_size(),
+        resident_bytes: resident * procfs::page_size(),
         virtual_bytes: stat.vsize,
         cpu_seconds: (stat.utime + stat.stime) as f64 / ticks,
         open_fds: p.fd_count().map_or(0, |n| n as u64),

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use gpe_core::store::catalogue::{Buckets, Shape, SIZE_BUCKETS};
 use gpe_core::store::layout::CELLS;
-use gpe_core::store::{ExitReason, Family, MasterSignal, Series, Snapshot, WorkerState};
+use gpe_core::store::{ExitReason, Family, MasterSignal, Series, Snapshot, StoreDir, WorkerState};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::exemplar::Exemplar;
@@ -45,47 +45,61 @@ impl Format {
 
 /// Everything one scrape shows, gathered before encoding.
 #[derive(Debug)]
-struct Scrape {
+pub struct Scrape {
     snap: Snapshot,
-    /// `/proc` figures of each slot's newest process.
+    procs: Procs,
+    now: f64,
+}
+
+/// `/proc` figures read together with the store, inside its fold window.
+#[derive(Debug, Default)]
+struct Procs {
+    /// Figures of each slot's newest process.
     newest: BTreeMap<u32, ProcStat>,
     /// CPU seconds per slot: retired plus every live process of the slot.
     cpu: BTreeMap<u32, f64>,
     master: Option<ProcStat>,
-    now: f64,
 }
 
-impl Scrape {
-    fn gather(snap: Snapshot) -> Scrape {
-        let mut newest = BTreeMap::new();
-        let mut cpu: BTreeMap<u32, f64> = BTreeMap::new();
+impl Procs {
+    fn read(snap: &Snapshot) -> Procs {
+        let mut p = Procs::default();
         for s in snap
             .series
             .iter()
             .filter(|s| s.family == Family::WorkerCpuRetired)
         {
             if let Some(slot) = s.labels.first().and_then(|l| l.parse().ok()) {
-                *cpu.entry(slot).or_default() += s.cells[0] as f64 / 1e9;
+                *p.cpu.entry(slot).or_default() += s.cells[0] as f64 / 1e9;
             }
         }
         for w in &snap.workers {
             for (i, pid) in w.pids.iter().enumerate() {
                 if let Some(st) = procstat::read(*pid) {
-                    *cpu.entry(w.slot).or_default() += st.cpu_seconds;
+                    *p.cpu.entry(w.slot).or_default() += st.cpu_seconds;
                     if i == 0 {
-                        newest.insert(w.slot, st);
+                        p.newest.insert(w.slot, st);
                     }
                 }
             }
         }
-        let master = snap.master.as_ref().and_then(|m| procstat::read(m.pid));
-        Scrape {
+        p.master = snap.master.as_ref().and_then(|m| procstat::read(m.pid));
+        p
+    }
+}
+
+impl Scrape {
+    /// Reads the store and the `/proc` figures of its processes consistently.
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub fn collect(store: &StoreDir) -> std::io::Result<Scrape> {
+        let (snap, procs) = Snapshot::read_with(store, Procs::read)?;
+        Ok(Scrape {
             snap,
-            newest,
-            cpu,
-            master,
+            procs,
             now: gpe_core::store::unix_now_ns() as f64 / 1e9,
-        }
+        })
     }
 }
 
@@ -145,6 +159,15 @@ fn labels_of<'a>(family: Family, s: &'a Series) -> Labels<'a> {
 }
 
 impl Scrape {
+    /// Start time of a slot's newest process: from `/proc`, else from its store
+    /// file (written by the master at fork).
+    fn start_time(&self, w: &gpe_core::store::WorkerView) -> f64 {
+        self.procs
+            .newest
+            .get(&w.slot)
+            .map_or(w.start_time, |p| p.start_time)
+    }
+
     fn series(&self, family: Family) -> impl Iterator<Item = &Series> {
         self.snap.series.iter().filter(move |s| s.family == family)
     }
@@ -235,10 +258,16 @@ impl Scrape {
             enc,
             "gpe_worker_resident_memory_bytes",
             "Resident memory of each worker's own process",
-            &per_worker(&|w| self.newest.get(&w.slot).map(|p| p.resident_bytes as f64)),
+            &per_worker(&|w| {
+                self.procs
+                    .newest
+                    .get(&w.slot)
+                    .map(|p| p.resident_bytes as f64)
+            }),
         )?;
-        let cpu_slots: Vec<String> = self.cpu.keys().map(u32::to_string).collect();
+        let cpu_slots: Vec<String> = self.procs.cpu.keys().map(u32::to_string).collect();
         let cpu: Vec<_> = self
+            .procs
             .cpu
             .values()
             .zip(&cpu_slots)
@@ -254,19 +283,19 @@ impl Scrape {
             enc,
             "gpe_worker_open_fds",
             "Open file descriptors of each worker",
-            &per_worker(&|w| self.newest.get(&w.slot).map(|p| p.open_fds as f64)),
+            &per_worker(&|w| self.procs.newest.get(&w.slot).map(|p| p.open_fds as f64)),
         )?;
         gauge(
             enc,
             "gpe_worker_start_time_seconds",
             "Start time of each worker's process in Unix seconds",
-            &per_worker(&|w| Some(w.start_time)),
+            &per_worker(&|w| Some(self.start_time(w))),
         )?;
         gauge(
             enc,
             "gpe_worker_uptime_seconds",
             "Seconds since each worker's process started",
-            &per_worker(&|w| Some((self.now - w.start_time).max(0.0))),
+            &per_worker(&|w| Some((self.now - self.start_time(w)).max(0.0))),
         )?;
         let mut states = Vec::new();
         for (w, s) in self.snap.workers.iter().zip(&slots) {
@@ -359,7 +388,7 @@ impl Scrape {
             "Reloads (HUP) completed",
             &[(vec![], m.reloads)],
         )?;
-        if let Some(p) = &self.master {
+        if let Some(p) = &self.procs.master {
             counter(
                 enc,
                 "process_cpu_seconds",
@@ -452,13 +481,13 @@ impl Collector for ScrapeCollector {
     }
 }
 
-/// Renders `snap` (with `/proc` figures read now) in `format`.
+/// Renders a collected scrape in `format`.
 ///
 /// # Errors
 /// Only formatter errors, which writing to a `String` does not produce.
-pub fn render(snap: Snapshot, format: Format) -> Result<String, std::fmt::Error> {
+pub fn render(scrape: Scrape, format: Format) -> Result<String, std::fmt::Error> {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(ScrapeCollector(Scrape::gather(snap))));
+    registry.register_collector(Box::new(ScrapeCollector(scrape)));
     let mut out = String::with_capacity(16 * 1024);
     match format {
         Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, &registry)?,

@@ -594,7 +594,7 @@ fn bad_settings_exit_nonzero_naming_the_setting() {
             .arg("serve")
             .args(["--bind", &bind, "--metrics-bind", "127.0.0.1:0"])
             .args(&args)
-            .env("GPE_TEST_MARKER", &marker)
+            .env("TEST_MARKER", &marker)
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);

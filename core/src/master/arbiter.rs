@@ -36,6 +36,9 @@ const BOOT_FAILURE_LIMIT: u32 = 3;
 const QUICK_STOP: Duration = Duration::from_secs(1);
 /// Longest sleep of the loop: heartbeats are checked at least this often.
 const TICK: Duration = Duration::from_millis(250);
+/// Shortest time between two folds, so that a scrape (which retries when a
+/// fold races it) always finds a quiet window, even in a SIGCHLD storm.
+const FOLD_INTERVAL: Duration = Duration::from_millis(10);
 
 const SIGNALS: [Signal; 10] = [
     Signal::SIGHUP,
@@ -100,6 +103,36 @@ pub(super) struct Arbiter<'a> {
     phase: Phase,
     boot_failures: u32,
     failed: Option<MasterError>,
+    /// The pid file this master wrote (`PIDFILE.2` during an upgrade).
+    pub(super) pidfile: Option<super::Pidfile>,
+    /// The new master started by USR2, while it runs.
+    upgrade_child: Option<Pid>,
+    /// The old master, while this master is the new half of an upgrade.
+    upgrading_from: Option<Pid>,
+    /// Whether READY=1 was sent for the current generation of workers.
+    ready_notified: bool,
+    /// When the last fold window closed.
+    last_fold: Instant,
+    /// Whether the exporter was sent SIGKILL at the stop deadline.
+    exporter_killed: bool,
+    /// Slots whose worker died on its own, to respawn into first.
+    vacated: Vec<u32>,
+    /// When the exporter was last started (restarts are spaced by a second).
+    exporter_started: Option<Instant>,
+}
+
+/// What [`super::run`] needs back from the loop for clean-up.
+#[derive(Debug)]
+pub(super) struct Outcome {
+    pub pidfile: Option<super::Pidfile>,
+    pub upgrade_child_alive: bool,
+}
+
+/// Tells systemd (when `NOTIFY_SOCKET` is set) about a state change.
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        log_warn!("sd_notify failed: {e}");
+    }
 }
 
 impl<'a> Arbiter<'a> {
@@ -109,6 +142,7 @@ impl<'a> Arbiter<'a> {
         listeners: Vec<Listener>,
         metrics_listener: Option<TcpListener>,
         store: StoreDir,
+        upgrading_from: Option<Pid>,
     ) -> Result<Arbiter<'a>, MasterError> {
         let config = Arc::new(spec.config.clone());
         let store_err = |source| MasterError::Store {
@@ -164,11 +198,28 @@ impl<'a> Arbiter<'a> {
             phase: Phase::Running,
             boot_failures: 0,
             failed: None,
+            pidfile: None,
+            upgrade_child: None,
+            upgrading_from,
+            ready_notified: false,
+            last_fold: Instant::now(),
+            exporter_killed: false,
+            vacated: Vec::new(),
+            exporter_started: None,
         })
     }
 
+    pub(super) fn outcome(&mut self) -> Outcome {
+        Outcome {
+            pidfile: self.pidfile.take(),
+            upgrade_child_alive: self.upgrade_child.is_some(),
+        }
+    }
+
     pub(super) fn run(&mut self) -> Result<(), MasterError> {
-        self.spawn_exporter();
+        if self.upgrading_from.is_none() {
+            self.spawn_exporter();
+        }
         self.manage();
         loop {
             let wait = self.next_wake();
@@ -186,9 +237,11 @@ impl<'a> Arbiter<'a> {
             if self.phase == Phase::Running {
                 self.check_workers();
                 self.manage();
-                if self.exporter.is_none() {
+                self.check_old_master();
+                if self.exporter.is_none() && self.upgrading_from.is_none() {
                     self.spawn_exporter();
                 }
+                self.notify_ready();
             }
             self.enforce_deadlines();
             self.publish();
@@ -220,6 +273,9 @@ impl<'a> Arbiter<'a> {
                 }
                 Life::Serving => {}
             }
+        }
+        if sys::child_exited() {
+            consider(self.last_fold + FOLD_INTERVAL);
         }
         wake.max(Duration::from_millis(1))
     }
@@ -255,8 +311,8 @@ impl<'a> Arbiter<'a> {
                     sys::send(p.pid, Signal::SIGUSR1);
                 }
             }
-            MasterSignal::Usr2 => log_warn!("USR2: binary upgrade is not supported; ignored"),
-            MasterSignal::Winch => log_info!("WINCH: ignored (gpe never daemonizes)"),
+            MasterSignal::Usr2 => self.upgrade(),
+            MasterSignal::Winch => self.stop_workers(),
             MasterSignal::Term => self.stop(true),
             MasterSignal::Int | MasterSignal::Quit => self.stop(false),
         }
@@ -269,13 +325,17 @@ impl<'a> Arbiter<'a> {
             return;
         }
         log_info!("HUP: reloading");
+        let mut reloading = vec![sd_notify::NotifyState::Reloading];
+        if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+            reloading.push(now);
+        }
+        notify(&reloading);
+        self.ready_notified = false;
         if let Some(reload) = &self.spec.reload {
             match reload() {
                 Ok(new) => match (self.spec.workers)(&new.worker) {
                     Ok(worker) => {
-                        if new.binds != self.config.binds {
-                            log_warn!("HUP: changed `bind` takes effect only after a restart");
-                        }
+                        let new = keep_restart_only(&self.config, new);
                         self.worker = worker;
                         self.desired = new.workers;
                         self.config = Arc::new(new);
@@ -334,6 +394,7 @@ impl<'a> Arbiter<'a> {
             self.procs.len()
         );
         self.phase = Phase::Stopping { deadline, graceful };
+        notify(&[sd_notify::NotifyState::Stopping]);
         let sig = if graceful {
             Signal::SIGTERM
         } else {
@@ -359,6 +420,11 @@ impl<'a> Arbiter<'a> {
     /// Reaps every exited child, folding workers' counters into the retired
     /// totals inside one fold window.
     fn reap(&mut self) {
+        // Open the fold window only when there is something to fold, so that
+        // scrapes racing a busy loop are not retried for nothing.
+        if !sys::child_exited() || self.last_fold.elapsed() < FOLD_INTERVAL {
+            return;
+        }
         fold_begin(&self.retired);
         loop {
             match sys::reap_one() {
@@ -371,6 +437,7 @@ impl<'a> Arbiter<'a> {
             }
         }
         fold_end(&self.retired);
+        self.last_fold = Instant::now();
     }
 
     fn on_exit(&mut self, r: Reaped) {
@@ -383,6 +450,11 @@ impl<'a> Arbiter<'a> {
                     r.ended
                 );
             }
+            return;
+        }
+        if Some(r.pid) == self.upgrade_child {
+            self.upgrade_child = None;
+            log_warn!("the new master (pid {}) exited ({:?})", r.pid, r.ended);
             return;
         }
         let Some(i) = self.procs.iter().position(|p| p.pid == r.pid) else {
@@ -401,6 +473,9 @@ impl<'a> Arbiter<'a> {
         }
         let _ = std::fs::remove_file(self.store.worker_path(p.slot, p.generation));
         self.master_file.header().exits[reason.code() as usize].fetch_add(1, Ordering::Relaxed);
+        if !matches!(p.life, Life::Retiring { .. }) {
+            self.vacated.push(p.slot);
+        }
         match reason {
             ExitReason::Crash | ExitReason::Timeout => log_warn!(
                 "worker {} (pid {}) exited: {} ({:?})",
@@ -482,8 +557,9 @@ impl<'a> Arbiter<'a> {
             }
         }
         if let (Phase::Stopping { deadline, .. }, Some(pid)) = (self.phase, self.exporter) {
-            if now >= deadline {
+            if now >= deadline && !self.exporter_killed {
                 sys::send(pid, Signal::SIGKILL);
+                self.exporter_killed = true;
             }
         }
     }
@@ -495,20 +571,24 @@ impl<'a> Arbiter<'a> {
             return;
         }
         let serving = |procs: &[Proc]| procs.iter().filter(|p| p.life == Life::Serving).count();
+        let taken =
+            |procs: &[Proc], s: u32| procs.iter().any(|p| p.slot == s && p.life == Life::Serving);
         while serving(&self.procs) < self.desired as usize {
-            let slot = (0u32..)
-                .find(|s| {
-                    !self
-                        .procs
-                        .iter()
-                        .any(|p| p.slot == *s && p.life == Life::Serving)
-                })
-                .unwrap_or(0);
+            // A dead worker's replacement goes into its slot; new ones into the
+            // lowest free slot.
+            let slot = loop {
+                match self.vacated.pop() {
+                    Some(s) if !taken(&self.procs, s) => break s,
+                    Some(_) => continue,
+                    None => break (0u32..).find(|s| !taken(&self.procs, *s)).unwrap_or(0),
+                }
+            };
             if let Err(e) = self.spawn_worker(slot) {
                 log_error!("cannot start worker {slot}: {e}");
                 break;
             }
         }
+        self.vacated.clear();
         while serving(&self.procs) > self.desired as usize {
             let deadline = Instant::now() + self.config.graceful_timeout;
             let Some(oldest) = self
@@ -540,6 +620,118 @@ impl<'a> Arbiter<'a> {
             .store(u64::from(self.desired), Ordering::Relaxed);
     }
 
+    /// Sends READY=1 once every desired worker of the current generation booted.
+    fn notify_ready(&mut self) {
+        if self.ready_notified {
+            return;
+        }
+        let booted = self
+            .procs
+            .iter()
+            .filter(|p| p.life == Life::Serving && p.booted)
+            .count();
+        if booted >= self.desired as usize {
+            self.ready_notified = true;
+            notify(&[sd_notify::NotifyState::Ready]);
+        }
+    }
+
+    /// The new half of an upgrade: once the old master is gone (we are
+    /// re-parented), take over the pid file, tell systemd our pid and start
+    /// the exporter on the inherited metrics socket.
+    fn check_old_master(&mut self) {
+        let Some(old) = self.upgrading_from else {
+            return;
+        };
+        if nix::unistd::getppid() == old {
+            return;
+        }
+        self.upgrading_from = None;
+        log_info!("old master {old} is gone; taking over");
+        if let (Some(pf), Some(final_path)) = (&mut self.pidfile, &self.config.pidfile) {
+            if let Err(e) = pf.promote(final_path) {
+                log_error!("cannot move the pid file to {}: {e}", final_path.display());
+            }
+        }
+        notify(&[
+            sd_notify::NotifyState::MainPid(std::process::id()),
+            sd_notify::NotifyState::Ready,
+        ]);
+    }
+
+    /// USR2: start a new master from the current binary, handing it the
+    /// listening sockets; this master keeps serving until told to stop.
+    fn upgrade(&mut self) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        if let Some(pid) = self.upgrade_child {
+            log_warn!("USR2: an upgrade (pid {pid}) is already running; ignored");
+            return;
+        }
+        if self.upgrading_from.is_some() {
+            log_warn!("USR2: this master is itself being upgraded into; ignored");
+            return;
+        }
+        let mut args = std::env::args_os();
+        let Some(program) = args.next() else {
+            log_error!("USR2: cannot tell which binary to run");
+            return;
+        };
+        let fds: Vec<std::os::fd::BorrowedFd<'_>> = self
+            .listeners
+            .iter()
+            .map(std::os::fd::AsFd::as_fd)
+            .collect();
+        let metrics_fd = self.metrics_listener.as_ref().map(std::os::fd::AsFd::as_fd);
+        let all: Vec<_> = fds.iter().copied().chain(metrics_fd).collect();
+        set_inheritable(&all, true);
+        let list: Vec<String> = fds
+            .iter()
+            .map(|fd| std::os::fd::AsRawFd::as_raw_fd(fd).to_string())
+            .collect();
+        let mut cmd = std::process::Command::new(&program);
+        cmd.args(args)
+            .env(super::ENV_LISTEN_FDS, list.join(","))
+            .env(super::ENV_UPGRADE_FROM, std::process::id().to_string());
+        if let Some(fd) = metrics_fd {
+            cmd.env(
+                super::ENV_METRICS_FD,
+                std::os::fd::AsRawFd::as_raw_fd(&fd).to_string(),
+            );
+        }
+        let spawned = cmd.spawn();
+        set_inheritable(&all, false);
+        match spawned {
+            Ok(child) => {
+                log_info!("USR2: started new master {}", child.id());
+                self.upgrade_child = Some(Pid::from_raw(child.id() as i32));
+            }
+            Err(e) => log_error!("USR2: cannot start {}: {e}", program.to_string_lossy()),
+        }
+    }
+
+    /// WINCH: stop every worker gracefully and keep the master (used with USR2:
+    /// the old generation stops serving while the new one takes over).
+    fn stop_workers(&mut self) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        log_info!("WINCH: stopping all workers, keeping the master");
+        self.desired = 0;
+        let deadline = Instant::now() + self.config.graceful_timeout;
+        for p in &mut self.procs {
+            if p.life == Life::Serving {
+                p.life = Life::Retiring {
+                    reason: ExitReason::Shutdown,
+                    deadline,
+                    killed: false,
+                };
+                sys::send(p.pid, Signal::SIGTERM);
+            }
+        }
+    }
+
     fn spawn_worker(&mut self, slot: u32) -> std::io::Result<()> {
         self.generation += 1;
         let generation = self.generation;
@@ -553,13 +745,20 @@ impl<'a> Arbiter<'a> {
                 worker_kind: Some(self.worker.kind()),
             },
         )?;
+        let mask = sys::block(&SIGNALS)?;
         // SAFETY: the master is single-threaded (no runtime, no helper thread).
-        match unsafe { sys::fork() } {
+        let forked = unsafe { sys::fork() };
+        if !matches!(forked, Ok(Forked::Child)) {
+            sys::restore_mask(&mask);
+        }
+        match forked {
             Err(e) => {
                 let _ = std::fs::remove_file(&path);
                 Err(e)
             }
             Ok(Forked::Child) => {
+                // The master's signals stay blocked until the worker installs its
+                // own handlers (TERM, INT, QUIT, USR1); the others stay blocked.
                 self.become_child();
                 let listeners = std::mem::take(&mut self.listeners);
                 let code = child_main(
@@ -596,6 +795,13 @@ impl<'a> Arbiter<'a> {
         let (Some(main), Some(listener)) = (&self.spec.exporter, &self.metrics_listener) else {
             return;
         };
+        if self
+            .exporter_started
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return; // a crashing exporter is restarted at most once a second
+        }
+        self.exporter_started = Some(Instant::now());
         let listener = match listener.try_clone() {
             Ok(l) => l,
             Err(e) => {
@@ -603,11 +809,24 @@ impl<'a> Arbiter<'a> {
                 return;
             }
         };
+        let mask = match sys::block(&SIGNALS) {
+            Ok(m) => m,
+            Err(e) => {
+                log_error!("cannot block signals to start the exporter: {e}");
+                return;
+            }
+        };
         // SAFETY: the master is single-threaded.
-        match unsafe { sys::fork() } {
+        let forked = unsafe { sys::fork() };
+        if !matches!(forked, Ok(Forked::Child)) {
+            sys::restore_mask(&mask);
+        }
+        match forked {
             Err(e) => log_error!("cannot start the exporter: {e}"),
             Ok(Forked::Child) => {
                 self.become_child();
+                // The exporter keeps default dispositions: TERM ends it.
+                sys::restore_mask(&mask);
                 self.listeners.clear();
                 let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM);
                 let code = main(ExporterContext {
@@ -627,6 +846,47 @@ impl<'a> Arbiter<'a> {
             pipe.reset();
         }
         self.metrics_listener = None;
+    }
+}
+
+/// Settings a reload cannot change (sockets, the store, the exporter): keeps
+/// the running values and warns about each one that changed.
+fn keep_restart_only(old: &Config, mut new: Config) -> Config {
+    macro_rules! keep {
+        ($($field:ident => $name:literal),* $(,)?) => {$(
+            if new.$field != old.$field {
+                log_warn!("HUP: changed `{}` takes effect only after a restart", $name);
+                new.$field = old.$field.clone();
+            }
+        )*};
+    }
+    keep!(
+        binds => "bind",
+        backlog => "backlog",
+        reuse_port => "reuse_port",
+        metrics => "metrics",
+        metrics_bind => "metrics_bind",
+        metrics_path => "metrics_path",
+        metrics_dir => "metrics_dir",
+        histogram_buckets => "histogram_buckets",
+        metrics_max_series => "metrics_max_series",
+        pidfile => "pidfile",
+    );
+    new
+}
+
+/// Clears (or sets back) close-on-exec on `fds` around spawning the new master.
+fn set_inheritable(fds: &[std::os::fd::BorrowedFd<'_>], inherit: bool) {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let flags = if inherit {
+        FdFlag::empty()
+    } else {
+        FdFlag::FD_CLOEXEC
+    };
+    for fd in fds {
+        if let Err(e) = fcntl(fd, FcntlArg::F_SETFD(flags)) {
+            log_error!("fcntl(F_SETFD): {e}");
+        }
     }
 }
 

@@ -7,6 +7,7 @@ mod arbiter;
 mod pidfile;
 
 use std::net::TcpListener;
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -137,6 +138,86 @@ fn private_store_dir() -> PathBuf {
     base.join(format!("gpe-{}", std::process::id()))
 }
 
+/// Environment variable naming the listening fds a binary upgrade hands over.
+pub const ENV_LISTEN_FDS: &str = "GPE_LISTEN_FDS";
+/// Environment variable naming the metrics listener fd a binary upgrade hands over.
+pub const ENV_METRICS_FD: &str = "GPE_METRICS_FD";
+/// Environment variable naming the old master's pid during a binary upgrade.
+pub const ENV_UPGRADE_FROM: &str = "GPE_UPGRADE_FROM";
+
+/// Sockets and identity inherited from systemd or from an upgrading master.
+#[derive(Debug, Default)]
+struct Inherited {
+    listeners: Option<Vec<Listener>>,
+    metrics: Option<TcpListener>,
+    upgrade_from: Option<nix::unistd::Pid>,
+}
+
+fn parse_fds(var: &str, value: &str) -> Result<Vec<RawFd>, MasterError> {
+    value
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse::<RawFd>()
+                .ok()
+                .filter(|fd| *fd > 2)
+                .ok_or_else(|| {
+                    MasterError::Io(std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("{var}: {value:?} is not a list of file descriptors"),
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// Adopts listening sockets passed by an upgrading master (`GPE_LISTEN_FDS`)
+/// or by systemd (`LISTEN_FDS`/`LISTEN_PID`), and clears those variables so
+/// that workers do not see them.
+fn inherited() -> Result<Inherited, MasterError> {
+    let mut out = Inherited::default();
+    let adopt = |fds: Vec<RawFd>| -> Result<Vec<Listener>, MasterError> {
+        fds.into_iter()
+            .map(|fd| {
+                // SAFETY: the fd was passed to this process for exactly this purpose
+                // (by the upgrading master or by systemd) and nothing else owns it.
+                unsafe { Listener::from_raw_fd(fd) }.map_err(MasterError::Io)
+            })
+            .collect()
+    };
+    if let Ok(v) = std::env::var(ENV_LISTEN_FDS) {
+        out.listeners = Some(adopt(parse_fds(ENV_LISTEN_FDS, &v)?)?);
+        if let Ok(m) = std::env::var(ENV_METRICS_FD) {
+            if let Some(fd) = parse_fds(ENV_METRICS_FD, &m)?.first() {
+                // SAFETY: as above: handed over by the old master for this use only.
+                let owned =
+                    unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(*fd) };
+                out.metrics = Some(TcpListener::from(owned));
+            }
+        }
+        out.upgrade_from = std::env::var(ENV_UPGRADE_FROM)
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .map(nix::unistd::Pid::from_raw);
+    } else {
+        let fds: Vec<RawFd> = sd_notify::listen_fds().map_err(MasterError::Io)?.collect();
+        if !fds.is_empty() {
+            out.listeners = Some(adopt(fds)?);
+        }
+    }
+    for var in [
+        ENV_LISTEN_FDS,
+        ENV_METRICS_FD,
+        ENV_UPGRADE_FROM,
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "LISTEN_FDNAMES",
+    ] {
+        std::env::remove_var(var);
+    }
+    Ok(out)
+}
+
 /// Runs a server until it is stopped. Returns once every child has exited and
 /// the pid file, store and unix sockets are cleaned up.
 ///
@@ -153,22 +234,51 @@ pub fn run(spec: ServerSpec) -> Result<(), MasterError> {
             expected: format!("a writable file ({e})"),
         })
     })?;
+    let inherited = inherited()?;
+    let upgrading = inherited.upgrade_from.is_some();
+    // During an upgrade the new master writes PIDFILE.2 until the old one exits.
+    let pid_path = config.pidfile.as_ref().map(|p| {
+        if upgrading {
+            let mut s = p.clone().into_os_string();
+            s.push(".2");
+            PathBuf::from(s)
+        } else {
+            p.clone()
+        }
+    });
     // Refuse a live pid file before binding anything.
-    if let Some(p) = &config.pidfile {
+    if let Some(p) = &pid_path {
         Pidfile::create(p).map_err(MasterError::Pidfile)?.remove();
     }
-    let listeners = bind_all(config)?;
+    let bound_here = inherited.listeners.is_none();
+    let listeners = match inherited.listeners {
+        Some(l) => {
+            crate::log_info!("Using {} inherited socket(s); `bind` is ignored", l.len());
+            l
+        }
+        None => bind_all(config)?,
+    };
     let metrics_listener = if config.metrics && spec.exporter.is_some() {
-        let l = TcpListener::bind(config.metrics_bind).map_err(|source| MasterError::Bind {
-            setting: "metrics_bind",
-            addr: config.metrics_bind.to_string(),
-            source,
-        })?;
-        Some(l)
+        match inherited.metrics {
+            Some(l) => Some(l),
+            None => Some(TcpListener::bind(config.metrics_bind).map_err(|source| {
+                MasterError::Bind {
+                    setting: "metrics_bind",
+                    addr: config.metrics_bind.to_string(),
+                    source,
+                }
+            })?),
+        }
     } else {
         None
     };
     let (store, own_dir) = match &config.metrics_dir {
+        // A new generation never shares the old one's store.
+        Some(p) if upgrading => {
+            let mut s = p.clone().into_os_string();
+            s.push(format!(".{}", std::process::id()));
+            (StoreDir::new(PathBuf::from(s)), true)
+        }
         Some(p) => (StoreDir::new(p), false),
         None => (StoreDir::new(private_store_dir()), true),
     };
@@ -176,19 +286,38 @@ pub fn run(spec: ServerSpec) -> Result<(), MasterError> {
         path: store.path().to_owned(),
         source,
     })?;
-    let pidfile = match &config.pidfile {
+    let pidfile = match &pid_path {
         Some(p) => Some(Pidfile::create(p).map_err(MasterError::Pidfile)?),
         None => None,
     };
-    let result = arbiter::Arbiter::start(&spec, worker, listeners, metrics_listener, store.clone())
-        .and_then(|mut a| a.run());
+    let mut outcome = arbiter::Outcome {
+        pidfile,
+        upgrade_child_alive: false,
+    };
+    let result = arbiter::Arbiter::start(
+        &spec,
+        worker,
+        listeners,
+        metrics_listener,
+        store.clone(),
+        inherited.upgrade_from,
+    )
+    .and_then(|mut a| {
+        a.pidfile = outcome.pidfile.take();
+        let r = a.run();
+        outcome = a.outcome();
+        r
+    });
     store.cleanup(own_dir || created);
-    if let Some(p) = &pidfile {
+    if let Some(p) = &outcome.pidfile {
         p.remove();
     }
-    for b in &spec.config.binds {
-        if let BindAddr::Unix(path) = b {
-            let _ = std::fs::remove_file(path);
+    // The new master of an upgrade keeps serving on the same unix sockets.
+    if bound_here && !outcome.upgrade_child_alive {
+        for b in &spec.config.binds {
+            if let BindAddr::Unix(path) = b {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
     result

@@ -43,6 +43,23 @@ impl Pidfile {
         })
     }
 
+    /// Moves the file to `to` (after a binary upgrade, `PIDFILE.2` becomes
+    /// `PIDFILE` once the old master is gone).
+    ///
+    /// # Errors
+    /// `to` names another live process, or the rename fails.
+    pub fn promote(&mut self, to: &Path) -> io::Result<()> {
+        let fresh = Pidfile::create(to)?;
+        let _ = std::fs::remove_file(&self.path);
+        *self = fresh;
+        Ok(())
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Removes the file if it still holds our pid.
     pub fn remove(&self) {
         let ours = std::fs::read_to_string(&self.path)

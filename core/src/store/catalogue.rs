@@ -125,6 +125,15 @@ impl Family {
         }
     }
 
+    /// Whether the per-family series cap applies. Per-slot families are
+    /// bounded by the number of slots instead.
+    pub fn capped(self) -> bool {
+        !matches!(
+            self,
+            Family::WorkerRequests | Family::WorkerAccepted | Family::WorkerCpuRetired
+        )
+    }
+
     /// How rows of this family are used.
     pub fn shape(self) -> Shape {
         match self {

@@ -222,8 +222,9 @@ impl Index {
     }
 
     fn family_full(&self, family: Family) -> bool {
-        self.map.index_header().family_counts[family.code() as usize].load(Ordering::Acquire)
-            >= self.family_cap()
+        family.capped()
+            && self.map.index_header().family_counts[family.code() as usize].load(Ordering::Acquire)
+                >= self.family_cap()
     }
 
     /// Appends `key` unless it exists, returning its id; `Ok(None)` when the
@@ -244,7 +245,10 @@ impl Index {
                     return Ok(Some(id));
                 }
             }
-            if h.family_counts[fam].load(Ordering::Acquire) >= h.family_cap.load(Ordering::Relaxed)
+            let capped = Family::from_code(key.family_code()).is_some_and(Family::capped);
+            if capped
+                && h.family_counts[fam].load(Ordering::Acquire)
+                    >= h.family_cap.load(Ordering::Relaxed)
             {
                 return Ok(None);
             }

@@ -144,9 +144,14 @@ impl Recorder {
         self.file.set_state(WorkerState::Draining);
     }
 
-    /// Records a sign of life.
+    /// Records a sign of life from the worker's loop. It counts only while no
+    /// request is in progress: a finished request refreshes the heartbeat
+    /// itself, so a worker whose requests stop finishing (an app that blocks
+    /// forever) goes stale and is replaced after `timeout`.
     pub fn beat(&self) {
-        self.file.beat();
+        if self.file.header().in_flight.load(Ordering::Relaxed) <= 0 {
+            self.file.beat();
+        }
     }
 
     /// A connection was accepted.

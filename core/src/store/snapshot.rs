@@ -85,7 +85,7 @@ pub struct Snapshot {
     pub family_cap: u32,
 }
 
-const MAX_ATTEMPTS: u32 = 200;
+const MAX_ATTEMPTS: u32 = 1000;
 
 impl Snapshot {
     /// Reads `store` consistently.
@@ -94,6 +94,20 @@ impl Snapshot {
     /// The index is missing or invalid, or the directory cannot be listed, or a
     /// fold kept racing the read for too long.
     pub fn read(store: &StoreDir) -> io::Result<Snapshot> {
+        Self::read_with(store, |_| ()).map(|(s, ())| s)
+    }
+
+    /// Reads `store` consistently and calls `extra` on each attempt's view
+    /// inside the fold window check, so that anything it reads about live
+    /// processes (such as `/proc`) is consistent with the counters: a worker
+    /// reaped meanwhile makes the attempt start over.
+    ///
+    /// # Errors
+    /// As [`Snapshot::read`].
+    pub fn read_with<T>(
+        store: &StoreDir,
+        mut extra: impl FnMut(&Snapshot) -> T,
+    ) -> io::Result<(Snapshot, T)> {
         // SAFETY: files in a gpe store directory are created by gpe and accessed only
         // through the store's views.
         let index = unsafe { Index::open(&store.index_path())? };
@@ -106,16 +120,17 @@ impl Snapshot {
                 .as_ref()
                 .map_or(0, |r| r.header().epoch.load(Ordering::Acquire));
             if begin % 2 == 1 {
-                std::thread::sleep(Duration::from_micros(200));
+                std::thread::sleep(Duration::from_micros(100));
                 continue;
             }
             let snap = read_once(store, &index, retired.as_ref(), master.as_ref())?;
+            let more = extra(&snap);
             fence(Ordering::Acquire);
             let end = retired
                 .as_ref()
                 .map_or(0, |r| r.header().epoch.load(Ordering::Relaxed));
             if begin == end {
-                return Ok(snap);
+                return Ok((snap, more));
             }
         }
         Err(io::Error::new(

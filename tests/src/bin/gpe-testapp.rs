@@ -8,7 +8,7 @@
 //! - `/bytes/{n}` answers `n` bytes;
 //! - anything else answers 404.
 //!
-//! With `GPE_TESTAPP_BOOT_FAIL=1` the app factory fails, for boot-error tests.
+//! With `TESTAPP_BOOT_FAIL=1` the app factory fails, for boot-error tests.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -46,8 +46,8 @@ fn route(req: Request) -> Response {
 
 fn main() -> ExitCode {
     gpe::serve(|| {
-        if std::env::var_os("GPE_TESTAPP_BOOT_FAIL").is_some() {
-            return Err("GPE_TESTAPP_BOOT_FAIL is set".into());
+        if std::env::var_os("TESTAPP_BOOT_FAIL").is_some() {
+            return Err("TESTAPP_BOOT_FAIL is set".into());
         }
         Ok(blocking(route))
     })
