@@ -68,6 +68,8 @@ where
             }
         };
         spawn(accepted.0, accepted.1, admission);
+        // Let the new connection run and other workers reach the backlog.
+        tokio::task::yield_now().await;
     }
 }
 

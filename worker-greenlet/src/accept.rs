@@ -24,6 +24,8 @@ where
             Ok((stream, peer)) => spawn(stream, peer, admission),
             Err(e) => return e,
         }
+        // Let the new connection run and other workers reach the backlog.
+        smol::future::yield_now().await;
     }
 }
 
