@@ -5,10 +5,12 @@
 //! - [`config`]: settings from file, environment and flags;
 //! - [`store`]: the shared-memory metric store;
 //! - [`instrument`]: the layer between hyper and the app;
+//! - [`async_worker`]: pieces the eventloop and greenlet workers share;
 //! - [`master`]: the supervising master process.
 #![deny(missing_docs)]
 
 pub mod app;
+pub mod async_worker;
 pub mod config;
 pub mod instrument;
 pub mod listener;

@@ -1,0 +1,112 @@
+//! The greenlet worker: lightweight tasks on one smol executor per process
+//! serve up to `worker_connections` connections with keep-alive and
+//! pipelining, like Gunicorn's gevent worker. Async apps run inline on the
+//! executor; blocking apps run on smol's blocking pool (`smol::unblock`).
+//!
+//! Why smol: async-std is discontinued upstream and its maintainers point to
+//! smol as the successor. hyper talks to smol through `smol-hyper`. The
+//! lifecycle and the connection cap come from [`gpe_core::async_worker`].
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod accept;
+mod runner;
+
+use std::io;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use futures_util::future::{select_all, FutureExt};
+use futures_util::{stream, StreamExt};
+use gpe_core::async_worker::{keepalive_builder, supervise, Admission, Event, Gate, TICK};
+use gpe_core::instrument::{serve_io, Instrumented};
+use gpe_core::listener::Stream;
+use gpe_core::store::WorkerKind;
+use gpe_core::{Worker, WorkerContext, WorkerExit};
+use smol::{Async, LocalExecutor, Timer};
+use smol_hyper::rt::{FuturesIo, SmolTimer};
+
+pub use runner::AppRunner;
+
+/// The greenlet worker.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct GreenletWorker;
+
+impl Worker for GreenletWorker {
+    fn kind(&self) -> WorkerKind {
+        WorkerKind::Greenlet
+    }
+
+    fn run(&self, mut ctx: WorkerContext) -> io::Result<WorkerExit> {
+        // Created here, after fork; smol's reactor and blocking pool start
+        // their threads lazily, so they too exist only in the worker.
+        let executor = LocalExecutor::new();
+        smol::block_on(executor.run(serve(&executor, &mut ctx)))
+    }
+}
+
+/// What every connection task needs.
+struct Connections {
+    service: Arc<Instrumented>,
+    builder: hyper::server::conn::http1::Builder,
+    runner: AppRunner,
+}
+
+impl Connections {
+    async fn serve(&self, stream: Stream, peer: String, admission: Admission) {
+        let drained = admission.drained();
+        let (svc, b, r) = (&self.service, &self.builder, &self.runner);
+        match stream {
+            Stream::Tcp(s) => match Async::new(s) {
+                Ok(io) => serve_io(FuturesIo::new(io), &peer, svc, b, r, drained).await,
+                Err(e) => gpe_core::log_warn!("cannot serve a connection: {e}"),
+            },
+            Stream::Unix(s) => match Async::new(s) {
+                Ok(io) => serve_io(FuturesIo::new(io), &peer, svc, b, r, drained).await,
+                Err(e) => gpe_core::log_warn!("cannot serve a connection: {e}"),
+            },
+        }
+        drop(admission);
+    }
+}
+
+async fn serve(executor: &LocalExecutor<'_>, ctx: &mut WorkerContext) -> io::Result<WorkerExit> {
+    let listeners = std::mem::take(&mut ctx.listeners)
+        .into_iter()
+        .map(Async::new)
+        .collect::<io::Result<Vec<_>>>()?;
+    if listeners.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no listening socket",
+        ));
+    }
+    let ctx = &*ctx;
+    let gate = Gate::new(ctx.config.worker_connections);
+    let connections = Rc::new(Connections {
+        service: ctx.service.clone(),
+        builder: keepalive_builder(&ctx.config, SmolTimer::new()),
+        runner: AppRunner::for_style(ctx.service.app().style()),
+    });
+
+    let signal = Async::new(ctx.signal_fd().try_clone_to_owned()?)?;
+    let signals = stream::unfold(&signal, |fd| async move {
+        fd.readable().await.ok()?;
+        Some((Event::Signal, fd))
+    });
+    let ticks = StreamExt::map(Timer::interval(TICK), |_| Event::Tick);
+    let events = std::pin::pin!(stream::select(signals, ticks));
+
+    let accepting = select_all(listeners.iter().map(|listener| {
+        accept::accept_loop(listener, &gate, |stream, peer, admission| {
+            let connections = connections.clone();
+            executor
+                .spawn(async move { connections.serve(stream, peer, admission).await })
+                .detach();
+        })
+        .boxed_local()
+    }))
+    .map(|(e, _, _)| e);
+
+    supervise(ctx, &gate, events, accepting).await
+}
