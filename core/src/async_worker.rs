@@ -162,7 +162,8 @@ where
 /// through `gate` and completes only on a fatal accept error. On each tick the
 /// worker beats and checks `max_requests`. On TERM or `max_requests` it marks
 /// itself draining, drops `accepting`, drains every connection and waits for
-/// them (the master enforces `graceful_timeout`); INT or QUIT return at once.
+/// them (the master enforces `graceful_timeout`, or 1 s after INT or QUIT);
+/// a second INT or QUIT while draining returns at once.
 ///
 /// # Errors
 /// The error `accepting` completed with, or `events` ended.
@@ -182,24 +183,27 @@ where
         // Scoped so that the accept loop, and any admission it holds, is
         // dropped before waiting for idle.
         let mut accepting = std::pin::pin!(accepting);
+        let mut retire = std::pin::pin!(ctx.service.retire_requested());
         loop {
-            match select(events.next(), accepting.as_mut()).await {
+            let next = select(events.next(), retire.as_mut());
+            match select(next, accepting.as_mut()).await {
                 Either::Right((e, _)) => return Err(e),
-                Either::Left((None, _)) => return Err(ended()),
-                Either::Left((Some(Event::Signal), _)) => match ctx.take_control() {
-                    Some(Control::Quick) => {
-                        recorder.draining();
-                        return Ok(WorkerExit::Stopped);
+                Either::Left((Either::Right(((), _)), _)) => break WorkerExit::MaxRequests,
+                Either::Left((Either::Left(event), _)) => match event {
+                    (None, _) => return Err(ended()),
+                    // Both stops drain: a quick stop differs only by the master's
+                    // deadline (1 s) before it kills what is left.
+                    (Some(Event::Signal), _) => match ctx.take_control() {
+                        Some(Control::Quick | Control::Graceful) => break WorkerExit::Stopped,
+                        None => {}
+                    },
+                    (Some(Event::Tick), _) => {
+                        recorder.beat();
+                        if ctx.max_requests_reached() {
+                            break WorkerExit::MaxRequests;
+                        }
                     }
-                    Some(Control::Graceful) => break WorkerExit::Stopped,
-                    None => {}
                 },
-                Either::Left((Some(Event::Tick), _)) => {
-                    recorder.beat();
-                    if ctx.max_requests_reached() {
-                        break WorkerExit::MaxRequests;
-                    }
-                }
             }
         }
     };

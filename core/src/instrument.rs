@@ -98,6 +98,8 @@ pub struct Instrumented {
     recorder: Arc<Recorder>,
     access: Option<AccessLog>,
     max_body: u64,
+    max_requests: Option<u64>,
+    retire: tokio::sync::Notify,
 }
 
 impl Instrumented {
@@ -107,13 +109,31 @@ impl Instrumented {
         recorder: Arc<Recorder>,
         access: Option<AccessLog>,
         max_body: u64,
+        max_requests: Option<u64>,
     ) -> Instrumented {
         Instrumented {
             app,
             recorder,
             access,
             max_body,
+            max_requests,
+            retire: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Whether this process has served its share of requests (`max_requests`).
+    pub fn retiring(&self) -> bool {
+        self.max_requests
+            .is_some_and(|limit| self.recorder.requests() >= limit)
+    }
+
+    /// Completes once the request that reached `max_requests` has finished
+    /// (at once if it already has). Works on any executor.
+    pub async fn retire_requested(&self) {
+        if self.retiring() {
+            return;
+        }
+        self.retire.notified().await;
     }
 
     /// The worker's recorder.
@@ -222,6 +242,12 @@ impl Instrumented {
         resp.headers_mut()
             .entry(header::SERVER)
             .or_insert(HeaderValue::from_static("gpe"));
+        if self.retiring() {
+            // The last request of a recycling worker: close politely.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            self.retire.notify_one();
+        }
         resp
     }
 }
@@ -288,13 +314,20 @@ pub async fn serve_io<I, R, D>(
     R: Runner,
     D: Future<Output = ()>,
 {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let _guard = ConnectionGuard::new(svc.recorder().clone());
-    // Atomic (not Cell) so that the connection future stays Send.
-    let served = std::sync::atomic::AtomicU64::new(0);
-    let served = &served;
+    // Atomics (not Cells) so that the connection future stays Send.
+    let served = AtomicU64::new(0);
+    let draining = AtomicBool::new(false);
+    let (served, draining) = (&served, &draining);
     let service = hyper::service::service_fn(|req| async move {
-        served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok::<_, std::convert::Infallible>(svc.handle(req, peer, runner).await)
+        served.fetch_add(1, Ordering::Relaxed);
+        let mut resp = svc.handle(req, peer, runner).await;
+        if draining.load(Ordering::Relaxed) {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        Ok::<_, std::convert::Infallible>(resp)
     });
     let conn = builder.serve_connection(io, service);
     futures_util::pin_mut!(conn);
@@ -302,7 +335,13 @@ pub async fn serve_io<I, R, D>(
     let result = match futures_util::future::select(conn.as_mut(), drain).await {
         futures_util::future::Either::Left((r, _)) => r,
         futures_util::future::Either::Right(((), _)) => {
-            conn.as_mut().graceful_shutdown();
+            draining.store(true, Ordering::Relaxed);
+            // A connection accepted but not yet read gets its first request
+            // answered (with `Connection: close`) rather than a silent close;
+            // one that already served requests closes once idle.
+            if served.load(Ordering::Relaxed) > 0 {
+                conn.as_mut().graceful_shutdown();
+            }
             conn.await
         }
     };
@@ -310,7 +349,7 @@ pub async fn serve_io<I, R, D>(
         // A head that never arrived on a fresh connection is a timeout; an idle
         // keep-alive connection timing out after requests is normal.
         let kind = if e.is_timeout() {
-            (served.load(std::sync::atomic::Ordering::Relaxed) == 0).then_some(ErrorKind::Timeout)
+            (served.load(Ordering::Relaxed) == 0).then_some(ErrorKind::Timeout)
         } else {
             classify(&e)
         };

@@ -32,9 +32,11 @@ pub enum WorkerExit {
 /// What the master asked of a worker, from its signals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
-    /// TERM: stop accepting, finish in-flight requests, exit.
+    /// TERM: stop accepting, finish in-flight requests, exit. The master kills
+    /// the worker after `graceful_timeout`.
     Graceful,
-    /// INT or QUIT: exit now.
+    /// INT or QUIT: the same, but the master kills the worker after 1 s; a
+    /// worker may return at once when this arrives a second time.
     Quick,
 }
 
@@ -106,8 +108,7 @@ impl WorkerContext {
 
     /// Whether this process has served its share of requests.
     pub fn max_requests_reached(&self) -> bool {
-        self.max_requests
-            .is_some_and(|limit| self.recorder().requests() >= limit)
+        self.service.retiring()
     }
 }
 
@@ -190,6 +191,7 @@ pub(crate) fn child_main(
         recorder.clone(),
         access,
         config.max_body_size,
+        max_requests,
     ));
     recorder.ready();
     let ctx = WorkerContext {

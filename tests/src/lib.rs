@@ -586,6 +586,10 @@ macro_rules! per_worker {
             mod $name {
                 #[test]
                 fn sync() { super::$name("sync") }
+                #[test]
+                fn eventloop() { super::$name("eventloop") }
+                #[test]
+                fn greenlet() { super::$name("greenlet") }
             }
         )*
     };
