@@ -51,6 +51,13 @@ pub trait Worker: Send + Sync {
     /// # Errors
     /// The worker could not run (runtime creation and the like).
     fn run(&self, ctx: WorkerContext) -> io::Result<WorkerExit>;
+
+    /// Whether every request is recorded from one thread (the thread that
+    /// polls the hyper connections), letting the recorder skip locked atomic
+    /// operations. Wrong answers lose counts, so the default is `false`.
+    fn single_recorder_thread(&self) -> bool {
+        false
+    }
 }
 
 /// Everything a worker process needs, built after fork.
@@ -146,8 +153,13 @@ pub(crate) fn child_main(
     if let Err(e) = crate::sys::exit_on_abort() {
         crate::log_warn!("worker {}: cannot handle SIGABRT: {e}", place.slot);
     }
-    let recorder = match Recorder::open(&place.store, place.slot, place.generation, config.metrics)
-    {
+    let recorder = match Recorder::open(
+        &place.store,
+        place.slot,
+        place.generation,
+        config.metrics,
+        worker.single_recorder_thread(),
+    ) {
         Ok(r) => Arc::new(r),
         Err(e) => {
             crate::log_error!("worker {}: cannot open the metric store: {e}", place.slot);

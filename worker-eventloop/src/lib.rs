@@ -38,6 +38,12 @@ impl Worker for EventloopWorker {
         WorkerKind::Eventloop
     }
 
+    /// Requests are recorded on the worker's one loop thread (a blocking app
+    /// runs elsewhere, but its request is recorded after the loop awaits it).
+    fn single_recorder_thread(&self) -> bool {
+        true
+    }
+
     fn run(&self, mut ctx: WorkerContext) -> io::Result<WorkerExit> {
         // Built here, after fork, never in the master.
         let rt = tokio::runtime::Builder::new_current_thread()

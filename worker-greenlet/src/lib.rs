@@ -37,6 +37,12 @@ impl Worker for GreenletWorker {
         WorkerKind::Greenlet
     }
 
+    /// Requests are recorded on the worker's one loop thread (a blocking app
+    /// runs elsewhere, but its request is recorded after the loop awaits it).
+    fn single_recorder_thread(&self) -> bool {
+        true
+    }
+
     fn run(&self, mut ctx: WorkerContext) -> io::Result<WorkerExit> {
         // Created here, after fork; smol's reactor and blocking pool start
         // their threads lazily, so they too exist only in the worker.

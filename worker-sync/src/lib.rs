@@ -30,6 +30,11 @@ impl Worker for SyncWorker {
         WorkerKind::Sync
     }
 
+    /// One thread does everything.
+    fn single_recorder_thread(&self) -> bool {
+        true
+    }
+
     fn run(&self, ctx: WorkerContext) -> io::Result<WorkerExit> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

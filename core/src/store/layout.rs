@@ -15,7 +15,7 @@ use memmap2::MmapRaw;
 /// Magic number at the start of every store file ("GPESTORE").
 pub const MAGIC: u64 = 0x4750_4553_544f_5245;
 /// Layout version; bumped whenever a struct below changes.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Number of series every file can hold (index entries and value rows).
 pub const CAPACITY: usize = 16_384;
 /// `u64` cells per series row: up to 14 finite buckets, `+Inf`, and the sum.
@@ -68,7 +68,8 @@ pub struct Header {
     pub folded: AtomicU32,
     /// Padding.
     pub _pad0: AtomicU32,
-    /// Wall-clock time (Unix nanoseconds) of the last state change.
+    /// Monotonic time (nanoseconds) of the last state change; add
+    /// `clock_offset_ns` for Unix time.
     pub state_since_ns: AtomicU64,
     /// Monotonic time (nanoseconds) of the last sign of life.
     pub heartbeat_ns: AtomicU64,
@@ -94,6 +95,10 @@ pub struct Header {
     pub exits: [AtomicU64; MAX_REASONS],
     /// Observations that fell into a family's `other` series, by family.
     pub dropped: [AtomicU64; MAX_FAMILIES],
+    /// Unix time minus monotonic time, in nanoseconds, when the file was set
+    /// up: converts monotonic stamps to wall-clock time at scrape time, so the
+    /// hot path reads one clock only.
+    pub clock_offset_ns: AtomicI64,
 }
 
 /// Byte offset of the value rows in a data file.

@@ -188,10 +188,13 @@ impl DataFile {
         );
         h.state
             .store(WorkerState::Booting.code(), Ordering::Relaxed);
-        let now = unix_now_ns();
-        h.state_since_ns.store(now, Ordering::Relaxed);
-        h.start_time_ns.store(now, Ordering::Relaxed);
-        h.heartbeat_ns.store(monotonic_ns(), Ordering::Relaxed);
+        let mono = monotonic_ns();
+        let unix = unix_now_ns();
+        h.clock_offset_ns
+            .store(unix as i64 - mono as i64, Ordering::Relaxed);
+        h.state_since_ns.store(mono, Ordering::Relaxed);
+        h.start_time_ns.store(unix, Ordering::Relaxed);
+        h.heartbeat_ns.store(mono, Ordering::Relaxed);
         h.magic.store(MAGIC, Ordering::Release);
         fs::rename(&tmp, path)?;
         Ok(DataFile { map })
@@ -228,11 +231,16 @@ impl DataFile {
         self.map.row(id)
     }
 
-    /// Sets the worker state and its since-time.
-    pub fn set_state(&self, state: WorkerState) {
+    /// Sets the worker state and its since-time (monotonic nanoseconds).
+    pub fn set_state_at(&self, state: WorkerState, mono_ns: u64) {
         let h = self.header();
         h.state.store(state.code(), Ordering::Relaxed);
-        h.state_since_ns.store(unix_now_ns(), Ordering::Relaxed);
+        h.state_since_ns.store(mono_ns, Ordering::Relaxed);
+    }
+
+    /// Sets the worker state, since now.
+    pub fn set_state(&self, state: WorkerState) {
+        self.set_state_at(state, monotonic_ns());
     }
 
     /// Records a sign of life now.

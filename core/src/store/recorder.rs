@@ -3,7 +3,7 @@
 //! atomic adds; new ones go through the index's cold path once per process.
 
 use std::io;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::catalogue::{Buckets, Family, Shape, WorkerState, SIZE_BUCKETS};
@@ -65,13 +65,86 @@ struct FixedIds {
     response_size: u32,
 }
 
+/// Row ids of one (method, route, status) label set.
+#[derive(Debug, Clone, Copy)]
+struct RequestIds {
+    requests: u32,
+    duration: u32,
+}
+
+/// Cache key: an owned (method, route, status).
+#[derive(Debug, PartialEq, Eq)]
+struct RequestKey {
+    method: Box<str>,
+    route: Box<str>,
+    status: u16,
+}
+
+/// The borrowed form of [`RequestKey`], for lookups without allocation.
+struct RequestKeyRef<'a> {
+    method: &'a str,
+    route: &'a str,
+    status: u16,
+}
+
+impl std::hash::Hash for RequestKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        RequestKeyRef {
+            method: &self.method,
+            route: &self.route,
+            status: self.status,
+        }
+        .hash(h);
+    }
+}
+
+impl std::hash::Hash for RequestKeyRef<'_> {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.method.hash(h);
+        self.route.hash(h);
+        self.status.hash(h);
+    }
+}
+
+impl hashbrown::Equivalent<RequestKey> for RequestKeyRef<'_> {
+    fn equivalent(&self, key: &RequestKey) -> bool {
+        self.status == key.status && *self.method == *key.method && *self.route == *key.route
+    }
+}
+
+/// Most label sets one thread caches; beyond it lookups take the index path.
+const CACHE_LIMIT: usize = 4096;
+
+/// Per-thread cache of resolved request label sets. Owned by one recorder at a
+/// time (tests may open several in one process).
+#[derive(Default)]
+struct RequestCache {
+    owner: u64,
+    ids: hashbrown::HashMap<RequestKey, RequestIds>,
+}
+
+thread_local! {
+    static CACHE: std::cell::RefCell<RequestCache> = std::cell::RefCell::new(RequestCache::default());
+}
+
+static NEXT_RECORDER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// The per-process writer of one worker's data file.
+///
+/// Known label sets cost a lookup in a per-thread cache and relaxed atomic
+/// stores. A worker that records from one thread only (every worker type of
+/// gpe does: requests are recorded on its IO thread) opens the recorder in
+/// single-writer mode, where counters are bumped with a load and a store
+/// instead of a locked read-modify-write; readers in other processes still see
+/// whole values.
 #[derive(Debug)]
 pub struct Recorder {
     file: DataFile,
     index: Index,
     mirror: Mutex<Mirror>,
     metrics: bool,
+    single_writer: bool,
+    id: u64,
     duration_bounds_ns: Vec<u64>,
     size_bounds: Vec<u64>,
     fixed: FixedIds,
@@ -80,11 +153,18 @@ pub struct Recorder {
 impl Recorder {
     /// Opens the data file of `slot`/`generation` in `store` (the master created
     /// it) and the shared index. With `metrics` off only the header (state,
-    /// heartbeat, in-flight, request count) is written.
+    /// heartbeat, in-flight, request count) is written. `single_writer`
+    /// promises that only one thread records at a time.
     ///
     /// # Errors
     /// The files are missing or invalid, or the fixed series cannot be resolved.
-    pub fn open(store: &StoreDir, slot: u32, generation: u64, metrics: bool) -> io::Result<Self> {
+    pub fn open(
+        store: &StoreDir,
+        slot: u32,
+        generation: u64,
+        metrics: bool,
+        single_writer: bool,
+    ) -> io::Result<Self> {
         // SAFETY: both files were created by this server's master in its store
         // directory and are only ever accessed through the store's views.
         let (file, index) = unsafe {
@@ -109,14 +189,19 @@ impl Recorder {
             .iter()
             .map(|s| (s * 1e9) as u64)
             .collect();
-        file.header()
-            .pid
-            .store(std::process::id(), Ordering::Relaxed);
+        let h = file.header();
+        h.pid.store(std::process::id(), Ordering::Relaxed);
+        h.clock_offset_ns.store(
+            super::unix_now_ns() as i64 - monotonic_ns() as i64,
+            Ordering::Relaxed,
+        );
         Ok(Recorder {
             file,
             index,
             mirror: Mutex::new(mirror),
             metrics,
+            single_writer,
+            id: NEXT_RECORDER.fetch_add(1, Ordering::Relaxed),
             duration_bounds_ns,
             size_bounds: SIZE_BUCKETS.iter().map(|b| *b as u64).collect(),
             fixed,
@@ -154,38 +239,53 @@ impl Recorder {
         }
     }
 
+    #[inline]
+    fn add(&self, cell: &AtomicU64, v: u64) {
+        if self.single_writer {
+            cell.store(cell.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed);
+        } else {
+            cell.fetch_add(v, Ordering::Relaxed);
+        }
+    }
+
+    /// Adds `v` to a signed gauge, returning the previous value.
+    #[inline]
+    fn add_signed(&self, cell: &AtomicI64, v: i64) -> i64 {
+        if self.single_writer {
+            let prev = cell.load(Ordering::Relaxed);
+            cell.store(prev.wrapping_add(v), Ordering::Relaxed);
+            prev
+        } else {
+            cell.fetch_add(v, Ordering::Relaxed)
+        }
+    }
+
     /// A connection was accepted.
     pub fn connection_opened(&self) {
-        self.file
-            .header()
-            .connections
-            .fetch_add(1, Ordering::Relaxed);
+        self.add_signed(&self.file.header().connections, 1);
         if self.metrics {
-            self.file.row(self.fixed.worker_accepted)[0].fetch_add(1, Ordering::Relaxed);
+            self.add(&self.file.row(self.fixed.worker_accepted)[0], 1);
         }
     }
 
     /// A connection was closed.
     pub fn connection_closed(&self) {
-        self.file
-            .header()
-            .connections
-            .fetch_sub(1, Ordering::Relaxed);
+        self.add_signed(&self.file.header().connections, -1);
     }
 
     /// A request started; returns its start time for [`Recorder::finish`].
     pub fn begin(&self) -> u64 {
-        let h = self.file.header();
-        if h.in_flight.fetch_add(1, Ordering::Relaxed) == 0 {
-            self.transition(WorkerState::Busy);
+        let now = monotonic_ns();
+        if self.add_signed(&self.file.header().in_flight, 1) == 0 {
+            self.transition(WorkerState::Busy, now);
         }
-        monotonic_ns()
+        now
     }
 
-    fn transition(&self, to: WorkerState) {
+    fn transition(&self, to: WorkerState, now: u64) {
         let h = self.file.header();
         if h.state.load(Ordering::Relaxed) != WorkerState::Draining.code() {
-            self.file.set_state(to);
+            self.file.set_state_at(to, now);
         }
     }
 
@@ -196,54 +296,100 @@ impl Recorder {
         if self.metrics {
             self.record(end.saturating_sub(start), rec);
         }
-        h.requests.fetch_add(1, Ordering::Relaxed);
+        self.add(&h.requests, 1);
         h.heartbeat_ns.store(end, Ordering::Relaxed);
-        if h.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
-            self.transition(WorkerState::Idle);
+        if self.add_signed(&h.in_flight, -1) == 1 {
+            self.transition(WorkerState::Idle, end);
         }
     }
 
     /// Records an error that has no request (a malformed request head).
     pub fn error_without_request(&self, kind: ErrorKind) {
         if self.metrics {
-            if let Some(id) =
-                self.resolve(Family::HttpErrors, &["unknown", "unknown", kind.label()])
+            if let Some(id) = self.resolve(Family::HttpErrors, &["unknown", "unknown", kind.label()])
             {
-                self.file.row(id)[0].fetch_add(1, Ordering::Relaxed);
+                self.add(&self.file.row(id)[0], 1);
             }
         }
     }
 
     fn record(&self, duration_ns: u64, rec: &RequestRecord<'_>) {
-        let mut status_buf = [0u8; 3];
-        let status = status_str(rec.status, &mut status_buf);
-        if let Some(id) = self.resolve(Family::HttpRequests, &[rec.method, rec.route, status]) {
-            self.file.row(id)[0].fetch_add(1, Ordering::Relaxed);
-        }
-        if let Some(id) = self.resolve(Family::HttpDuration, &[rec.method, rec.route]) {
-            observe(self.file.row(id), &self.duration_bounds_ns, duration_ns);
+        if let Some(ids) = self.request_ids(rec) {
+            self.add(&self.file.row(ids.requests)[0], 1);
+            self.observe(self.file.row(ids.duration), &self.duration_bounds_ns, duration_ns);
         }
         if let Some(kind) = rec.error {
-            if let Some(id) =
-                self.resolve(Family::HttpErrors, &[rec.method, rec.route, kind.label()])
+            if let Some(id) = self.resolve(Family::HttpErrors, &[rec.method, rec.route, kind.label()])
             {
-                self.file.row(id)[0].fetch_add(1, Ordering::Relaxed);
+                self.add(&self.file.row(id)[0], 1);
             }
         }
-        observe(
+        self.observe(
             self.file.row(self.fixed.request_size),
             &self.size_bounds,
             rec.request_bytes,
         );
-        observe(
+        self.observe(
             self.file.row(self.fixed.response_size),
             &self.size_bounds,
             rec.response_bytes,
         );
-        self.file.row(self.fixed.worker_requests)[0].fetch_add(1, Ordering::Relaxed);
+        self.add(&self.file.row(self.fixed.worker_requests)[0], 1);
+    }
+
+    /// The rows of a request's label set: from this thread's cache, else
+    /// through the index (and cached when both have their own series).
+    fn request_ids(&self, rec: &RequestRecord<'_>) -> Option<RequestIds> {
+        let key = RequestKeyRef {
+            method: rec.method,
+            route: rec.route,
+            status: rec.status,
+        };
+        let cached = CACHE.with(|c| {
+            let c = c.borrow();
+            if c.owner == self.id {
+                c.ids.get(&key).copied()
+            } else {
+                None
+            }
+        });
+        if cached.is_some() {
+            return cached;
+        }
+        let mut status_buf = [0u8; 3];
+        let status = status_str(rec.status, &mut status_buf);
+        let (requests, own_r) =
+            self.resolve_tagged(Family::HttpRequests, &[rec.method, rec.route, status])?;
+        let (duration, own_d) = self.resolve_tagged(Family::HttpDuration, &[rec.method, rec.route])?;
+        let ids = RequestIds { requests, duration };
+        if own_r && own_d {
+            CACHE.with(|c| {
+                let mut c = c.borrow_mut();
+                if c.owner != self.id {
+                    c.owner = self.id;
+                    c.ids.clear();
+                }
+                if c.ids.len() < CACHE_LIMIT {
+                    c.ids.insert(
+                        RequestKey {
+                            method: rec.method.into(),
+                            route: rec.route.into(),
+                            status: rec.status,
+                        },
+                        ids,
+                    );
+                }
+            });
+        }
+        Some(ids)
     }
 
     fn resolve(&self, family: Family, values: &[&str]) -> Option<u32> {
+        self.resolve_tagged(family, values).map(|(id, _)| id)
+    }
+
+    /// Resolves a label set; the flag says whether it got its own series.
+    fn resolve_tagged(&self, family: Family, values: &[&str]) -> Option<(u32, bool)> {
         debug_assert!(
             !matches!(family.shape(), Shape::Histogram(Buckets::Size)),
             "size histograms use fixed ids"
@@ -251,28 +397,33 @@ impl Recorder {
         let key = Key::new(family, values);
         let mut mirror = self.mirror.lock().unwrap_or_else(|p| p.into_inner());
         match mirror.resolve(&self.index, &key) {
-            Ok(Resolved::Own(id)) => Some(id),
+            Ok(Resolved::Own(id)) => Some((id, true)),
             Ok(Resolved::Other(id)) => {
-                self.file.header().dropped[family.code() as usize].fetch_add(1, Ordering::Relaxed);
-                Some(id)
+                self.add(&self.file.header().dropped[family.code() as usize], 1);
+                Some((id, false))
             }
             // The index is full or its lock failed: count the loss, keep serving.
             Err(_) => {
-                self.file.header().dropped[family.code() as usize].fetch_add(1, Ordering::Relaxed);
+                self.add(&self.file.header().dropped[family.code() as usize], 1);
                 None
             }
         }
     }
+
+    /// Adds one observation of `value` to a histogram row with finite `bounds`.
+    #[inline]
+    fn observe(&self, row: &Row, bounds: &[u64], value: u64) {
+        self.add(&row[bucket_of(bounds, value)], 1);
+        self.add(&row[CELLS - 1], value);
+    }
 }
 
-/// Adds one observation of `value` to a histogram row with finite `bounds`.
-pub(crate) fn observe(row: &Row, bounds: &[u64], value: u64) {
-    let bucket = bounds
+/// The cell of the first bucket whose bound is at least `value` (`+Inf` last).
+fn bucket_of(bounds: &[u64], value: u64) -> usize {
+    bounds
         .iter()
         .position(|b| value <= *b)
-        .unwrap_or(bounds.len());
-    row[bucket].fetch_add(1, Ordering::Relaxed);
-    row[CELLS - 1].fetch_add(value, Ordering::Relaxed);
+        .unwrap_or(bounds.len())
 }
 
 /// Formats a status code (100..=999) without allocating.
@@ -305,7 +456,7 @@ mod tests {
             },
         )
         .unwrap();
-        let rec = Recorder::open(&store, 0, 1, true).unwrap();
+        let rec = Recorder::open(&store, 0, 1, true, true).unwrap();
         (dir, store, rec)
     }
 
@@ -318,14 +469,10 @@ mod tests {
     }
 
     #[test]
-    fn observe_puts_values_in_the_first_fitting_bucket() {
-        let row: Row = Default::default();
-        observe(&row, &[10, 100], 10);
-        observe(&row, &[10, 100], 11);
-        observe(&row, &[10, 100], 1000);
-        let cells: Vec<u64> = row.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-        assert_eq!(&cells[..3], &[1, 1, 1]);
-        assert_eq!(cells[CELLS - 1], 1021);
+    fn buckets_are_the_first_fitting_bound() {
+        assert_eq!(bucket_of(&[10, 100], 10), 0);
+        assert_eq!(bucket_of(&[10, 100], 11), 1);
+        assert_eq!(bucket_of(&[10, 100], 1000), 2);
     }
 
     #[test]

@@ -206,7 +206,9 @@ fn read_once(
             pid,
             kind: WorkerKind::from_code(h.worker_kind.load(Ordering::Relaxed)),
             state,
-            state_since: h.state_since_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            state_since: (h.state_since_ns.load(Ordering::Relaxed) as i64
+                + h.clock_offset_ns.load(Ordering::Relaxed)) as f64
+                / 1e9,
             start_time: h.start_time_ns.load(Ordering::Relaxed) as f64 / 1e9,
             connections: h.connections.load(Ordering::Relaxed).max(0),
             in_flight: inf,
