@@ -13,6 +13,8 @@ pub fn select(name: &str) -> Result<Arc<dyn Worker>, String> {
     match name {
         #[cfg(feature = "sync")]
         "sync" => Ok(Arc::new(gpe_worker_sync::SyncWorker)),
+        #[cfg(feature = "thread")]
+        "thread" => Ok(Arc::new(gpe_worker_thread::ThreadWorker)),
         known if gpe_core::config::WORKER_TYPES.contains(&known) => Err(format!(
             "worker type `{known}` is not built into this binary; rebuild gpe with cargo feature `{known}` (for example `cargo build -p gpe --features {known}`)"
         )),
