@@ -3,24 +3,23 @@
 //! watches the signal pipe and drains. The app itself runs on the
 //! [`pool`](crate::pool); the worker's lifecycle is decided in `lib.rs`.
 
-use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use gpe_core::app::{Request, SharedApp};
-use gpe_core::instrument::{http1_builder, serve_io, Panicked, Runner};
+use gpe_core::instrument::{http1_builder, serve_io};
 use gpe_core::listener::Listener;
 use gpe_core::{Control, WorkerContext, WorkerExit};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::unix::pipe;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::dispatch::{Dispatch, Dispatcher};
 use crate::pool::PoolRunner;
 
 /// How often the IO thread refreshes the heartbeat (the master's `timeout`
@@ -41,7 +40,9 @@ pub(crate) enum Ending {
 }
 
 /// Serves `ctx` until told to stop or until `max_requests` have been handed
-/// to the pool. Must run inside a [`tokio::task::LocalSet`].
+/// to the pool. Accepts only while the pool has room (see
+/// [`crate::dispatch`]) and fewer than `worker_connections` are open. Must
+/// run inside a [`tokio::task::LocalSet`].
 ///
 /// # Errors
 /// Registering a socket with the runtime or a non-transient accept error.
@@ -50,11 +51,7 @@ pub(crate) async fn serve(mut ctx: WorkerContext, pool: PoolRunner) -> io::Resul
     let mut accepting = Accepting::new(std::mem::take(&mut ctx.listeners))?;
     let signals = pipe::Receiver::from_owned_fd(ctx.signal_fd().try_clone_to_owned()?)?;
     let builder = Rc::new(builder(&ctx));
-    let budget = ctx.max_requests.map(|n| Rc::new(Budget::new(n)));
-    let runner = Dispatch {
-        pool,
-        budget: budget.clone(),
-    };
+    let dispatcher = Dispatcher::new(pool, ctx.config.threads as usize, ctx.max_requests);
     let cap = ctx.config.worker_connections.max(1) as usize;
     let (drain_tx, drain_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
@@ -78,9 +75,12 @@ pub(crate) async fn serve(mut ctx: WorkerContext, pool: PoolRunner) -> io::Resul
                     break WorkerExit::MaxRequests;
                 }
             }
-            () = spent(budget.as_deref()) => break WorkerExit::MaxRequests,
+            () = dispatcher.spent() => break WorkerExit::MaxRequests,
             Some(done) = conns.join_next(), if !conns.is_empty() => log_join(done),
-            accepted = std::future::poll_fn(|cx| accepting.poll_accept(cx)), if conns.len() < cap => {
+            // Re-checks the accept condition below.
+            () = dispatcher.load().freed() => {}
+            accepted = std::future::poll_fn(|cx| accepting.poll_accept(cx)),
+                if conns.len() < cap && dispatcher.load().has_room() => {
                 match accepted {
                     Ok((conn, peer)) => {
                         let conn = connection(
@@ -88,7 +88,7 @@ pub(crate) async fn serve(mut ctx: WorkerContext, pool: PoolRunner) -> io::Resul
                             peer,
                             &ctx,
                             &builder,
-                            &runner,
+                            dispatcher.connection(),
                             drain_rx.clone(),
                         );
                         conns.spawn_local(conn);
@@ -153,12 +153,11 @@ fn connection(
     peer: String,
     ctx: &WorkerContext,
     builder: &Rc<http1::Builder>,
-    runner: &Dispatch,
+    runner: Dispatch,
     mut drain: watch::Receiver<bool>,
 ) -> impl Future<Output = ()> + 'static {
     let svc = ctx.service.clone();
     let builder = builder.clone();
-    let runner = runner.clone();
     async move {
         let drained = async move {
             // A dropped sender also means: stop.
@@ -259,63 +258,6 @@ impl Accepting {
             }
         }
         Poll::Pending
-    }
-}
-
-/// The worker's share of requests (`max_requests`), counted as they are
-/// handed to the pool so the worker starts draining without waiting for a
-/// tick. Lives on the IO thread only.
-#[derive(Debug)]
-struct Budget {
-    left: Cell<u64>,
-    spent: Notify,
-}
-
-impl Budget {
-    fn new(n: u64) -> Budget {
-        Budget {
-            left: Cell::new(n),
-            spent: Notify::new(),
-        }
-    }
-
-    fn take_one(&self) {
-        let left = self.left.get();
-        if left > 0 {
-            self.left.set(left - 1);
-            if left == 1 {
-                self.spent.notify_one();
-            }
-        }
-    }
-}
-
-/// Completes once `budget` (if any) is spent.
-async fn spent(budget: Option<&Budget>) {
-    match budget {
-        Some(b) => b.spent.notified().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// The [`Runner`] connections use: counts the request against the budget and
-/// queues it on the pool.
-#[derive(Debug, Clone)]
-struct Dispatch {
-    pool: PoolRunner,
-    budget: Option<Rc<Budget>>,
-}
-
-impl Runner for Dispatch {
-    fn run(
-        &self,
-        app: &SharedApp,
-        req: Request,
-    ) -> impl Future<Output = Result<gpe_core::app::Response, Panicked>> + Send {
-        if let Some(b) = &self.budget {
-            b.take_one();
-        }
-        self.pool.run(app, req)
     }
 }
 
