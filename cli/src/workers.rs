@@ -13,6 +13,8 @@ pub fn select(name: &str) -> Result<Arc<dyn Worker>, String> {
     match name {
         #[cfg(feature = "sync")]
         "sync" => Ok(Arc::new(gpe_worker_sync::SyncWorker)),
+        #[cfg(feature = "thread")]
+        "thread" => Ok(Arc::new(gpe_worker_thread::ThreadWorker)),
         #[cfg(feature = "eventloop")]
         "eventloop" => Ok(Arc::new(gpe_worker_eventloop::EventloopWorker)),
         #[cfg(feature = "greenlet")]

@@ -161,8 +161,16 @@ impl Instrumented {
     ) -> HttpResponse {
         let start = self.recorder.begin();
         let (parts, body) = req.into_parts();
-        let uri = parts.uri.clone();
         let method = method_label(&parts.method);
+        // If hyper drops this future (the client went away mid-request), the
+        // guard still ends the request's in-flight accounting.
+        let mut pending = Abandoned {
+            recorder: &self.recorder,
+            start,
+            method,
+            uri: Some(parts.uri.clone()),
+        };
+        let uri = parts.uri.clone();
         let version = parts.version;
         let too_long = parts
             .headers
@@ -216,6 +224,7 @@ impl Instrumented {
             .map_or_else(|| uri.path(), |r| r.0);
         let status = resp.status();
         let response_bytes = resp.body().len() as u64;
+        pending.uri = None;
         self.recorder.finish(
             start,
             &RequestRecord {
@@ -249,6 +258,24 @@ impl Instrumented {
             self.retire.notify_one();
         }
         resp
+    }
+}
+
+/// Ends the accounting of a request whose handler was dropped before it
+/// answered (counted as `client_disconnect`).
+struct Abandoned<'a> {
+    recorder: &'a Recorder,
+    start: u64,
+    method: &'static str,
+    /// `Some` until the request is answered.
+    uri: Option<http::Uri>,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if let Some(uri) = self.uri.take() {
+            self.recorder.abandon(self.start, self.method, uri.path());
+        }
     }
 }
 

@@ -587,6 +587,8 @@ macro_rules! per_worker {
                 #[test]
                 fn sync() { super::$name("sync") }
                 #[test]
+                fn thread() { super::$name("thread") }
+                #[test]
                 fn eventloop() { super::$name("eventloop") }
                 #[test]
                 fn greenlet() { super::$name("greenlet") }

@@ -10,7 +10,7 @@ use gpe_tests::*;
 const TESTAPP: &str = env!("CARGO_BIN_EXE_gpe-testapp");
 
 /// Worker types that keep connections alive.
-const KEEPALIVE: [&str; 2] = ["eventloop", "greenlet"];
+const KEEPALIVE: [&str; 3] = ["thread", "eventloop", "greenlet"];
 
 #[test]
 fn keepalive_counts_exactly_over_four_connections() {
@@ -97,7 +97,6 @@ fn draining_worker_answers_connection_close() {
 }
 
 #[test]
-#[ignore = "thread worker not merged yet"]
 fn thread_pool_runs_blocking_requests_at_once() {
     let s = Server::start(TESTAPP, Opts::new("thread", 2).args(&["--threads", "4"]));
     let addr = s.addr;
@@ -205,5 +204,41 @@ fn load_spreads_over_workers() {
                 "{worker}: each worker serves at least 25%: {split:?}"
             );
         }
+    }
+}
+
+#[test]
+fn client_leaving_mid_request_is_not_left_in_flight() {
+    use std::io::Write;
+    for worker in KEEPALIVE {
+        let s = Server::start(TESTAPP, Opts::new(worker, 1));
+        let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+        c.write_all(b"GET /sleep/1000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        assert!(wait_until(Duration::from_secs(5), || {
+            s.scrape().value("gpe_http_requests_in_flight", &[]) == Some(1.0)
+        }));
+        drop(c);
+        let settled = wait_until(Duration::from_secs(5), || {
+            let m = s.scrape();
+            m.value("gpe_http_requests_in_flight", &[]) == Some(0.0)
+                && m.value("gpe_worker_state", &[("state", "idle")]) == Some(1.0)
+        });
+        assert!(settled, "{worker}: the abandoned request leaves in-flight");
+        let m = s.scrape();
+        assert_eq!(
+            m.value(
+                "gpe_http_errors_total",
+                &[("route", "/sleep/1000"), ("kind", "client_disconnect")]
+            ),
+            Some(1.0),
+            "{worker}"
+        );
+        assert_eq!(
+            m.sum("gpe_http_requests_total"),
+            0.0,
+            "{worker}: nothing was answered"
+        );
+        assert_eq!(get(s.addr, "/").status, 200);
     }
 }

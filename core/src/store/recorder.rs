@@ -242,7 +242,10 @@ impl Recorder {
     #[inline]
     fn add(&self, cell: &AtomicU64, v: u64) {
         if self.single_writer {
-            cell.store(cell.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed);
+            cell.store(
+                cell.load(Ordering::Relaxed).wrapping_add(v),
+                Ordering::Relaxed,
+            );
         } else {
             cell.fetch_add(v, Ordering::Relaxed);
         }
@@ -303,10 +306,30 @@ impl Recorder {
         }
     }
 
+    /// A request ended without an answer because its client went away: it
+    /// leaves the in-flight count and is counted as `client_disconnect`.
+    pub fn abandon(&self, _start: u64, method: &str, route: &str) {
+        let end = monotonic_ns();
+        let h = self.file.header();
+        if self.metrics {
+            if let Some(id) = self.resolve(
+                Family::HttpErrors,
+                &[method, route, ErrorKind::ClientDisconnect.label()],
+            ) {
+                self.add(&self.file.row(id)[0], 1);
+            }
+        }
+        h.heartbeat_ns.store(end, Ordering::Relaxed);
+        if self.add_signed(&h.in_flight, -1) == 1 {
+            self.transition(WorkerState::Idle, end);
+        }
+    }
+
     /// Records an error that has no request (a malformed request head).
     pub fn error_without_request(&self, kind: ErrorKind) {
         if self.metrics {
-            if let Some(id) = self.resolve(Family::HttpErrors, &["unknown", "unknown", kind.label()])
+            if let Some(id) =
+                self.resolve(Family::HttpErrors, &["unknown", "unknown", kind.label()])
             {
                 self.add(&self.file.row(id)[0], 1);
             }
@@ -316,10 +339,15 @@ impl Recorder {
     fn record(&self, duration_ns: u64, rec: &RequestRecord<'_>) {
         if let Some(ids) = self.request_ids(rec) {
             self.add(&self.file.row(ids.requests)[0], 1);
-            self.observe(self.file.row(ids.duration), &self.duration_bounds_ns, duration_ns);
+            self.observe(
+                self.file.row(ids.duration),
+                &self.duration_bounds_ns,
+                duration_ns,
+            );
         }
         if let Some(kind) = rec.error {
-            if let Some(id) = self.resolve(Family::HttpErrors, &[rec.method, rec.route, kind.label()])
+            if let Some(id) =
+                self.resolve(Family::HttpErrors, &[rec.method, rec.route, kind.label()])
             {
                 self.add(&self.file.row(id)[0], 1);
             }
@@ -360,7 +388,8 @@ impl Recorder {
         let status = status_str(rec.status, &mut status_buf);
         let (requests, own_r) =
             self.resolve_tagged(Family::HttpRequests, &[rec.method, rec.route, status])?;
-        let (duration, own_d) = self.resolve_tagged(Family::HttpDuration, &[rec.method, rec.route])?;
+        let (duration, own_d) =
+            self.resolve_tagged(Family::HttpDuration, &[rec.method, rec.route])?;
         let ids = RequestIds { requests, duration };
         if own_r && own_d {
             CACHE.with(|c| {
