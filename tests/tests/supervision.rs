@@ -151,6 +151,14 @@ fn hup_storm_drops_nothing(worker: &str) {
         std::thread::sleep(Duration::from_millis(500));
         s.signal(Signal::SIGHUP);
         hups += 1;
+        // Two HUPs pending at once are one signal to the kernel; send the next
+        // only after the master took this one.
+        let want = f64::from(hups);
+        assert!(wait_until(Duration::from_secs(5), || s
+            .try_scrape()
+            .is_ok_and(|m| {
+                m.value("gpe_master_signals_total", &[("signal", "HUP")]) == Some(want)
+            })));
     }
     s.wait_ready(2);
     let (ok, failed) = load.finish();
@@ -354,7 +362,9 @@ fn chaos_kills_keep_counters_monotonic(worker: &str) {
             })
             .unwrap_or_default();
         if let Some(pid) = pids.get(rand::random_range(0..pids.len().max(1))) {
-            if nix::sys::signal::kill(Pid::from_raw(*pid), Signal::SIGKILL).is_ok() {
+            // A worker killed a moment ago may still be listed (a zombie not yet
+            // reaped); killing it again would count a death twice.
+            if alive(*pid) && nix::sys::signal::kill(Pid::from_raw(*pid), Signal::SIGKILL).is_ok() {
                 kills += 1;
             }
         }
