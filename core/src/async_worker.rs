@@ -14,8 +14,9 @@ use futures_util::{Stream, StreamExt};
 use hyper::server::conn::http1;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
+use crate::app::{Request, Response, SharedApp};
 use crate::config::Config;
-use crate::instrument::http1_builder;
+use crate::instrument::{call_blocking, http1_builder, Inline, Panicked, Runner};
 use crate::worker::{Control, WorkerContext, WorkerExit};
 
 /// How often an async worker beats and checks `max_requests`.
@@ -220,6 +221,54 @@ where
                 }
             }
             Either::Left((Some(Event::Tick), _)) => recorder.beat(),
+        }
+    }
+}
+
+/// Moves a blocking call off the event loop, onto a runtime's blocking pool.
+pub trait Offload: Send + Sync {
+    /// Runs `f` on the blocking pool; `None` if the pool dropped it.
+    fn offload<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> impl Future<Output = Option<R>> + Send;
+}
+
+/// Where an async worker runs the app: an async app inline on the loop, a
+/// blocking app through an [`Offload`] pool so the loop keeps serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StyleRunner<O> {
+    offload: Option<O>,
+}
+
+impl<O: Offload> StyleRunner<O> {
+    /// The runner for an app of `style`.
+    pub fn for_style(style: crate::app::AppStyle, offload: O) -> StyleRunner<O> {
+        StyleRunner {
+            offload: (style == crate::app::AppStyle::Blocking).then_some(offload),
+        }
+    }
+
+    /// Whether blocking calls leave the loop.
+    pub fn offloads(&self) -> bool {
+        self.offload.is_some()
+    }
+}
+
+impl<O: Offload> Runner for StyleRunner<O> {
+    fn run(
+        &self,
+        app: &SharedApp,
+        req: Request,
+    ) -> impl Future<Output = Result<Response, Panicked>> + Send {
+        match &self.offload {
+            None => Either::Left(Inline.run(app, req)),
+            Some(pool) => {
+                let app = app.clone();
+                let call = pool.offload(move || call_blocking(&app, req));
+                // `call_blocking` catches panics; `None` means the pool dropped it.
+                Either::Right(async move { call.await.unwrap_or(Err(Panicked)) })
+            }
         }
     }
 }

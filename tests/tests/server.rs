@@ -4,8 +4,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gpe_tests::*;
@@ -188,57 +186,10 @@ fn unix_now() -> f64 {
         .as_secs_f64()
 }
 
-/// A client that sends requests until stopped, counting outcomes.
-struct Steady {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Steady {
-    fn start(addr: std::net::SocketAddr, clients: usize) -> Steady {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let threads = (0..clients)
-            .map(|_| {
-                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-                std::thread::spawn(move || {
-                    let deadline = Instant::now() + Duration::from_secs(60);
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        match http(addr, "GET", "/", &[], b"") {
-                            Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                            _ => failed.fetch_add(1, Ordering::Relaxed),
-                        };
-                    }
-                })
-            })
-            .collect();
-        Steady {
-            stop,
-            ok,
-            failed,
-            threads,
-        }
-    }
-
-    fn finish(self) -> (u64, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-        )
-    }
-}
-
 fn hup_replaces_workers_without_failures(worker: &str) {
     let s = start(worker, 2);
     let before = s.worker_pids();
-    let client = Steady::start(s.addr, 2);
+    let client = Load::start(s.addr, 2, "/");
     std::thread::sleep(Duration::from_millis(300));
     s.signal(Signal::SIGHUP);
     let replaced = wait_until(Duration::from_secs(15), || {

@@ -91,7 +91,7 @@ async fn serve(ctx: &mut WorkerContext) -> io::Result<WorkerExit> {
     let connections = Rc::new(Connections {
         service: ctx.service.clone(),
         builder: keepalive_builder(&ctx.config, TokioTimer::new()),
-        runner: AppRunner::for_style(ctx.service.app().style()),
+        runner: AppRunner::for_style(ctx.service.app().style(), runner::TokioPool),
     });
 
     let signal = pipe::Receiver::from_owned_fd(ctx.signal_fd().try_clone_to_owned()?)?;

@@ -1,53 +1,33 @@
-//! Where the app runs: async apps inline on the loop, blocking apps on tokio's
-//! blocking pool.
+//! Where the app runs: async apps inline on the loop, blocking apps on
+//! tokio's blocking pool (`spawn_blocking`), through core's [`StyleRunner`].
 
 use std::future::Future;
 
-use futures_util::future::Either;
-use gpe_core::app::{AppStyle, Request, Response, SharedApp};
-use gpe_core::instrument::{call_blocking, Inline, Panicked, Runner};
+use gpe_core::async_worker::{Offload, StyleRunner};
+
+/// Tokio's blocking pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TokioPool;
+
+impl Offload for TokioPool {
+    fn offload<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> impl Future<Output = Option<R>> + Send {
+        let task = tokio::task::spawn_blocking(f);
+        async move { task.await.ok() }
+    }
+}
 
 /// Runs the app for the eventloop worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AppRunner {
-    /// On the loop: for async apps, whose futures do not block.
-    Inline,
-    /// On tokio's blocking pool (`spawn_blocking`): for blocking apps.
-    BlockingPool,
-}
-
-impl AppRunner {
-    /// The runner for an app of `style`.
-    pub fn for_style(style: AppStyle) -> AppRunner {
-        match style {
-            AppStyle::Async => AppRunner::Inline,
-            AppStyle::Blocking => AppRunner::BlockingPool,
-        }
-    }
-}
-
-impl Runner for AppRunner {
-    fn run(
-        &self,
-        app: &SharedApp,
-        req: Request,
-    ) -> impl Future<Output = Result<Response, Panicked>> + Send {
-        match self {
-            AppRunner::Inline => Either::Left(Inline.run(app, req)),
-            AppRunner::BlockingPool => {
-                let app = app.clone();
-                let call = tokio::task::spawn_blocking(move || call_blocking(&app, req));
-                // `call_blocking` catches panics; a join error means cancellation.
-                Either::Right(async move { call.await.unwrap_or(Err(Panicked)) })
-            }
-        }
-    }
-}
+pub type AppRunner = StyleRunner<TokioPool>;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use gpe_core::app::Request;
+    use gpe_core::instrument::{Panicked, Runner};
     use std::time::{Duration, Instant};
 
     use gpe_core::app::{blocking, handler, text};
@@ -59,8 +39,8 @@ mod tests {
             std::thread::sleep(Duration::from_millis(300));
             text(StatusCode::OK, "slept")
         });
-        let runner = AppRunner::for_style(app.style());
-        assert_eq!(runner, AppRunner::BlockingPool);
+        let runner = AppRunner::for_style(app.style(), TokioPool);
+        assert!(runner.offloads());
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -91,8 +71,8 @@ mod tests {
             assert!(req.uri().path() != "/panic", "boom");
             text(StatusCode::ACCEPTED, "later")
         });
-        let runner = AppRunner::for_style(app.style());
-        assert_eq!(runner, AppRunner::Inline);
+        let runner = AppRunner::for_style(app.style(), TokioPool);
+        assert!(!runner.offloads());
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();

@@ -92,7 +92,7 @@ async fn serve(executor: &LocalExecutor<'_>, ctx: &mut WorkerContext) -> io::Res
     let connections = Rc::new(Connections {
         service: ctx.service.clone(),
         builder: keepalive_builder(&ctx.config, SmolTimer::new()),
-        runner: AppRunner::for_style(ctx.service.app().style()),
+        runner: AppRunner::for_style(ctx.service.app().style(), runner::SmolPool),
     });
 
     let signal = Async::new(ctx.signal_fd().try_clone_to_owned()?)?;

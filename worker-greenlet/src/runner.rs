@@ -1,51 +1,33 @@
-//! Where the app runs: async apps inline on the executor, blocking apps on
-//! smol's blocking pool.
+//! Where the app runs: async apps inline on the loop, blocking apps on
+//! smol's blocking pool (`smol::unblock`), through core's [`StyleRunner`].
 
 use std::future::Future;
 
-use futures_util::future::Either;
-use gpe_core::app::{AppStyle, Request, Response, SharedApp};
-use gpe_core::instrument::{call_blocking, Inline, Panicked, Runner};
+use gpe_core::async_worker::{Offload, StyleRunner};
+
+/// Smol's blocking pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SmolPool;
+
+impl Offload for SmolPool {
+    fn offload<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> impl Future<Output = Option<R>> + Send {
+        let task = smol::unblock(f);
+        async move { Some(task.await) }
+    }
+}
 
 /// Runs the app for the greenlet worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AppRunner {
-    /// On the executor: for async apps, whose futures do not block.
-    Inline,
-    /// On smol's blocking pool (`smol::unblock`): for blocking apps.
-    BlockingPool,
-}
-
-impl AppRunner {
-    /// The runner for an app of `style`.
-    pub fn for_style(style: AppStyle) -> AppRunner {
-        match style {
-            AppStyle::Async => AppRunner::Inline,
-            AppStyle::Blocking => AppRunner::BlockingPool,
-        }
-    }
-}
-
-impl Runner for AppRunner {
-    fn run(
-        &self,
-        app: &SharedApp,
-        req: Request,
-    ) -> impl Future<Output = Result<Response, Panicked>> + Send {
-        match self {
-            AppRunner::Inline => Either::Left(Inline.run(app, req)),
-            AppRunner::BlockingPool => {
-                let app = app.clone();
-                Either::Right(smol::unblock(move || call_blocking(&app, req)))
-            }
-        }
-    }
-}
+pub type AppRunner = StyleRunner<SmolPool>;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use gpe_core::app::Request;
+    use gpe_core::instrument::{Panicked, Runner};
     use std::time::{Duration, Instant};
 
     use futures_util::future::{select, Either};
@@ -59,8 +41,8 @@ mod tests {
             std::thread::sleep(Duration::from_millis(300));
             text(StatusCode::OK, "slept")
         });
-        let runner = AppRunner::for_style(app.style());
-        assert_eq!(runner, AppRunner::BlockingPool);
+        let runner = AppRunner::for_style(app.style(), SmolPool);
+        assert!(runner.offloads());
         smol::block_on(async {
             let start = Instant::now();
             let mut call = std::pin::pin!(runner.run(&app, Request::default()));
@@ -86,8 +68,8 @@ mod tests {
             assert!(req.uri().path() != "/panic", "boom");
             text(StatusCode::ACCEPTED, "later")
         });
-        let runner = AppRunner::for_style(app.style());
-        assert_eq!(runner, AppRunner::Inline);
+        let runner = AppRunner::for_style(app.style(), SmolPool);
+        assert!(!runner.offloads());
         let ok = smol::block_on(runner.run(&app, Request::default())).unwrap();
         assert_eq!(ok.status(), StatusCode::ACCEPTED);
         let mut req = Request::default();
