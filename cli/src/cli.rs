@@ -198,8 +198,10 @@ fn run_exporter(args: ExporterArgs) -> Result<(), Failure> {
         )
         .into());
     }
-    let listener = std::net::TcpListener::bind(addr)
-        .with_context(|| format!("setting `metrics_bind`: cannot listen on {addr}"))?;
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| Failure {
+        code: 1,
+        error: anyhow::anyhow!("setting `metrics_bind`: cannot listen on {addr}: {e}"),
+    })?;
     let store = StoreDir::new(&args.metrics_dir);
     if !store.index_path().exists() {
         gpe_core::log_warn!(

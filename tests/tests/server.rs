@@ -705,3 +705,26 @@ fn check_validates_config_files() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`workers`"));
 }
+
+#[test]
+fn a_live_servers_metrics_dir_is_not_taken_over() {
+    let s = start("sync", 1);
+    get(s.addr, "/");
+    let out = std::process::Command::new(TESTAPP)
+        .args(["--bind", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics-bind", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics-dir", s.metrics_dir().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("`metrics_dir`") && stderr.contains("in use"),
+        "{stderr}"
+    );
+    assert_eq!(
+        s.scrape().sum("gpe_http_requests_total"),
+        1.0,
+        "the live store is intact"
+    );
+}

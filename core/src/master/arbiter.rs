@@ -310,6 +310,12 @@ impl<'a> Arbiter<'a> {
                 for p in &self.procs {
                     sys::send(p.pid, Signal::SIGUSR1);
                 }
+                // The exporter keeps default dispositions: reopening its stderr
+                // is done by restarting it.
+                if let Some(pid) = self.exporter {
+                    sys::send(pid, Signal::SIGTERM);
+                    self.exporter_started = None;
+                }
             }
             MasterSignal::Usr2 => self.upgrade(),
             MasterSignal::Winch => self.stop_workers(),
@@ -527,6 +533,7 @@ impl<'a> Arbiter<'a> {
                     timeout.as_secs()
                 );
                 sys::send(p.pid, Signal::SIGABRT);
+                self.vacated.push(p.slot);
                 p.life = Life::TimedOut {
                     deadline: Instant::now() + QUICK_STOP,
                     killed: false,
@@ -632,7 +639,16 @@ impl<'a> Arbiter<'a> {
             .count();
         if booted >= self.desired as usize {
             self.ready_notified = true;
-            notify(&[sd_notify::NotifyState::Ready]);
+            if self.upgrading_from.is_some() {
+                // Take over as the service's main process before the old master
+                // exits, so systemd does not end the service with it.
+                notify(&[
+                    sd_notify::NotifyState::MainPid(std::process::id()),
+                    sd_notify::NotifyState::Ready,
+                ]);
+            } else {
+                notify(&[sd_notify::NotifyState::Ready]);
+            }
         }
     }
 
@@ -653,10 +669,6 @@ impl<'a> Arbiter<'a> {
                 log_error!("cannot move the pid file to {}: {e}", final_path.display());
             }
         }
-        notify(&[
-            sd_notify::NotifyState::MainPid(std::process::id()),
-            sd_notify::NotifyState::Ready,
-        ]);
     }
 
     /// USR2: start a new master from the current binary, handing it the

@@ -282,6 +282,27 @@ pub fn run(spec: ServerSpec) -> Result<(), MasterError> {
         Some(p) => (StoreDir::new(p), false),
         None => (StoreDir::new(private_store_dir()), true),
     };
+    // Never wipe the store of another live server sharing the directory.
+    // SAFETY: a file named `master` in a gpe store directory is a gpe data file;
+    // a foreign file fails the size or magic check.
+    if let Ok(other) = unsafe { crate::store::DataFile::open(&store.master_path()) } {
+        let pid = other
+            .header()
+            .pid
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let alive = pid != 0
+            && pid != std::process::id()
+            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok();
+        if alive {
+            return Err(MasterError::Store {
+                path: store.path().to_owned(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("the directory is in use by the gpe master with pid {pid}"),
+                ),
+            });
+        }
+    }
     let created = store.prepare().map_err(|source| MasterError::Store {
         path: store.path().to_owned(),
         source,

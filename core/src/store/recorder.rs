@@ -20,7 +20,8 @@ pub enum ErrorKind {
     AppError,
     /// The request was malformed or too large (400, 413, 431).
     BadRequest,
-    /// The request ran past the worker's time limit.
+    /// No request head arrived on a new connection within the header-read
+    /// timeout.
     Timeout,
     /// The client went away before the response was written.
     ClientDisconnect,
