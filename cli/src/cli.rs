@@ -214,9 +214,14 @@ fn run_exporter(args: ExporterArgs) -> Result<(), Failure> {
         args.metrics_dir.display(),
         args.metrics_path
     );
-    gpe_exporter::serve(listener, store, args.metrics_path)
-        .context("exporter failed")
-        .map_err(Failure::from)
+    gpe_exporter::serve(
+        listener,
+        store,
+        args.metrics_path,
+        gpe_core::config::LogTarget::Std,
+    )
+    .context("exporter failed")
+    .map_err(Failure::from)
 }
 
 /// Turns a result into the process exit status, printing the error.

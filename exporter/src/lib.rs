@@ -13,6 +13,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use gpe_core::config::LogTarget;
 use gpe_core::store::{Snapshot, StoreDir};
 use gpe_core::ExporterContext;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -108,15 +109,35 @@ fn answer(req: &Request<Incoming>, store: &StoreDir, path: &str) -> Response<Ful
     resp
 }
 
-/// Serves the store at `store` on `listener` until the process is killed.
+/// Serves the store at `store` on `listener` until the process is killed. On
+/// USR1 the error log (if a file) is reopened.
 ///
 /// # Errors
 /// The runtime cannot start or the listener fails.
-pub fn serve(listener: TcpListener, store: StoreDir, path: String) -> std::io::Result<()> {
+pub fn serve(
+    listener: TcpListener,
+    store: StoreDir,
+    path: String,
+    errorlog: LogTarget,
+) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        let mut usr1 =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+        // The master forks the exporter with USR1 blocked, so one sent before
+        // the handler above existed is delivered now rather than killing it.
+        let mut set = nix::sys::signal::SigSet::empty();
+        set.add(nix::sys::signal::Signal::SIGUSR1);
+        set.thread_unblock().map_err(std::io::Error::from)?;
+        tokio::spawn(async move {
+            while usr1.recv().await.is_some() {
+                if let Err(e) = gpe_core::log::open_errorlog(&errorlog) {
+                    gpe_core::log_error!("exporter: cannot reopen the error log: {e}");
+                }
+            }
+        });
         listener.set_nonblocking(true)?;
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let shared = Arc::new((store, path));
@@ -143,7 +164,7 @@ pub fn serve(listener: TcpListener, store: StoreDir, path: String) -> std::io::R
 
 /// The exporter process' entry point when forked by the master.
 pub fn exporter_main(ctx: ExporterContext) -> i32 {
-    match serve(ctx.listener, ctx.store, ctx.path) {
+    match serve(ctx.listener, ctx.store, ctx.path, ctx.errorlog) {
         Ok(()) => 0,
         Err(e) => {
             gpe_core::log_error!("exporter failed: {e}");

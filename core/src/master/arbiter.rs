@@ -310,11 +310,8 @@ impl<'a> Arbiter<'a> {
                 for p in &self.procs {
                     sys::send(p.pid, Signal::SIGUSR1);
                 }
-                // The exporter keeps default dispositions: reopening its stderr
-                // is done by restarting it.
                 if let Some(pid) = self.exporter {
-                    sys::send(pid, Signal::SIGTERM);
-                    self.exporter_started = None;
+                    sys::send(pid, Signal::SIGUSR1);
                 }
             }
             MasterSignal::Usr2 => self.upgrade(),
@@ -837,14 +834,17 @@ impl<'a> Arbiter<'a> {
             Err(e) => log_error!("cannot start the exporter: {e}"),
             Ok(Forked::Child) => {
                 self.become_child();
-                // The exporter keeps default dispositions: TERM ends it.
+                // The exporter keeps default dispositions (TERM ends it) except
+                // USR1, which stays blocked until it installs its handler.
                 sys::restore_mask(&mask);
+                let _ = sys::block(&[Signal::SIGUSR1]);
                 self.listeners.clear();
                 let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM);
                 let code = main(ExporterContext {
                     listener,
                     store: self.store.clone(),
                     path: self.config.metrics_path.clone(),
+                    errorlog: self.config.errorlog.clone(),
                 });
                 std::process::exit(code);
             }

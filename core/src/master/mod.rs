@@ -28,6 +28,8 @@ pub struct ExporterContext {
     pub store: StoreDir,
     /// The metrics path (for example `/metrics`).
     pub path: String,
+    /// The error log, reopened on USR1.
+    pub errorlog: crate::config::LogTarget,
 }
 
 /// Runs the exporter in its own process; returns its exit code.
