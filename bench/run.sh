@@ -18,7 +18,7 @@
 #
 # Environment: BENCH_SECONDS (10), BENCH_WARMUP (2), BENCH_CONNECTIONS (16),
 # BENCH_PORT (18000), BENCH_METRICS_PORT (19091), BENCH_PEER_METRICS_PORT (19092),
-# BENCH_SCRAPES (50), BENCH_RESPAWNS (200), BENCH_SKIP_PEER=1, BENCH_SKIP_MICRO=1,
+# BENCH_SCRAPES (50), BENCH_RESPAWNS (200), BENCH_REPEAT (3 runs of each gpe row), BENCH_SKIP_PEER=1, BENCH_SKIP_MICRO=1,
 # CARGO_TARGET_DIR (default: ./target).
 set -euo pipefail
 
@@ -33,6 +33,7 @@ PORT=${BENCH_PORT:-18000}
 MPORT=${BENCH_METRICS_PORT:-19091}
 PPORT=${BENCH_PEER_METRICS_PORT:-19092}
 SCRAPES=${BENCH_SCRAPES:-50}
+REPEAT=${BENCH_REPEAT:-3}
 RESPAWNS=${BENCH_RESPAWNS:-200}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 GPE=$CARGO_TARGET_DIR/release/gpe
@@ -215,7 +216,8 @@ run_gpe() {
       continue
     fi
     close=0; [[ $kind == sync ]] && close=1
-    for variant in metrics no-metrics; do
+    # metrics on and off alternate, REPEAT times; the report takes the median run.
+    for variant in $(for _ in $(seq 1 "$REPEAT"); do echo metrics no-metrics; done); do
       flags=(); [[ $variant == no-metrics ]] && flags=(--no-metrics)
       start_server "gpe-$kind-$variant" "$GPE" serve -k "$kind" -w 2 \
         --bind "127.0.0.1:$PORT" --metrics-bind "127.0.0.1:$MPORT" "${flags[@]}"
@@ -386,7 +388,7 @@ main() {
   [[ ${BENCH_SKIP_MICRO:-0} == 1 ]] || run_micro
   log "report: BENCHMARKS.md, docs/bench.png"
   wrk_version=$(wrk -v 2>&1 | head -1 || true)
-  BENCH_SECONDS=$SECS BENCH_WARMUP=$WARM BENCH_CONNECTIONS=$CONNS BENCH_WRK_VERSION="$wrk_version" \
+  BENCH_SECONDS=$SECS BENCH_WARMUP=$WARM BENCH_REPEAT=$REPEAT BENCH_SCRAPES=$SCRAPES BENCH_CONNECTIONS=$CONNS BENCH_WRK_VERSION="$wrk_version" \
     "$VENV/bin/python" "$HERE/report.py" "$ROOT" "$OUT"
 }
 main "$@"
