@@ -5,36 +5,43 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use gpe_core::app::{
-    blocking, text, with_route, AppFactory, BoxError, Request, Response, SharedApp,
+    blocking, handler, text, with_route, AppFactory, BoxError, Request, Response, SharedApp,
 };
 use http::{header, HeaderValue, Method, StatusCode};
 
-/// `hello`: `GET /` answers `Hello, World!`; other paths 404.
+/// `hello`: `GET /` answers `Hello, World!`; other paths 404. It never
+/// blocks, so it is an async handler: every worker type runs it on its IO
+/// thread without a hand-off.
 pub fn hello() -> SharedApp {
-    blocking(|req: Request| {
-        if req.uri().path() != "/" {
-            return text(StatusCode::NOT_FOUND, "Not Found\n");
-        }
-        let resp = match *req.method() {
-            Method::GET | Method::HEAD => text(StatusCode::OK, "Hello, World!"),
-            _ => text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n"),
-        };
-        with_route(resp, "/")
-    })
+    handler(|req: Request| std::future::ready(say_hello(&req)))
 }
 
-/// `echo`: answers any method on any path with the request body.
+fn say_hello(req: &Request) -> Response {
+    if req.uri().path() != "/" {
+        return text(StatusCode::NOT_FOUND, "Not Found\n");
+    }
+    let resp = match *req.method() {
+        Method::GET | Method::HEAD => text(StatusCode::OK, "Hello, World!"),
+        _ => text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n"),
+    };
+    with_route(resp, "/")
+}
+
+/// `echo`: answers any method on any path with the request body (an async
+/// handler, like `hello`).
 pub fn echo() -> SharedApp {
-    blocking(|req: Request| {
-        let ctype = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .cloned()
-            .unwrap_or(HeaderValue::from_static("application/octet-stream"));
-        let mut resp = Response::new(req.into_body());
-        resp.headers_mut().insert(header::CONTENT_TYPE, ctype);
-        with_route(resp, "/{path}")
-    })
+    handler(|req: Request| std::future::ready(echo_body(req)))
+}
+
+fn echo_body(req: Request) -> Response {
+    let ctype = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static("application/octet-stream"));
+    let mut resp = Response::new(req.into_body());
+    resp.headers_mut().insert(header::CONTENT_TYPE, ctype);
+    with_route(resp, "/{path}")
 }
 
 /// `static`: serves files under `root`. Paths with `..`, and files whose real
@@ -120,16 +127,12 @@ pub fn factory(name: &str, root: Option<PathBuf>) -> Result<AppFactory, String> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gpe_core::app::Reply;
 
     fn call(app: &SharedApp, method: Method, path: &str, body: &'static str) -> Response {
         let mut req = Request::new(Bytes::from_static(body.as_bytes()));
         *req.method_mut() = method;
         *req.uri_mut() = path.parse().unwrap();
-        match app.call(req) {
-            Reply::Ready(r) => r,
-            Reply::Pending(_) => panic!("built-in apps are blocking"),
-        }
+        gpe_core::instrument::call_blocking(app, req).unwrap()
     }
 
     #[test]

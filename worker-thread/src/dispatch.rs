@@ -11,8 +11,9 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use gpe_core::app::{Request, Response, SharedApp};
-use gpe_core::instrument::{Panicked, Runner};
+use futures_util::future::Either;
+use gpe_core::app::{AppStyle, Request, Response, SharedApp};
+use gpe_core::instrument::{Inline, Panicked, Runner};
 use tokio::sync::Notify;
 
 use crate::pool::PoolRunner;
@@ -159,7 +160,12 @@ impl Runner for Dispatch {
             b.take_one();
         }
         let unit = self.first.take().unwrap_or_else(|| self.load.take());
-        let reply = self.pool.run(app, req);
+        // An async app does not block: it runs on the IO thread, saving the
+        // hand-off; a blocking app goes to the pool.
+        let reply = match app.style() {
+            AppStyle::Async => Either::Left(Inline.run(app, req)),
+            AppStyle::Blocking => Either::Right(self.pool.run(app, req)),
+        };
         async move {
             let out = reply.await;
             drop(unit);

@@ -280,10 +280,18 @@ impl Recorder {
     /// A request started; returns its start time for [`Recorder::finish`].
     pub fn begin(&self) -> u64 {
         let now = monotonic_ns();
+        self.begin_at(now);
+        now
+    }
+
+    /// A request started at `now` (monotonic nanoseconds, as
+    /// [`monotonic_ns`] gives): the metric updates of [`Recorder::begin`]
+    /// without its clock read.
+    #[inline]
+    pub fn begin_at(&self, now: u64) {
         if self.add_signed(&self.file.header().in_flight, 1) == 0 {
             self.transition(WorkerState::Busy, now);
         }
-        now
     }
 
     fn transition(&self, to: WorkerState, now: u64) {
@@ -295,7 +303,14 @@ impl Recorder {
 
     /// A request finished.
     pub fn finish(&self, start: u64, rec: &RequestRecord<'_>) {
-        let end = monotonic_ns();
+        self.finish_at(start, monotonic_ns(), rec);
+    }
+
+    /// A request that started at `start` finished at `end` (monotonic
+    /// nanoseconds): the metric updates of [`Recorder::finish`] without its
+    /// clock read.
+    #[inline]
+    pub fn finish_at(&self, start: u64, end: u64, rec: &RequestRecord<'_>) {
         let h = self.file.header();
         if self.metrics {
             self.record(end.saturating_sub(start), rec);
