@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 types=(sync thread eventloop greenlet)
+# A target dir of its own, so that the test run's binaries stay default-featured.
+export CARGO_TARGET_DIR=target/features
 passed=0
 failed=0
 for x in "${types[@]}"; do
@@ -12,7 +14,7 @@ for x in "${types[@]}"; do
   for y in "${types[@]}"; do
     [ "$x" = "$y" ] && continue
     set +e
-    out=$(target/debug/gpe serve -k "$y" --bind 127.0.0.1:0 --metrics-bind 127.0.0.1:0 2>&1)
+    out=$("$CARGO_TARGET_DIR"/debug/gpe serve -k "$y" --bind 127.0.0.1:0 --metrics-bind 127.0.0.1:0 2>&1)
     code=$?
     set -e
     if [ "$code" -ne 0 ] && grep -q "cargo feature \`$y\`" <<<"$out"; then

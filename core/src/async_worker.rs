@@ -34,6 +34,7 @@ pub struct Gate {
     permits: Arc<Semaphore>,
     cap: u32,
     drain: watch::Sender<bool>,
+    balancer: Option<std::sync::Mutex<crate::balance::Balancer>>,
 }
 
 /// One admitted connection: keep it alive as long as the connection.
@@ -51,7 +52,31 @@ impl Gate {
             permits: Arc::new(Semaphore::new(cap as usize)),
             cap,
             drain: watch::Sender::new(false),
+            balancer: None,
         }
+    }
+
+    /// Also balances connections with sibling workers before each admission
+    /// (see [`crate::balance`]).
+    pub fn with_balancer(mut self, balancer: crate::balance::Balancer) -> Gate {
+        self.balancer = Some(std::sync::Mutex::new(balancer));
+        self
+    }
+
+    /// [`Gate::admit`], then waits (in `pause` steps, bounded by
+    /// [`crate::balance::MAX_DEFER`]) while a sibling worker holds fewer
+    /// connections. `pause` is the runtime's sleep.
+    pub async fn admit_balanced<F>(&self, pause: impl Fn(Duration) -> F) -> Admission
+    where
+        F: Future<Output = ()>,
+    {
+        let admission = self.admit().await;
+        if let Some(b) = &self.balancer {
+            while !b.lock().unwrap_or_else(|p| p.into_inner()).my_turn() {
+                pause(crate::balance::BALANCE_PAUSE).await;
+            }
+        }
+        admission
     }
 
     /// Waits until fewer than `cap` connections are open and admits one.

@@ -11,6 +11,7 @@
 
 pub mod app;
 pub mod async_worker;
+pub mod balance;
 pub mod config;
 pub mod instrument;
 pub mod listener;

@@ -74,6 +74,7 @@ pub struct WorkerContext {
     /// Requests after which this process retires (jitter applied), if any.
     pub max_requests: Option<u64>,
     signals: SignalPipe,
+    place: Placement,
 }
 
 impl WorkerContext {
@@ -111,6 +112,17 @@ impl WorkerContext {
     /// The worker's recorder.
     pub fn recorder(&self) -> &Arc<Recorder> {
         self.service.recorder()
+    }
+
+    /// A connection balancer for this worker's accept loop (see
+    /// [`crate::balance`]).
+    pub fn balancer(&self) -> crate::balance::Balancer {
+        crate::balance::Balancer::new(
+            self.place.store.clone(),
+            self.place.slot,
+            self.place.generation,
+            self.recorder().clone(),
+        )
     }
 
     /// Whether this process has served its share of requests.
@@ -213,12 +225,14 @@ pub(crate) fn child_main(
         slot: place.slot,
         max_requests,
         signals,
+        place,
     };
+    let slot = ctx.slot;
     match worker.run(ctx) {
         Ok(WorkerExit::Stopped) => 0,
         Ok(WorkerExit::MaxRequests) => EXIT_MAX_REQUESTS,
         Err(e) => {
-            crate::log_error!("worker {} failed: {e}", place.slot);
+            crate::log_error!("worker {slot} failed: {e}");
             1
         }
     }

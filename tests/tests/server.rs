@@ -4,12 +4,15 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use gpe_tests::*;
 use nix::sys::signal::Signal;
 
 const TESTAPP: &str = env!("CARGO_BIN_EXE_gpe-testapp");
+/// The `gpe` command line.
+const GPE: &str = env!("CARGO_BIN_EXE_gpe-bin");
 
 fn start(worker: &str, workers: u32) -> Server {
     Server::start(TESTAPP, Opts::new(worker, workers))
@@ -524,7 +527,7 @@ fn master_has_one_thread(worker: &str) {
 
 #[test]
 fn bad_settings_exit_nonzero_naming_the_setting() {
-    let gpe = workspace_bin("gpe");
+    let gpe = PathBuf::from(GPE);
     let dir = tempfile::tempdir().unwrap();
     let unreadable = dir.path().join("missing.toml");
     let port = free_port().to_string();
@@ -575,7 +578,7 @@ fn processes_with_env(marker: &str) -> Vec<i32> {
 
 #[test]
 fn builtin_hello_serves_app_and_metrics() {
-    let gpe = workspace_bin("gpe");
+    let gpe = PathBuf::from(GPE);
     let s = Server::start(
         TESTAPP,
         Opts {
@@ -654,7 +657,7 @@ fn unix_socket_and_sidecar_exporter() {
     }
     // The same counts through a sidecar exporter reading the metrics directory.
     let port = free_port();
-    let mut sidecar = std::process::Command::new(workspace_bin("gpe"))
+    let mut sidecar = std::process::Command::new(PathBuf::from(GPE))
         .args([
             "exporter",
             "--metrics-dir",
@@ -686,7 +689,7 @@ fn unix_socket_and_sidecar_exporter() {
 
 #[test]
 fn check_validates_config_files() {
-    let gpe = workspace_bin("gpe");
+    let gpe = PathBuf::from(GPE);
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.toml");
     std::fs::write(&good, "workers = 3\nbind = [\"127.0.0.1:8123\"]\n").unwrap();

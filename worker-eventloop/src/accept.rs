@@ -52,7 +52,7 @@ where
     F: FnMut(Conn, String, Admission),
 {
     loop {
-        let admission = gate.admit().await;
+        let admission = gate.admit_balanced(tokio::time::sleep).await;
         let accepted = loop {
             let e = match listener.accept().await {
                 Ok(conn) => break conn,

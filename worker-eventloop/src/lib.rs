@@ -87,7 +87,7 @@ async fn serve(ctx: &mut WorkerContext) -> io::Result<WorkerExit> {
         ));
     }
     let ctx = &*ctx;
-    let gate = Gate::new(ctx.config.worker_connections);
+    let gate = Gate::new(ctx.config.worker_connections).with_balancer(ctx.balancer());
     let connections = Rc::new(Connections {
         service: ctx.service.clone(),
         builder: keepalive_builder(&ctx.config, TokioTimer::new()),

@@ -19,7 +19,11 @@ where
     F: FnMut(Stream, String, Admission),
 {
     loop {
-        let admission = gate.admit().await;
+        let admission = gate
+            .admit_balanced(|d| async move {
+                Timer::after(d).await;
+            })
+            .await;
         match accept(listener).await {
             Ok((stream, peer)) => spawn(stream, peer, admission),
             Err(e) => return e,

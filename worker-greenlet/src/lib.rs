@@ -88,7 +88,7 @@ async fn serve(executor: &LocalExecutor<'_>, ctx: &mut WorkerContext) -> io::Res
         ));
     }
     let ctx = &*ctx;
-    let gate = Gate::new(ctx.config.worker_connections);
+    let gate = Gate::new(ctx.config.worker_connections).with_balancer(ctx.balancer());
     let connections = Rc::new(Connections {
         service: ctx.service.clone(),
         builder: keepalive_builder(&ctx.config, SmolTimer::new()),

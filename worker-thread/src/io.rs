@@ -58,7 +58,12 @@ pub(crate) async fn serve(mut ctx: WorkerContext, pool: PoolRunner) -> io::Resul
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    let mut balance = ctx.balancer();
     let exit = loop {
+        // Whether to take the next connection or leave it to a sibling worker
+        // with fewer (bounded; see gpe_core::balance).
+        let can_accept = conns.len() < cap && dispatcher.load().has_room();
+        let turn = !can_accept || balance.my_turn();
         tokio::select! {
             biased;
             ready = signals.readable() => {
@@ -79,8 +84,9 @@ pub(crate) async fn serve(mut ctx: WorkerContext, pool: PoolRunner) -> io::Resul
             Some(done) = conns.join_next(), if !conns.is_empty() => log_join(done),
             // Re-checks the accept condition below.
             () = dispatcher.load().freed() => {}
+            () = tokio::time::sleep(gpe_core::balance::BALANCE_PAUSE), if !turn => {}
             accepted = std::future::poll_fn(|cx| accepting.poll_accept(cx)),
-                if conns.len() < cap && dispatcher.load().has_room() => {
+                if can_accept && turn => {
                 match accepted {
                     Ok((conn, peer)) => {
                         let conn = connection(

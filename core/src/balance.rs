@@ -1,0 +1,149 @@
+//! Connection balancing between sibling workers. All workers accept from the
+//! same sockets, and the kernel wakes them all; left alone, whichever process
+//! runs first takes a burst of connections, and keep-alive keeps the skew. A
+//! worker holding more open connections than its least-loaded serving sibling
+//! therefore lets the sibling take the next one, but never waits longer than
+//! [`MAX_DEFER`], so a stuck sibling cannot stop it accepting. The workers' own
+//! store headers (`connections`) are the shared state; no lock is taken.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::store::{DataFile, Recorder, StoreDir, WorkerState};
+
+/// How long an accept loop pauses before asking again.
+pub const BALANCE_PAUSE: Duration = Duration::from_millis(1);
+/// Longest a worker defers to its siblings before accepting anyway.
+pub const MAX_DEFER: Duration = Duration::from_millis(20);
+/// How often the list of siblings is refreshed.
+const RELIST: Duration = Duration::from_millis(500);
+
+/// Decides whether this worker should accept the next connection.
+#[derive(Debug)]
+pub struct Balancer {
+    store: StoreDir,
+    slot: u32,
+    generation: u64,
+    mine: Arc<Recorder>,
+    siblings: Vec<DataFile>,
+    listed: Option<Instant>,
+    deferring: Option<Instant>,
+}
+
+impl Balancer {
+    /// A balancer for the worker in `slot`/`generation` of `store`.
+    pub fn new(store: StoreDir, slot: u32, generation: u64, mine: Arc<Recorder>) -> Balancer {
+        Balancer {
+            store,
+            slot,
+            generation,
+            mine,
+            siblings: Vec::new(),
+            listed: None,
+            deferring: None,
+        }
+    }
+
+    fn relist(&mut self) {
+        self.siblings.clear();
+        if let Ok(files) = self.store.worker_files() {
+            for (slot, generation, path) in files {
+                if (slot, generation) == (self.slot, self.generation) {
+                    continue;
+                }
+                // SAFETY: a worker file of this server's store directory, accessed
+                // only through the store's atomic views.
+                if let Ok(f) = unsafe { DataFile::open(&path) } {
+                    self.siblings.push(f);
+                }
+            }
+        }
+        self.listed = Some(Instant::now());
+    }
+
+    /// Whether to accept now: this worker holds no more connections than its
+    /// least-loaded serving sibling, or it has deferred for [`MAX_DEFER`].
+    pub fn my_turn(&mut self) -> bool {
+        if self.listed.is_none_or(|t| t.elapsed() >= RELIST) {
+            self.relist();
+        }
+        let mine = self
+            .mine
+            .file()
+            .header()
+            .connections
+            .load(Ordering::Relaxed);
+        let serving = |f: &&DataFile| {
+            let h = f.header();
+            h.folded.load(Ordering::Relaxed) == 0
+                && matches!(
+                    WorkerState::from_code(h.state.load(Ordering::Relaxed)),
+                    Some(WorkerState::Idle | WorkerState::Busy)
+                )
+        };
+        let least = self
+            .siblings
+            .iter()
+            .filter(serving)
+            .map(|f| f.header().connections.load(Ordering::Relaxed))
+            .min();
+        if least.is_none_or(|least| mine <= least) {
+            self.deferring = None;
+            return true;
+        }
+        let since = *self.deferring.get_or_insert_with(Instant::now);
+        if since.elapsed() >= MAX_DEFER {
+            self.deferring = None;
+            return true;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::layout::FileKind;
+    use crate::store::{FileIdentity, Index, WorkerKind};
+
+    fn worker(store: &StoreDir, slot: u32, generation: u64) -> Arc<Recorder> {
+        DataFile::create(
+            &store.worker_path(slot, generation),
+            FileIdentity {
+                kind: FileKind::Worker,
+                slot,
+                generation,
+                worker_kind: Some(WorkerKind::Eventloop),
+            },
+        )
+        .unwrap();
+        let r = Arc::new(Recorder::open(store, slot, generation, true, true).unwrap());
+        r.ready();
+        r
+    }
+
+    #[test]
+    fn the_busier_worker_defers_for_a_bounded_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StoreDir::new(dir.path().join("s"));
+        store.prepare().unwrap();
+        Index::create(&store.index_path(), 10, &[1.0]).unwrap();
+        let a = worker(&store, 0, 1);
+        let b = worker(&store, 1, 2);
+        let mut ba = Balancer::new(store.clone(), 0, 1, a.clone());
+        let mut bb = Balancer::new(store.clone(), 1, 2, b.clone());
+        assert!(ba.my_turn() && bb.my_turn(), "equal load: both accept");
+        a.connection_opened();
+        assert!(!ba.my_turn(), "a holds more: it defers");
+        assert!(bb.my_turn());
+        std::thread::sleep(MAX_DEFER);
+        assert!(ba.my_turn(), "but not for longer than MAX_DEFER");
+        b.connection_opened();
+        assert!(ba.my_turn());
+        // A draining sibling does not count.
+        b.draining();
+        a.connection_opened();
+        assert!(ba.my_turn());
+    }
+}
