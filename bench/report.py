@@ -396,6 +396,27 @@ thread); the four-thread row shares one multi-writer recorder.
 
 {ttable}
 
+## What bounds the greenlet worker
+
+The greenlet worker is the one type below 85% of the ceiling. Its cost is in
+smol's IO layer (async-io), not in gpe's path: `strace -c -f` on one worker
+process for 2 s under the same wrk load (measured by hand on 2026-11-27, one
+worker of each type, hello app) counted per request
+
+| worker | syscalls per request | of which |
+|---|---|---|
+| eventloop (tokio) | 2.1 | 1 `recvfrom`, 1 `writev`; `epoll_wait` 0.06 |
+| greenlet (smol) | 6.3 | 2.2 `recvfrom` (1.2 of them `EAGAIN`), 1 `sendto`, 1.3 `epoll_ctl`, 0.44 `epoll_pwait`, 0.44 `read` of the reactor's notifier |
+
+async-io registers sockets in one-shot mode, so every wait re-arms the socket
+with `epoll_ctl`, and it learns that a socket is drained only from a failing
+read; tokio keeps edge-triggered registrations and clears readiness after a
+short read. hyper's per-request header-read timer adds a reactor notification
+on smol: without it (an experiment, not a setting) greenlet went from
+75.7k/81.4k to 83.0k/86.2k requests/s. The metrics cost on greenlet stays
+within the target (metrics-on/off above). Choose eventloop for the highest
+request rate on async apps; greenlet for smol-based code.
+
 "Unchanged after respawns" means: body size within {T_SIZE_DRIFT:.0%} and p50
 within {T_TIME_DRIFT:.0%} (or 0.5 ms) of the figures before, after ≥ {T_RESPAWNS} respawns.
 """
