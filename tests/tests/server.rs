@@ -731,3 +731,42 @@ fn a_live_servers_metrics_dir_is_not_taken_over() {
         "the live store is intact"
     );
 }
+
+/// Children of `pid` (from `/proc/<pid>/task/<pid>/children`).
+fn children_of(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_dead_exporter_is_respawned_and_scrapes_never_hang() {
+    let s = start("sync", 2);
+    get(s.addr, "/");
+    let workers: Vec<i32> = s.worker_pids().values().copied().collect();
+    let exporter = children_of(s.pid().as_raw())
+        .into_iter()
+        .find(|p| !workers.contains(p))
+        .expect("the exporter is a child of the master");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(exporter), Signal::SIGKILL).unwrap();
+    // The master keeps the metrics socket, so a scrape right now waits in the
+    // backlog for the new exporter instead of being refused or hanging.
+    let t = Instant::now();
+    let m = s.scrape();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "answered in {:?}",
+        t.elapsed()
+    );
+    assert_eq!(m.sum("gpe_http_requests_total"), 1.0, "no count lost");
+    let respawned = children_of(s.pid().as_raw())
+        .into_iter()
+        .any(|p| !workers.contains(&p) && p != exporter);
+    assert!(respawned, "a new exporter runs");
+    assert_eq!(
+        s.worker_pids().values().copied().collect::<Vec<_>>(),
+        workers
+    );
+}
