@@ -72,7 +72,13 @@ impl Gate {
     {
         let admission = self.admit().await;
         if let Some(b) = &self.balancer {
-            while !b.lock().unwrap_or_else(|p| p.into_inner()).my_turn() {
+            // Admissions count a connection from its accept on, before its task
+            // runs: the count the balance needs (the new one excluded).
+            while !b
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .my_turn(i64::from(self.open()) - 1)
+            {
                 pause(crate::balance::BALANCE_PAUSE).await;
             }
         }

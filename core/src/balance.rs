@@ -7,17 +7,18 @@
 //! store headers (`connections`) are the shared state; no lock is taken.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::store::{DataFile, Recorder, StoreDir, WorkerState};
+use crate::store::{DataFile, StoreDir, WorkerState};
 
 /// How long an accept loop pauses before asking again.
 pub const BALANCE_PAUSE: Duration = Duration::from_millis(1);
 /// Longest a worker defers to its siblings before accepting anyway.
-pub const MAX_DEFER: Duration = Duration::from_millis(20);
+pub const MAX_DEFER: Duration = Duration::from_millis(50);
 /// How often the list of siblings is refreshed.
 const RELIST: Duration = Duration::from_millis(500);
+/// How often it is refreshed while no sibling is known.
+const RELIST_ALONE: Duration = Duration::from_millis(10);
 
 /// Decides whether this worker should accept the next connection.
 #[derive(Debug)]
@@ -25,7 +26,6 @@ pub struct Balancer {
     store: StoreDir,
     slot: u32,
     generation: u64,
-    mine: Arc<Recorder>,
     siblings: Vec<DataFile>,
     listed: Option<Instant>,
     deferring: Option<Instant>,
@@ -33,12 +33,11 @@ pub struct Balancer {
 
 impl Balancer {
     /// A balancer for the worker in `slot`/`generation` of `store`.
-    pub fn new(store: StoreDir, slot: u32, generation: u64, mine: Arc<Recorder>) -> Balancer {
+    pub fn new(store: StoreDir, slot: u32, generation: u64) -> Balancer {
         Balancer {
             store,
             slot,
             generation,
-            mine,
             siblings: Vec::new(),
             listed: None,
             deferring: None,
@@ -62,18 +61,20 @@ impl Balancer {
         self.listed = Some(Instant::now());
     }
 
-    /// Whether to accept now: this worker holds no more connections than its
-    /// least-loaded serving sibling, or it has deferred for [`MAX_DEFER`].
-    pub fn my_turn(&mut self) -> bool {
-        if self.listed.is_none_or(|t| t.elapsed() >= RELIST) {
+    /// Whether to accept now: this worker, holding `mine` connections
+    /// (counted at accept time, before their tasks run), holds no more than
+    /// its least-loaded serving sibling, or it has deferred for [`MAX_DEFER`].
+    pub fn my_turn(&mut self, mine: i64) -> bool {
+        // Siblings start around the same time: while none is known, look again
+        // soon rather than only every RELIST.
+        let every = if self.siblings.is_empty() {
+            RELIST_ALONE
+        } else {
+            RELIST
+        };
+        if self.listed.is_none_or(|t| t.elapsed() >= every) {
             self.relist();
         }
-        let mine = self
-            .mine
-            .file()
-            .header()
-            .connections
-            .load(Ordering::Relaxed);
         let serving = |f: &&DataFile| {
             let h = f.header();
             h.folded.load(Ordering::Relaxed) == 0
@@ -105,7 +106,8 @@ impl Balancer {
 mod tests {
     use super::*;
     use crate::store::layout::FileKind;
-    use crate::store::{FileIdentity, Index, WorkerKind};
+    use crate::store::{FileIdentity, Index, Recorder, WorkerKind};
+    use std::sync::Arc;
 
     fn worker(store: &StoreDir, slot: u32, generation: u64) -> Arc<Recorder> {
         DataFile::create(
@@ -131,19 +133,19 @@ mod tests {
         Index::create(&store.index_path(), 10, &[1.0]).unwrap();
         let a = worker(&store, 0, 1);
         let b = worker(&store, 1, 2);
-        let mut ba = Balancer::new(store.clone(), 0, 1, a.clone());
-        let mut bb = Balancer::new(store.clone(), 1, 2, b.clone());
-        assert!(ba.my_turn() && bb.my_turn(), "equal load: both accept");
+        let mut ba = Balancer::new(store.clone(), 0, 1);
+        let mut bb = Balancer::new(store.clone(), 1, 2);
+        assert!(ba.my_turn(0) && bb.my_turn(0), "equal load: both accept");
         a.connection_opened();
-        assert!(!ba.my_turn(), "a holds more: it defers");
-        assert!(bb.my_turn());
+        assert!(!ba.my_turn(1), "a holds more: it defers");
+        assert!(bb.my_turn(0));
         std::thread::sleep(MAX_DEFER);
-        assert!(ba.my_turn(), "but not for longer than MAX_DEFER");
+        assert!(ba.my_turn(1), "but not for longer than MAX_DEFER");
         b.connection_opened();
-        assert!(ba.my_turn());
+        assert!(ba.my_turn(1));
         // A draining sibling does not count.
         b.draining();
         a.connection_opened();
-        assert!(ba.my_turn());
+        assert!(ba.my_turn(2));
     }
 }

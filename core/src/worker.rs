@@ -121,7 +121,6 @@ impl WorkerContext {
             self.place.store.clone(),
             self.place.slot,
             self.place.generation,
-            self.recorder().clone(),
         )
     }
 

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod accept;
+mod eager;
 mod runner;
 
 use std::io;
@@ -64,11 +65,31 @@ impl Connections {
         let (svc, b, r) = (&self.service, &self.builder, &self.runner);
         match stream {
             Stream::Tcp(s) => match Async::new(s) {
-                Ok(io) => serve_io(FuturesIo::new(io), &peer, svc, b, r, drained).await,
+                Ok(io) => {
+                    serve_io(
+                        FuturesIo::new(eager::Eager::new(io)),
+                        &peer,
+                        svc,
+                        b,
+                        r,
+                        drained,
+                    )
+                    .await
+                }
                 Err(e) => gpe_core::log_warn!("cannot serve a connection: {e}"),
             },
             Stream::Unix(s) => match Async::new(s) {
-                Ok(io) => serve_io(FuturesIo::new(io), &peer, svc, b, r, drained).await,
+                Ok(io) => {
+                    serve_io(
+                        FuturesIo::new(eager::Eager::new(io)),
+                        &peer,
+                        svc,
+                        b,
+                        r,
+                        drained,
+                    )
+                    .await
+                }
                 Err(e) => gpe_core::log_warn!("cannot serve a connection: {e}"),
             },
         }

@@ -63,7 +63,7 @@ pub(crate) async fn serve(mut ctx: WorkerContext, pool: PoolRunner) -> io::Resul
         // Whether to take the next connection or leave it to a sibling worker
         // with fewer (bounded; see gpe_core::balance).
         let can_accept = conns.len() < cap && dispatcher.load().has_room();
-        let turn = !can_accept || balance.my_turn();
+        let turn = !can_accept || balance.my_turn(conns.len() as i64);
         tokio::select! {
             biased;
             ready = signals.readable() => {
