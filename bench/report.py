@@ -398,27 +398,31 @@ thread); the four-thread row shares one multi-writer recorder.
 
 ## What bounds the greenlet worker
 
-The greenlet worker is the one type below 85% of the ceiling. Its cost is in
+The greenlet worker is the furthest from the ceiling. Its extra cost is in
 smol's IO layer (async-io), not in gpe's path: `strace -c -f` on one worker
 process for 2 s under the same wrk load (measured by hand on 2026-11-27, one
-worker of each type, hello app) counted per request
+worker, hello app) counted per request
 
 | worker | syscalls per request | of which |
 |---|---|---|
-| eventloop (tokio) | 2.1 | 1 `recvfrom`, 1 `writev`; `epoll_wait` 0.06 |
-| greenlet (smol) | 6.3 | 2.2 `recvfrom` (1.2 of them `EAGAIN`), 1 `sendto`, 1.3 `epoll_ctl`, 0.44 `epoll_pwait`, 0.44 `read` of the reactor's notifier |
+| eventloop (tokio) | 2.1 | 1 `recvfrom`, 1 `writev`, 0.06 `epoll_wait` |
+| greenlet (smol), before `worker-greenlet/src/eager.rs` | 6.3 | 2.2 `recvfrom` (1.2 of them `EAGAIN`), 1 `sendto`, 1.3 `epoll_ctl`, 0.44 `epoll_pwait`, 0.44 `read` of the reactor's notifier |
+| greenlet (smol), now | 3.5 | 1 `recvfrom`, 1 `sendto`, 1.2 `epoll_ctl`, 0.07 `epoll_pwait`, 0.3 other |
 
 async-io registers sockets in one-shot mode, so every wait re-arms the socket
-with `epoll_ctl`, and it learns that a socket is drained only from a failing
-read; tokio keeps edge-triggered registrations and clears readiness after a
-short read. hyper's per-request header-read timer adds a reactor notification
-on smol: without it (an experiment, not a setting) greenlet went from
-75.7k/81.4k to 83.0k/86.2k requests/s. The metrics cost on greenlet stays
-within the target (metrics-on/off above). Choose eventloop for the highest
-request rate on async apps; greenlet for smol-based code.
+with `epoll_ctl`; tokio keeps edge-triggered registrations. gpe's greenlet
+stream now waits for readiness after a short read instead of calling `recv`
+only to get `EAGAIN` (what tokio does internally). hyper's per-request
+header-read timer (the keep-alive idle timeout) adds a reactor notification on
+smol: without it (an experiment, not a setting) greenlet went from
+75.7k/81.4k to 83.0k/86.2k requests/s. Choose eventloop for the highest request
+rate on async apps; greenlet for smol-based code.
 
-"Unchanged after respawns" means: body size within {T_SIZE_DRIFT:.0%} and p50
-within {T_TIME_DRIFT:.0%} (or 0.5 ms) of the figures before, after ≥ {T_RESPAWNS} respawns.
+The ratios to the ceiling also move with the ceiling itself, which varies
+between runs on this shared 2-core VM (113k and 136k requests/s in two full
+runs on the same code); gpe's balanced workers keep three busy processes on two
+cores (two workers and wrk), where the ceiling's work-stealing runtime can
+idle a thread.
 """
     (root / "BENCHMARKS.md").write_text(md)
     print("\n" + table + "\n\n" + stable + "\n\n" + htable + "\n\n" + ttable)
