@@ -22,8 +22,7 @@ use crate::worker::{Control, WorkerContext, WorkerExit};
 /// How often an async worker beats and checks `max_requests`.
 pub const TICK: Duration = Duration::from_millis(500);
 
-/// How long an accept loop pauses when the process or system is out of fds.
-pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+pub use crate::listener::{AcceptFailure, ACCEPT_BACKOFF};
 
 /// Admits at most `cap` connections at once and tells them when to drain.
 ///
@@ -136,37 +135,6 @@ pub enum Event {
     Signal,
     /// A [`TICK`] passed.
     Tick,
-}
-
-/// What to do after a failed accept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AcceptFailure {
-    /// Another worker took the connection, or the client gave up: try again.
-    Transient,
-    /// Out of file descriptors: pause for [`ACCEPT_BACKOFF`], then try again.
-    Exhausted,
-    /// Anything else: the worker cannot go on.
-    Fatal,
-}
-
-impl AcceptFailure {
-    /// Classifies an accept error.
-    pub fn of(e: &io::Error) -> AcceptFailure {
-        match e.kind() {
-            io::ErrorKind::WouldBlock
-            | io::ErrorKind::Interrupted
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset => AcceptFailure::Transient,
-            _ if matches!(
-                e.raw_os_error(),
-                Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-            ) =>
-            {
-                AcceptFailure::Exhausted
-            }
-            _ => AcceptFailure::Fatal,
-        }
-    }
 }
 
 /// An http/1 builder with keep-alive as configured: `keepalive` seconds idle

@@ -6,6 +6,7 @@ use std::io;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -168,6 +169,40 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_nonblocking(on),
             Stream::Unix(s) => s.set_nonblocking(on),
+        }
+    }
+}
+
+/// How long an accept loop pauses when the process or system is out of fds.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// What to do after a failed accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptFailure {
+    /// Another worker took the connection, or the client gave up: try again.
+    Transient,
+    /// Out of file descriptors: pause for [`ACCEPT_BACKOFF`], then try again.
+    Exhausted,
+    /// Anything else: the worker cannot go on.
+    Fatal,
+}
+
+impl AcceptFailure {
+    /// Classifies an accept error.
+    pub fn of(e: &io::Error) -> AcceptFailure {
+        match e.kind() {
+            io::ErrorKind::WouldBlock
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset => AcceptFailure::Transient,
+            _ if matches!(
+                e.raw_os_error(),
+                Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+            ) =>
+            {
+                AcceptFailure::Exhausted
+            }
+            _ => AcceptFailure::Fatal,
         }
     }
 }

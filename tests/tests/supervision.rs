@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -234,36 +234,7 @@ fn counters(m: &Metrics) -> Vec<(String, f64)> {
 
 fn chaos_kills_keep_counters_monotonic(worker: &str) {
     let s = Server::start(TESTAPP, Opts::new(worker, 2));
-    let attempts = Arc::new(AtomicU64::new(0));
-    let load = {
-        let attempts = attempts.clone();
-        let addr = s.addr;
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let threads = (0..8)
-            .map(|_| {
-                let (stop, ok, failed, attempts) =
-                    (stop.clone(), ok.clone(), failed.clone(), attempts.clone());
-                std::thread::spawn(move || {
-                    let deadline = Instant::now() + Duration::from_secs(90);
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        attempts.fetch_add(1, Ordering::Relaxed);
-                        match http(addr, "GET", "/", &[], b"") {
-                            Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                            _ => failed.fetch_add(1, Ordering::Relaxed),
-                        };
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            ok,
-            failed,
-            threads,
-        }
-    };
+    let load = Load::start(s.addr, 8, "/");
     let scraping = Arc::new(AtomicBool::new(true));
     let scraper = {
         let scraping = scraping.clone();
@@ -330,7 +301,8 @@ fn chaos_kills_keep_counters_monotonic(worker: &str) {
     let (scrapes, scrape_failures, violations) = scraper.join().unwrap();
     let m = s.scrape();
     let total = m.sum("gpe_http_requests_total");
-    let attempts = attempts.load(Ordering::Relaxed);
+    // Every attempt ended as a success or a failure once the clients joined.
+    let attempts = ok + failed;
     println!(
         "{worker}: {kills} kills, {ok} ok, {failed} failed, {attempts} attempts, counted {total}, {scrapes} scrapes, progress per 2 s {progress:?}"
     );

@@ -61,39 +61,35 @@ struct Connections {
 
 impl Connections {
     async fn serve(&self, stream: Stream, peer: String, admission: Admission) {
-        let drained = admission.drained();
-        let (svc, b, r) = (&self.service, &self.builder, &self.runner);
-        match stream {
-            Stream::Tcp(s) => match Async::new(s) {
-                Ok(io) => {
-                    serve_io(
-                        FuturesIo::new(eager::Eager::new(io)),
-                        &peer,
-                        svc,
-                        b,
-                        r,
-                        drained,
-                    )
-                    .await
-                }
-                Err(e) => gpe_core::log_warn!("cannot serve a connection: {e}"),
-            },
-            Stream::Unix(s) => match Async::new(s) {
-                Ok(io) => {
-                    serve_io(
-                        FuturesIo::new(eager::Eager::new(io)),
-                        &peer,
-                        svc,
-                        b,
-                        r,
-                        drained,
-                    )
-                    .await
-                }
-                Err(e) => gpe_core::log_warn!("cannot serve a connection: {e}"),
-            },
+        let registered = match stream {
+            Stream::Tcp(s) => {
+                Async::new(s).map(|io| self.serve_on(io, &peer, &admission).boxed_local())
+            }
+            Stream::Unix(s) => {
+                Async::new(s).map(|io| self.serve_on(io, &peer, &admission).boxed_local())
+            }
+        };
+        match registered {
+            Ok(serving) => serving.await,
+            Err(e) => gpe_core::log_warn!("cannot serve a connection: {e}"),
         }
-        drop(admission);
+        // `admission` (the connection's place under the cap) is released here.
+    }
+
+    async fn serve_on<T>(&self, io: Async<T>, peer: &str, admission: &Admission)
+    where
+        Async<T>: smol::io::AsyncRead + smol::io::AsyncWrite + Unpin,
+    {
+        let io = FuturesIo::new(eager::Eager::new(io));
+        serve_io(
+            io,
+            peer,
+            &self.service,
+            &self.builder,
+            &self.runner,
+            admission.drained(),
+        )
+        .await;
     }
 }
 

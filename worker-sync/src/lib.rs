@@ -13,6 +13,7 @@ use std::os::fd::AsFd;
 use std::time::Duration;
 
 use gpe_core::instrument::{http1_builder, serve_tokio, Inline};
+use gpe_core::listener::{AcceptFailure, ACCEPT_BACKOFF};
 use gpe_core::store::WorkerKind;
 use gpe_core::{Control, Worker, WorkerContext, WorkerExit};
 use hyper_util::rt::TokioTimer;
@@ -76,17 +77,16 @@ impl Worker for SyncWorker {
                 }
                 let (stream, peer) = match listener.accept() {
                     Ok(c) => c,
-                    // Another worker took it, or the client gave up: not an error.
-                    Err(e) if is_transient(&e) => continue,
-                    Err(e)
-                        if e.raw_os_error() == Some(nix::libc::EMFILE)
-                            || e.raw_os_error() == Some(nix::libc::ENFILE) =>
-                    {
-                        gpe_core::log_error!("accept: {e}; backing off");
-                        std::thread::sleep(Duration::from_millis(100));
-                        continue;
-                    }
-                    Err(e) => return Err(e),
+                    Err(e) => match AcceptFailure::of(&e) {
+                        // Another worker took it, or the client gave up.
+                        AcceptFailure::Transient => continue,
+                        AcceptFailure::Exhausted => {
+                            gpe_core::log_error!("accept: {e}; backing off");
+                            std::thread::sleep(ACCEPT_BACKOFF);
+                            continue;
+                        }
+                        AcceptFailure::Fatal => return Err(e),
+                    },
                 };
                 let served = rt.block_on(serve_tokio(
                     stream,
@@ -107,14 +107,4 @@ impl Worker for SyncWorker {
             }
         }
     }
-}
-
-fn is_transient(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock
-            | io::ErrorKind::Interrupted
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-    )
 }

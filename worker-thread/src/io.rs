@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use gpe_core::instrument::{http1_builder, serve_io};
 use gpe_core::listener::Listener;
+use gpe_core::listener::{AcceptFailure, ACCEPT_BACKOFF};
 use gpe_core::{Control, WorkerContext, WorkerExit};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -25,8 +26,6 @@ use crate::pool::PoolRunner;
 /// How often the IO thread refreshes the heartbeat (the master's `timeout`
 /// is at least a second).
 const TICK: Duration = Duration::from_millis(500);
-/// Pause after running out of file descriptors.
-const EMFILE_BACKOFF: Duration = Duration::from_millis(100);
 /// Time a client has for the head of its first request when keep-alive is off.
 const HEADER_TIMEOUT_WITHOUT_KEEPALIVE: Duration = Duration::from_secs(2);
 
@@ -99,13 +98,15 @@ pub(crate) async fn serve(mut ctx: WorkerContext, pool: PoolRunner) -> io::Resul
                         );
                         conns.spawn_local(conn);
                     }
-                    // Another worker took it, or the client gave up.
-                    Err(e) if is_transient(&e) => {}
-                    Err(e) if is_fd_exhaustion(&e) => {
-                        gpe_core::log_error!("accept: {e}; backing off");
-                        tokio::time::sleep(EMFILE_BACKOFF).await;
-                    }
-                    Err(e) => return Err(e),
+                    Err(e) => match AcceptFailure::of(&e) {
+                        // Another worker took it, or the client gave up.
+                        AcceptFailure::Transient => {}
+                        AcceptFailure::Exhausted => {
+                            gpe_core::log_error!("accept: {e}; backing off");
+                            tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        }
+                        AcceptFailure::Fatal => return Err(e),
+                    },
                 }
             }
         }
@@ -265,23 +266,4 @@ impl Accepting {
         }
         Poll::Pending
     }
-}
-
-/// Accept errors that concern one connection only.
-fn is_transient(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock
-            | io::ErrorKind::Interrupted
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-    )
-}
-
-/// The process or the system is out of file descriptors.
-fn is_fd_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(nix::libc::EMFILE | nix::libc::ENFILE)
-    )
 }
