@@ -36,6 +36,28 @@ pub struct Gate {
     balancer: Option<std::sync::Mutex<crate::balance::Balancer>>,
 }
 
+/// Takes the worker's listening sockets, registering each with the runtime
+/// through `register`.
+///
+/// # Errors
+/// A registration failed, or the worker has no socket at all.
+pub fn take_listeners<L>(
+    ctx: &mut WorkerContext,
+    register: impl FnMut(crate::listener::Listener) -> io::Result<L>,
+) -> io::Result<Vec<L>> {
+    let listeners = std::mem::take(&mut ctx.listeners)
+        .into_iter()
+        .map(register)
+        .collect::<io::Result<Vec<_>>>()?;
+    if listeners.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no listening socket",
+        ));
+    }
+    Ok(listeners)
+}
+
 /// One admitted connection: keep it alive as long as the connection.
 #[derive(Debug)]
 pub struct Admission {
@@ -53,6 +75,12 @@ impl Gate {
             drain: watch::Sender::new(false),
             balancer: None,
         }
+    }
+
+    /// The gate of a worker: its `worker_connections` cap, balanced with its
+    /// siblings.
+    pub fn for_worker(ctx: &WorkerContext) -> Gate {
+        Gate::new(ctx.config.worker_connections).with_balancer(ctx.balancer())
     }
 
     /// Also balances connections with sibling workers before each admission

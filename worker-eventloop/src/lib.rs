@@ -17,7 +17,9 @@ use std::sync::Arc;
 
 use futures_util::future::{select_all, FutureExt};
 use futures_util::stream;
-use gpe_core::async_worker::{keepalive_builder, supervise, Admission, Event, Gate, TICK};
+use gpe_core::async_worker::{
+    keepalive_builder, supervise, take_listeners, Admission, Event, Gate, TICK,
+};
 use gpe_core::instrument::{serve_io, Instrumented};
 use gpe_core::store::WorkerKind;
 use gpe_core::{Worker, WorkerContext, WorkerExit};
@@ -76,18 +78,9 @@ impl Connections {
 }
 
 async fn serve(ctx: &mut WorkerContext) -> io::Result<WorkerExit> {
-    let listeners = std::mem::take(&mut ctx.listeners)
-        .into_iter()
-        .map(Acceptor::register)
-        .collect::<io::Result<Vec<_>>>()?;
-    if listeners.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "no listening socket",
-        ));
-    }
+    let listeners = take_listeners(ctx, Acceptor::register)?;
     let ctx = &*ctx;
-    let gate = Gate::new(ctx.config.worker_connections).with_balancer(ctx.balancer());
+    let gate = Gate::for_worker(ctx);
     let connections = Rc::new(Connections {
         service: ctx.service.clone(),
         builder: keepalive_builder(&ctx.config, TokioTimer::new()),
