@@ -167,6 +167,11 @@ def main():
         }
         add(on, "gpe", kind, "metrics", ratio(r_on, c), ratio(r_on, rps(pexp)), ratio(r_on, r_off))
         add(off, "gpe", kind, "no-metrics", ratio(r_off, c), ratio(r_off, rps(pplain)))
+        noy = find("gpe", kind, "no-yield")
+        if noy is not None:
+            results[kind]["yield_gain"] = ratio(r_on, rps(noy))
+            add(noy, "gpe", kind, "no-yield (metrics on, `--idle-yield false`)", ratio(rps(noy), c),
+                ratio(rps(noy), rps(pexp)))
         chart.append((kind, r_on, r_off, rps(pexp), rps(pplain), c))
     for kind in GPE_KINDS:
         pk = PEER_OF[kind]
@@ -344,7 +349,10 @@ processes, `wrk -t1 -c{conns}`, {warm} s warm-up then {secs} s measured; keep-al
 on, except for sync workers, which close every connection on both sides (wrk
 sends `Connection: close`). gpe: `gpe serve -k TYPE -w 2` with the built-in
 `hello` app, metrics on (exporter running) and `--no-metrics`, alternating, each
-{os.environ.get('BENCH_REPEAT', '3')} times: the row shows the run with the median req/s (all runs in brackets). Ceiling:
+{os.environ.get('BENCH_REPEAT', '3')} times: the row shows the run with the median req/s (all runs in brackets).
+Thread, eventloop and greenlet then run once more with metrics on and
+`--idle-yield false` (the *no-yield* rows: the loop sleeps in epoll without
+yielding the CPU first; see docs/workers.md). Ceiling:
 `bench/ceiling` (bare tokio + hyper, one process, 2-thread runtime, no master, no
 metrics; `--close` answers `Connection: close`). Peer: gunicorn 23 with the same
 app as WSGI, plain and with gunicorn-prometheus-exporter (its worker class and

@@ -217,8 +217,14 @@ run_gpe() {
     fi
     close=0; [[ $kind == sync ]] && close=1
     # metrics on and off alternate, REPEAT times; the report takes the median run.
-    for variant in $(for _ in $(seq 1 "$REPEAT"); do echo metrics no-metrics; done); do
-      flags=(); [[ $variant == no-metrics ]] && flags=(--no-metrics)
+    # Then once with metrics on and `--idle-yield false` (thread, eventloop, greenlet).
+    local variants
+    variants=$(for _ in $(seq 1 "$REPEAT"); do echo metrics no-metrics; done)
+    [[ $kind == sync ]] || variants+=" no-yield"
+    for variant in $variants; do
+      flags=()
+      [[ $variant == no-metrics ]] && flags=(--no-metrics)
+      [[ $variant == no-yield ]] && flags=(--idle-yield false)
       start_server "gpe-$kind-$variant" "$GPE" serve -k "$kind" -w 2 \
         --bind "127.0.0.1:$PORT" --metrics-bind "127.0.0.1:$MPORT" "${flags[@]}"
       if wait_http "$URL" 20; then

@@ -107,6 +107,9 @@ pub struct RawSettings {
     /// Set SO_REUSEPORT on TCP listeners [default: false]
     #[arg(long)]
     pub reuse_port: Option<bool>,
+    /// Thread, eventloop and greenlet workers: yield the CPU once before the event loop sleeps [default: true]
+    #[arg(long)]
+    pub idle_yield: Option<bool>,
     /// Write the master's pid to this file
     #[arg(short = 'p', long)]
     pub pidfile: Option<PathBuf>,
@@ -162,6 +165,7 @@ impl RawSettings {
             limit_request_field_size,
             max_body_size,
             reuse_port,
+            idle_yield,
             pidfile,
             accesslog,
             errorlog,
@@ -356,6 +360,8 @@ pub struct Config {
     pub max_body_size: u64,
     /// SO_REUSEPORT on TCP listeners.
     pub reuse_port: bool,
+    /// Whether an async worker's loop yields the CPU before it sleeps.
+    pub idle_yield: bool,
     /// Pid file.
     pub pidfile: Option<PathBuf>,
     /// Access log.
@@ -536,6 +542,7 @@ impl Config {
                 1 << 40,
             )?,
             reuse_port: raw.reuse_port.unwrap_or(false),
+            idle_yield: raw.idle_yield.unwrap_or(true),
             pidfile: raw.pidfile,
             accesslog: raw.accesslog.as_deref().map(LogTarget::parse),
             errorlog: raw
@@ -587,6 +594,18 @@ mod tests {
         assert_eq!(c.metrics_bind.to_string(), "127.0.0.1:9091");
         assert_eq!(c.timeout, Some(Duration::from_secs(30)));
         assert!(c.metrics);
+        assert!(c.idle_yield);
+    }
+
+    #[test]
+    fn idle_yield_comes_from_every_source_and_must_be_a_boolean() {
+        let off = Config::load(flags(&["--idle-yield", "false"]), None, vec![]).unwrap();
+        assert!(!off.idle_yield);
+        let env = vec![("GPE_IDLE_YIELD".to_owned(), "false".to_owned())];
+        assert!(!Config::load(flags(&[]), None, env).unwrap().idle_yield);
+        let env = vec![("GPE_IDLE_YIELD".to_owned(), "maybe".to_owned())];
+        let e = Config::load(flags(&[]), None, env).unwrap_err();
+        assert!(e.to_string().contains("GPE_IDLE_YIELD"), "{e}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod app;
 pub mod async_worker;
 pub mod balance;
 pub mod config;
+pub mod idle;
 pub mod instrument;
 pub mod listener;
 pub mod log;

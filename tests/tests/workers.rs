@@ -14,8 +14,12 @@ const KEEPALIVE: [&str; 3] = ["thread", "eventloop", "greenlet"];
 
 #[test]
 fn keepalive_counts_exactly_over_four_connections() {
-    for worker in KEEPALIVE {
-        let s = Server::start(TESTAPP, Opts::new(worker, 2).args(&["--keepalive", "10"]));
+    // Both ways the event loop can wait for IO: yielding first (the default) or not.
+    for (worker, idle_yield) in KEEPALIVE.iter().flat_map(|w| [(*w, "true"), (*w, "false")]) {
+        let s = Server::start(
+            TESTAPP,
+            Opts::new(worker, 2).args(&["--keepalive", "10", "--idle-yield", idle_yield]),
+        );
         let addr = s.addr;
         let results = parallel(4, 1, move |_, _| {
             let mut c = KeepAlive::connect(addr).unwrap();
@@ -30,7 +34,11 @@ fn keepalive_counts_exactly_over_four_connections() {
         assert_eq!(statuses.len(), 1000);
         assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 200);
         let m = s.scrape();
-        assert_eq!(m.sum("gpe_http_requests_total"), 1000.0, "{worker}");
+        assert_eq!(
+            m.sum("gpe_http_requests_total"),
+            1000.0,
+            "{worker}, idle_yield {idle_yield}"
+        );
         assert_eq!(
             m.value(
                 "gpe_http_requests_total",

@@ -48,9 +48,7 @@ impl Worker for EventloopWorker {
 
     fn run(&self, mut ctx: WorkerContext) -> io::Result<WorkerExit> {
         // Built here, after fork, never in the master.
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
+        let rt = gpe_core::idle::tokio_runtime(ctx.config.idle_yield)?;
         let exit = tokio::task::LocalSet::new().block_on(&rt, serve(&mut ctx));
         // App calls still running on the blocking pool must not delay the exit.
         rt.shutdown_background();

@@ -22,6 +22,7 @@ use futures_util::{stream, StreamExt};
 use gpe_core::async_worker::{
     keepalive_builder, supervise, take_listeners, Admission, Event, Gate, TICK,
 };
+use gpe_core::idle::yield_when_idle;
 use gpe_core::instrument::{serve_io, Instrumented};
 use gpe_core::listener::Stream;
 use gpe_core::store::WorkerKind;
@@ -50,7 +51,11 @@ impl Worker for GreenletWorker {
         // Created here, after fork; smol's reactor and blocking pool start
         // their threads lazily, so they too exist only in the worker.
         let executor = LocalExecutor::new();
-        smol::block_on(executor.run(serve(&executor, &mut ctx)))
+        let idle_yield = ctx.config.idle_yield;
+        smol::block_on(yield_when_idle(
+            executor.run(serve(&executor, &mut ctx)),
+            idle_yield,
+        ))
     }
 }
 

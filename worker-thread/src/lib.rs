@@ -36,9 +36,7 @@ impl Worker for ThreadWorker {
 
     fn run(&self, ctx: WorkerContext) -> std::io::Result<WorkerExit> {
         // Runtime and threads are created here, after fork.
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
+        let rt = gpe_core::idle::tokio_runtime(ctx.config.idle_yield)?;
         let pool = Pool::start(ctx.config.threads as usize)?;
         let local = tokio::task::LocalSet::new();
         let ending = local.block_on(&rt, io::serve(ctx, pool.runner()));
