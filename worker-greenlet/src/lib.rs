@@ -17,7 +17,8 @@ use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use futures_util::future::{select_all, FutureExt};
+use futures_util::future::FutureExt;
+use futures_util::stream::FuturesUnordered;
 use futures_util::{stream, StreamExt};
 use gpe_core::async_worker::{
     keepalive_builder, supervise, take_listeners, Admission, Event, Gate, TICK,
@@ -118,16 +119,28 @@ async fn serve(executor: &LocalExecutor<'_>, ctx: &mut WorkerContext) -> io::Res
     let ticks = StreamExt::map(Timer::interval(TICK), |_| Event::Tick);
     let events = std::pin::pin!(stream::select(signals, ticks));
 
-    let accepting = select_all(listeners.iter().map(|listener| {
-        accept::accept_loop(listener, &gate, |stream, peer, admission| {
-            let connections = connections.clone();
-            executor
-                .spawn(async move { connections.serve(stream, peer, admission).await })
-                .detach();
+    // A FuturesUnordered polls an accept loop only when its own socket woke
+    // it. smol polls this whole future after every reactor wake-up, and
+    // async-io's `read_with` takes any poll after a wake-up as readiness: in
+    // a `select_all` every wake-up would cost each listener a failed accept
+    // and an epoll re-arm.
+    let mut accept_loops: FuturesUnordered<_> = listeners
+        .iter()
+        .map(|listener| {
+            accept::accept_loop(listener, &gate, |stream, peer, admission| {
+                let connections = connections.clone();
+                executor
+                    .spawn(async move { connections.serve(stream, peer, admission).await })
+                    .detach();
+            })
         })
-        .boxed_local()
-    }))
-    .map(|(e, _, _)| e);
+        .collect();
+    let accepting = async move {
+        accept_loops
+            .next()
+            .await
+            .unwrap_or_else(|| io::Error::other("no accept loop"))
+    };
 
     supervise(ctx, &gate, events, accepting).await
 }
