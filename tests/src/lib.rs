@@ -4,7 +4,7 @@
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -366,6 +366,20 @@ impl KeepAlive {
     pub fn request(&mut self, method: &str, path: &str, body: &[u8]) -> std::io::Result<Resp> {
         write_request(&mut self.writer, method, path, &[], body, false)?;
         read_response(&mut self.reader, method == "HEAD")
+    }
+
+    /// Waits up to `limit` for the server to close the connection; true if
+    /// it did (end of stream or reset) without sending anything more.
+    pub fn closed_by_server_within(&mut self, limit: Duration) -> bool {
+        if self.writer.set_read_timeout(Some(limit)).is_err() {
+            return false;
+        }
+        let mut byte = [0u8; 1];
+        match self.reader.read(&mut byte) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
     }
 
     /// Writes several requests at once (pipelining), then reads the responses.

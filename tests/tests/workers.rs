@@ -55,6 +55,42 @@ fn keepalive_counts_exactly_over_four_connections() {
 }
 
 #[test]
+fn idle_connections_close_after_keepalive_and_a_silent_one_is_a_timeout() {
+    for worker in KEEPALIVE {
+        let s = Server::start(TESTAPP, Opts::new(worker, 1).args(&["--keepalive", "1"]));
+        let mut silent = KeepAlive::connect(s.addr).unwrap();
+        let mut served = KeepAlive::connect(s.addr).unwrap();
+        assert_eq!(served.request("GET", "/", b"").unwrap().status, 200);
+        let limit = Duration::from_secs(15);
+        assert!(
+            silent.closed_by_server_within(limit),
+            "{worker}: a connection that never sends a head is closed"
+        );
+        assert!(
+            served.closed_by_server_within(limit),
+            "{worker}: an idle keep-alive connection is closed"
+        );
+        let m = s.scrape();
+        let timeouts = m.value(
+            "gpe_http_errors_total",
+            &[
+                ("method", "unknown"),
+                ("route", "unknown"),
+                ("kind", "timeout"),
+            ],
+        );
+        assert_eq!(timeouts, Some(1.0), "{worker}: only the silent connection");
+        assert_eq!(m.sum("gpe_http_errors_total"), 1.0, "{worker}");
+        assert_eq!(m.sum("gpe_http_requests_total"), 1.0, "{worker}");
+        assert_eq!(
+            m.value("gpe_worker_connections", &[]),
+            Some(0.0),
+            "{worker}"
+        );
+    }
+}
+
+#[test]
 fn pipelined_responses_come_in_request_order() {
     for worker in KEEPALIVE {
         let s = Server::start(TESTAPP, Opts::new(worker, 1));
