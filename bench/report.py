@@ -219,6 +219,53 @@ def main():
         hlines.append(f"| 4 threads on one Recorder: aggregate (wall / 4 requests) | {agg:.1f} | | |")
     htable = "\n".join(hlines) if hot else "(not measured)"
 
+    # ---------------------------------------------------------- syscall profile
+    prof = {p["label"]: p for p in load_jsonl(out / "profile.jsonl")}
+
+    def per_req(p, *events):
+        n = (p.get("wrk") or {}).get("requests")
+        if not n:
+            return None
+        return sum(p["perf"].get(e, 0) for e in events) / n
+
+    pcols = [
+        ("syscalls", ["raw_syscalls:sys_enter"]),
+        ("recvfrom + read", ["syscalls:sys_enter_recvfrom", "syscalls:sys_enter_read"]),
+        ("sendto + writev + write", ["syscalls:sys_enter_sendto", "syscalls:sys_enter_writev",
+                                     "syscalls:sys_enter_write"]),
+        ("epoll_ctl", ["syscalls:sys_enter_epoll_ctl"]),
+        ("epoll_wait + epoll_pwait", ["syscalls:sys_enter_epoll_wait", "syscalls:sys_enter_epoll_pwait"]),
+        ("sched_yield", ["syscalls:sys_enter_sched_yield"]),
+        ("accept4", ["syscalls:sys_enter_accept4"]),
+        ("context switches", ["context-switches"]),
+    ]
+    plines = ["| server | req/s | " + " | ".join(c for c, _ in pcols) + " | CPU µs |",
+              "|" + "---|" * (len(pcols) + 3)]
+    pnames = {"ceiling": "ceiling (tokio+hyper, 2 threads)"}
+    for label, p in prof.items():
+        if not p.get("wrk"):
+            continue
+        cells = []
+        for _, evs in pcols:
+            v = per_req(p, *evs)
+            cells.append("–" if v is None else f"{v:.2f}")
+        cpu = per_req(p, "task-clock")
+        name = pnames.get(label, f"gpe {label}" + (" (`--idle-yield false`)" if "no-yield" in label else ""))
+        plines.append(f"| {name} | {rps(p):,.0f} | " + " | ".join(cells)
+                      + f" | {'–' if cpu is None else f'{cpu * 1000:.1f}'} |")
+    ptable = "\n".join(plines) if len(plines) > 2 else "(not measured: perf could not read syscall tracepoints)"
+
+    def pfig(label, *events):
+        p = prof.get(label)
+        v = per_req(p, *events) if p and p.get("wrk") else None
+        return "?" if v is None else f"{v:.2f}"
+
+    sys_ = ["raw_syscalls:sys_enter"]
+    ctl = ["syscalls:sys_enter_epoll_ctl"]
+    cs = ["context-switches"]
+    ryield = {k: results[k].get("yield_gain") for k in ("thread", "eventloop", "greenlet")}
+    ryield_s = ", ".join(f"{k} {'–' if v is None else f'{v:.2f}x'}" for k, v in ryield.items())
+
     # ---------------------------------------------------------- targets
     def mark(ok):
         return "**met**" if ok else "**missed**"
@@ -404,33 +451,43 @@ thread); the four-thread row shares one multi-writer recorder.
 
 {ttable}
 
-## What bounds the greenlet worker
+## Syscalls per request
 
-The greenlet worker is the furthest from the ceiling. Its extra cost is in
-smol's IO layer (async-io), not in gpe's path: `strace -c -f` on one worker
-process for 2 s under the same wrk load (measured by hand on 2026-11-27, one
-worker, hello app) counted per request
+`perf stat` on the server processes (the ceiling's one process; gpe's two
+workers) during one more {os.environ.get('BENCH_PROFILE_SECONDS', '5')} s wrk run of the same shape, divided by
+the requests wrk counted (so *req/s* here is under perf). Counted with the
+`raw_syscalls` and `syscalls` tracepoints and the `context-switches` software
+event; *CPU µs* is the servers' task-clock per request. `recvfrom + read` and
+`sendto + writev + write` include smol's reactor notifier (an eventfd).
 
-| worker | syscalls per request | of which |
-|---|---|---|
-| eventloop (tokio) | 2.1 | 1 `recvfrom`, 1 `writev`, 0.06 `epoll_wait` |
-| greenlet (smol), before `worker-greenlet/src/eager.rs` | 6.3 | 2.2 `recvfrom` (1.2 of them `EAGAIN`), 1 `sendto`, 1.3 `epoll_ctl`, 0.44 `epoll_pwait`, 0.44 `read` of the reactor's notifier |
-| greenlet (smol), now | 3.5 | 1 `recvfrom`, 1 `sendto`, 1.2 `epoll_ctl`, 0.07 `epoll_pwait`, 0.3 other |
+{ptable}
 
-async-io registers sockets in one-shot mode, so every wait re-arms the socket
-with `epoll_ctl`; tokio keeps edge-triggered registrations. gpe's greenlet
-stream now waits for readiness after a short read instead of calling `recv`
-only to get `EAGAIN` (what tokio does internally). hyper's per-request
-header-read timer (the keep-alive idle timeout) adds a reactor notification on
-smol: without it (an experiment, not a setting) greenlet went from
-75.7k/81.4k to 83.0k/86.2k requests/s. Choose eventloop for the highest request
-rate on async apps; greenlet for smol-based code.
+## What bounds each worker type
 
-The ratios to the ceiling also move with the ceiling itself, which varies
-between runs on this shared 2-core VM (113k and 136k requests/s in two full
-runs on the same code); gpe's balanced workers keep three busy processes on two
-cores (two workers and wrk), where the ceiling's work-stealing runtime can
-idle a thread.
+- **Sleeping in epoll.** On this machine wrk and the two workers share two
+  cores. A worker whose eight connections are all waiting for wrk sleeps in
+  `epoll_wait`, and wrk's next request wakes it: a context switch each way,
+  many times per millisecond. Yielding the CPU once before that sleep
+  (`idle_yield`, on by default) lets wrk run first, so the loop more often
+  finds work and does not sleep: context switches per request fall from
+  {pfig('eventloop no-yield', *cs)} to {pfig('eventloop', *cs)} (eventloop) and from
+  {pfig('greenlet no-yield', *cs)} to {pfig('greenlet', *cs)} (greenlet); the ceiling
+  makes {pfig('ceiling', *cs)}. Throughput with / without it (metrics on): {ryield_s}.
+- **The greenlet worker's IO layer.** smol (async-io) registers sockets in
+  one-shot mode, so every wait re-arms a socket with `epoll_ctl`
+  ({pfig('greenlet', *ctl)} per request, against {pfig('eventloop', *ctl)} for tokio, which
+  keeps edge-triggered registrations), and hyper's per-request header-read
+  timer (the keep-alive idle timeout) notifies the reactor through its eventfd.
+  In all, greenlet makes {pfig('greenlet', *sys_)} syscalls per request against
+  eventloop's {pfig('eventloop', *sys_)}. gpe's greenlet stream waits for readiness
+  after a short read instead of calling `recv` only to get `EAGAIN`
+  (`worker-greenlet/src/eager.rs`), and its accept loops are polled only when
+  their own listener wakes them (a `FuturesUnordered`): async-io takes any
+  poll after a wake-up as readiness, which cost a failed `accept4` and an
+  `epoll_ctl` per reactor wake-up. Choose eventloop for the highest request
+  rate on async apps; greenlet for smol-based code.
+- **The ceiling moves.** The bare server itself varies from run to run on this
+  shared VM, and every ratio above moves with it.
 """
     (root / "BENCHMARKS.md").write_text(md)
     print("\n" + table + "\n\n" + stable + "\n\n" + htable + "\n\n" + ttable)

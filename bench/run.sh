@@ -13,12 +13,15 @@
 #     metrics on and off, and gunicorn with and without the exporter;
 #  3. measures the scrape cost of /metrics with 8 workers x 1,000 label sets, then
 #     again after 200 worker respawns forced by max_requests = 20, for gpe and the peer;
-#  4. runs the criterion micro-benchmark of the hot path (core/benches/hot_path.rs);
-#  5. writes BENCHMARKS.md and docs/bench.png (bench/report.py).
+#  4. counts syscalls, context switches and CPU per request with `perf stat` for the
+#     ceiling and the keep-alive worker types (with and without idle_yield);
+#  5. runs the criterion micro-benchmark of the hot path (core/benches/hot_path.rs);
+#  6. writes BENCHMARKS.md and docs/bench.png (bench/report.py).
 #
 # Environment: BENCH_SECONDS (10), BENCH_WARMUP (2), BENCH_CONNECTIONS (16),
 # BENCH_PORT (18000), BENCH_METRICS_PORT (19091), BENCH_PEER_METRICS_PORT (19092),
 # BENCH_SCRAPES (50), BENCH_RESPAWNS (200), BENCH_REPEAT (3 runs of each gpe row), BENCH_SKIP_PEER=1, BENCH_SKIP_MICRO=1,
+# BENCH_SKIP_PROFILE=1, BENCH_PROFILE_SECONDS (5),
 # CARGO_TARGET_DIR (default: ./target).
 set -euo pipefail
 
@@ -174,6 +177,7 @@ setup() {
   command -v curl >/dev/null || missing+=(curl)
   command -v ss >/dev/null || missing+=(iproute2)
   command -v pgrep >/dev/null || missing+=(procps)
+  command -v perf >/dev/null || missing+=(linux-perf)
   command -v python3 >/dev/null || missing+=(python3 python3-venv)
   if ((${#missing[@]})); then
     log "apt-get install ${missing[*]}"
@@ -365,6 +369,53 @@ scrape_peer() {
   stop_server
 }
 
+# ---------------------------------------------------------------- syscall profile
+# Kernel-side cost per request: `perf stat` counts syscalls (tracepoints),
+# context switches and CPU time of the server processes while one wrk run of
+# PROFILE_SECS loads them (same shape as the throughput runs).
+PROFILE_SECS=${BENCH_PROFILE_SECONDS:-5}
+PROFILE_EVENTS=raw_syscalls:sys_enter,syscalls:sys_enter_recvfrom,syscalls:sys_enter_read,syscalls:sys_enter_sendto,syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_pwait,syscalls:sys_enter_sched_yield,syscalls:sys_enter_accept4,context-switches,task-clock
+
+# $1 label, $2 space-separated pids; appends a line to profile.jsonl.
+profile_one() {
+  local label=$1 pids res counts
+  pids=$(tr ' ' ',' <<<"$2")
+  run_wrk 0 "$WARM" >/dev/null || true
+  res=$(perf stat -x, -o "$OUT/logs/perf-$label.csv" -e "$PROFILE_EVENTS" -p "$pids" -- \
+    wrk -t1 -c"$CONNS" -d"${PROFILE_SECS}s" --timeout 5s -s "$HERE/wrk/report.lua" "$URL" 2>&1 |
+    sed -n 's/^WRKJSON //p' || true)
+  # CSV lines: count,unit,event,...; unsupported events have no number.
+  counts=$(awk -F, '$1 ~ /^[0-9.]+$/ {printf "%s\"%s\":%s", (n++ ? "," : ""), $3, $1}' "$OUT/logs/perf-$label.csv")
+  [[ -n $res ]] || res=null
+  printf '{"label":"%s","processes":%s,"wrk":%s,"perf":{%s}}\n' \
+    "$label" "$(wc -w <<<"$2")" "$res" "$counts" >>"$OUT/profile.jsonl"
+  echo "   $label: $counts" >&2
+}
+
+run_profile() {
+  if ! perf stat -e raw_syscalls:sys_enter -- true >/dev/null 2>&1; then
+    echo "-- syscall profile skipped: perf cannot read syscall tracepoints here" >&2
+    return 0
+  fi
+  log "syscall profile: perf stat over ${PROFILE_SECS}s of wrk load"
+  start_server profile-ceiling "$CEILING" --bind "127.0.0.1:$PORT" --threads 2
+  wait_http "$URL" 10 && profile_one "ceiling" "$SERVER_PID"
+  stop_server
+  local kind flags label
+  for kind in thread eventloop greenlet eventloop:no-yield greenlet:no-yield; do
+    label=${kind/:/ }; flags=()
+    [[ $kind == *:no-yield ]] && flags=(--idle-yield false)
+    kind=${kind%%:*}
+    start_server "profile-$kind" "$GPE" serve -k "$kind" -w 2 \
+      --bind "127.0.0.1:$PORT" --metrics-bind "127.0.0.1:$MPORT" "${flags[@]}"
+    if wait_http "$URL" 20; then
+      sleep 0.5
+      profile_one "$label" "$(gpe_worker_pids "$SERVER_PID" | tr '\n' ' ')"
+    fi
+    stop_server
+  done
+}
+
 # ---------------------------------------------------------------- micro-benchmark
 run_micro() {
   log "criterion: cargo bench -p gpe-core --bench hot_path"
@@ -377,8 +428,8 @@ run_micro() {
 # ---------------------------------------------------------------- main
 main() {
   mkdir -p "$OUT/logs"
-  rm -f "$OUT"/results.jsonl "$OUT"/scrape.jsonl "$OUT"/logs/*.log
-  : >"$OUT/results.jsonl"; : >"$OUT/scrape.jsonl"
+  rm -f "$OUT"/results.jsonl "$OUT"/scrape.jsonl "$OUT"/profile.jsonl "$OUT"/logs/*.log "$OUT"/logs/*.csv
+  : >"$OUT/results.jsonl"; : >"$OUT/scrape.jsonl"; : >"$OUT/profile.jsonl"
   date -u +%Y-%m-%dT%H:%M:%SZ >"$OUT/started"
   cut -d' ' -f1-3 /proc/loadavg >"$OUT/loadavg-start"
   setup
@@ -389,12 +440,13 @@ main() {
   run_ceiling
   run_gpe
   [[ ${BENCH_SKIP_PEER:-0} == 1 ]] || run_peer
+  [[ ${BENCH_SKIP_PROFILE:-0} == 1 ]] || run_profile
   scrape_gpe
   [[ ${BENCH_SKIP_PEER:-0} == 1 ]] || scrape_peer
   [[ ${BENCH_SKIP_MICRO:-0} == 1 ]] || run_micro
   log "report: BENCHMARKS.md, docs/bench.png"
   wrk_version=$(wrk -v 2>&1 | head -1 || true)
-  BENCH_SECONDS=$SECS BENCH_WARMUP=$WARM BENCH_REPEAT=$REPEAT BENCH_SCRAPES=$SCRAPES BENCH_CONNECTIONS=$CONNS BENCH_WRK_VERSION="$wrk_version" \
+  BENCH_PROFILE_SECONDS=$PROFILE_SECS BENCH_SECONDS=$SECS BENCH_WARMUP=$WARM BENCH_REPEAT=$REPEAT BENCH_SCRAPES=$SCRAPES BENCH_CONNECTIONS=$CONNS BENCH_WRK_VERSION="$wrk_version" \
     "$VENV/bin/python" "$HERE/report.py" "$ROOT" "$OUT"
 }
 main "$@"
