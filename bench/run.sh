@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # gpe benchmark: one command, one run, regenerates BENCHMARKS.md and docs/bench.png.
 #
-#   bench/run.sh                     # full run (about 8-10 minutes on 2 cores)
+#   bench/run.sh                     # full run (about 13 minutes on 2 cores)
 #   BENCH_SECONDS=3 bench/run.sh     # quick check (shorter load phases)
 #
 # What it does (see BENCHMARKS.md for the method):
@@ -431,6 +431,8 @@ main() {
   rm -f "$OUT"/results.jsonl "$OUT"/scrape.jsonl "$OUT"/profile.jsonl "$OUT"/logs/*.log "$OUT"/logs/*.csv
   : >"$OUT/results.jsonl"; : >"$OUT/scrape.jsonl"; : >"$OUT/profile.jsonl"
   date -u +%Y-%m-%dT%H:%M:%SZ >"$OUT/started"
+  (cd "$ROOT" && git rev-parse --short HEAD && git status --porcelain --untracked-files=no | grep -q . && echo dirty) \
+    2>/dev/null | paste -sd' ' >"$OUT/commit" || true
   cut -d' ' -f1-3 /proc/loadavg >"$OUT/loadavg-start"
   setup
   for p in "$PORT" "$MPORT" "$PPORT"; do
