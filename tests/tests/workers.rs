@@ -181,13 +181,15 @@ fn async_workers_hold_500_idle_connections_and_serve() {
             assert_eq!(c.request("GET", "/", b"").unwrap().status, 200);
         }
         assert_eq!(get(s.addr, "/status/204").status, 204, "{worker}");
-        let m = s.scrape();
-        assert_eq!(
-            m.value("gpe_worker_connections", &[]),
-            Some(500.0),
-            "{worker}"
-        );
-        assert_eq!(m.sum("gpe_http_requests_total"), 501.0);
+        // The one-shot connection of that request closes after its response
+        // has reached us; wait (bounded) for the worker to have counted that.
+        let mut connections = None;
+        wait_until(Duration::from_secs(10), || {
+            connections = s.scrape().value("gpe_worker_connections", &[]);
+            connections == Some(500.0)
+        });
+        assert_eq!(connections, Some(500.0), "{worker}");
+        assert_eq!(s.scrape().sum("gpe_http_requests_total"), 501.0);
         drop(idle);
     }
 }
