@@ -1,5 +1,6 @@
 //! The instrumentation layer every worker puts between hyper and the app: it
-//! reads the body (413 past `max_body_size`), calls the app through a
+//! checks the request line and header fields (414, 431), reads the body (413
+//! past `max_body_size`), calls the app through a
 //! [`Runner`], catches panics (500, `kind="panic"`), records the request in the
 //! store and writes the access log. Accepting connections is the worker's job.
 
@@ -14,7 +15,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 
-use crate::app::{text, Reply, Request, Response, Route, SharedApp};
+use crate::app::{text, with_route, Reply, Request, Response, Route, SharedApp};
 use crate::config::Config;
 use crate::log::AccessLog;
 use crate::store::{ErrorKind, Recorder, RequestRecord};
@@ -91,12 +92,57 @@ pub fn method_label(m: &Method) -> &'static str {
     }
 }
 
+/// The per-line limits of a request head (`limit_request_line`,
+/// `limit_request_field_size`). hyper caps only the whole head
+/// ([`Config::max_head_bytes`]), so gpe checks each line once hyper has
+/// parsed it, before the body is read or the app is called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadLimits {
+    /// Longest request line (`METHOD SP target SP HTTP/x.y`), without CRLF.
+    pub line: usize,
+    /// Longest header field (`name: value`), without CRLF.
+    pub field: usize,
+}
+
+impl HeadLimits {
+    /// The limits set by `config`.
+    pub fn from_config(config: &Config) -> HeadLimits {
+        HeadLimits {
+            line: config.limit_request_line,
+            field: config.limit_request_field_size,
+        }
+    }
+
+    /// `414 URI Too Long` for a request line over the limit, `431 Request
+    /// Header Fields Too Large` for a header field over it, else `None`.
+    pub fn check(&self, parts: &http::request::Parts) -> Option<StatusCode> {
+        let uri = &parts.uri;
+        let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+            + uri.authority().map_or(0, |a| a.as_str().len())
+            + uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+        // Two spaces and "HTTP/1.1".
+        if parts.method.as_str().len() + target + 10 > self.line {
+            return Some(StatusCode::URI_TOO_LONG);
+        }
+        // "name: value".
+        let too_large = |(name, value): (&header::HeaderName, &HeaderValue)| {
+            name.as_str().len() + 2 + value.len() > self.field
+        };
+        parts
+            .headers
+            .iter()
+            .any(too_large)
+            .then_some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+    }
+}
+
 /// An app wrapped with metrics, limits and the access log.
 #[derive(Debug)]
 pub struct Instrumented {
     app: SharedApp,
     recorder: Arc<Recorder>,
     access: Option<AccessLog>,
+    limits: HeadLimits,
     max_body: u64,
     max_requests: Option<u64>,
     retire: tokio::sync::Notify,
@@ -108,6 +154,7 @@ impl Instrumented {
         app: SharedApp,
         recorder: Arc<Recorder>,
         access: Option<AccessLog>,
+        limits: HeadLimits,
         max_body: u64,
         max_requests: Option<u64>,
     ) -> Instrumented {
@@ -115,6 +162,7 @@ impl Instrumented {
             app,
             recorder,
             access,
+            limits,
             max_body,
             max_requests,
             retire: tokio::sync::Notify::new(),
@@ -178,7 +226,10 @@ impl Instrumented {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .is_some_and(|n| n > self.max_body);
-        let body = if too_long {
+        let over_limit = self.limits.check(&parts);
+        let body = if let Some(status) = over_limit {
+            Err((status, ErrorKind::BadRequest))
+        } else if too_long {
             Err((StatusCode::PAYLOAD_TOO_LARGE, ErrorKind::BadRequest))
         } else {
             match Limited::new(body, self.max_body.min(usize::MAX as u64) as usize)
@@ -194,11 +245,15 @@ impl Instrumented {
             }
         };
         let (resp, request_bytes, error) = match body {
-            Err((status, kind)) => (
-                text(status, status.canonical_reason().unwrap_or("")),
-                0,
-                Some(kind),
-            ),
+            Err((status, kind)) => {
+                let resp = text(status, status.canonical_reason().unwrap_or(""));
+                // An oversized line's path is no label: count it as `unknown`.
+                let resp = match over_limit {
+                    Some(_) => with_route(resp, "unknown"),
+                    None => resp,
+                };
+                (resp, 0, Some(kind))
+            }
             Ok(body) => {
                 let n = body.len() as u64;
                 let req = Request::from_parts(parts, body);
@@ -251,6 +306,11 @@ impl Instrumented {
         resp.headers_mut()
             .entry(header::SERVER)
             .or_insert(HeaderValue::from_static("gpe"));
+        if over_limit.is_some() {
+            // Like Gunicorn: a client that breaks the head limits is not kept.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if self.retiring() {
             // The last request of a recycling worker: close politely.
             resp.headers_mut()
@@ -416,4 +476,65 @@ where
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(method: &str, uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut b = http::Request::builder().method(method).uri(uri);
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    const LIMITS: HeadLimits = HeadLimits {
+        line: 100,
+        field: 50,
+    };
+
+    #[test]
+    fn the_request_line_limit_counts_method_target_and_version() {
+        // "GET " + target + " HTTP/1.1" is 13 bytes plus the target.
+        let at = format!("/{}", "a".repeat(100 - 13 - 1));
+        assert_eq!(LIMITS.check(&parts("GET", &at, &[])), None);
+        let over = format!("{at}a");
+        assert_eq!(
+            LIMITS.check(&parts("GET", &over, &[])),
+            Some(StatusCode::URI_TOO_LONG)
+        );
+        // The query counts; so do scheme and authority in absolute form.
+        let with_query = format!("/?{}", "q".repeat(100 - 13 - 1));
+        assert_eq!(
+            LIMITS.check(&parts("GET", &with_query, &[])),
+            Some(StatusCode::URI_TOO_LONG)
+        );
+        let absolute = format!("http://example.com/{}", "a".repeat(100 - 13 - 19));
+        assert_eq!(LIMITS.check(&parts("GET", &absolute, &[])), None);
+        let absolute = format!("{absolute}a");
+        assert_eq!(
+            LIMITS.check(&parts("GET", &absolute, &[])),
+            Some(StatusCode::URI_TOO_LONG)
+        );
+    }
+
+    #[test]
+    fn the_field_limit_counts_name_separator_and_value() {
+        // "x-a: " is 5 bytes.
+        let at = "v".repeat(50 - 5);
+        assert_eq!(LIMITS.check(&parts("GET", "/", &[("x-a", &at)])), None);
+        let over = format!("{at}v");
+        assert_eq!(
+            LIMITS.check(&parts("GET", "/", &[("host", "h"), ("x-a", &over)])),
+            Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
+        // The request line is checked first.
+        let long = format!("/{}", "a".repeat(100));
+        assert_eq!(
+            LIMITS.check(&parts("GET", &long, &[("x-a", &over)])),
+            Some(StatusCode::URI_TOO_LONG)
+        );
+    }
 }

@@ -9,7 +9,7 @@ use nix::sys::signal::Signal;
 
 use crate::app::AppFactory;
 use crate::config::Config;
-use crate::instrument::Instrumented;
+use crate::instrument::{HeadLimits, Instrumented};
 use crate::listener::Listener;
 use crate::log::AccessLog;
 use crate::store::{Recorder, StoreDir, WorkerKind};
@@ -213,6 +213,7 @@ pub(crate) fn child_main(
         app,
         recorder.clone(),
         access,
+        HeadLimits::from_config(&config),
         config.max_body_size,
         max_requests,
     ));

@@ -45,6 +45,7 @@ per_worker!(
     real_prometheus_scrapes_exact_totals,
     cardinality_is_capped,
     master_has_one_thread,
+    head_limits_answer_414_and_431,
 );
 
 fn exact_counts(worker: &str) {
@@ -87,6 +88,61 @@ fn exact_counts(worker: &str) {
         metrics.value("gpe_http_request_duration_seconds_count", &[]),
         Some(1000.0)
     );
+}
+
+fn head_limits_answer_414_and_431(worker: &str) {
+    let s = Server::start(
+        TESTAPP,
+        Opts::new(worker, 1).args(&[
+            "--limit-request-line",
+            "200",
+            "--limit-request-field-size",
+            "100",
+        ]),
+    );
+    let before = s.worker_pids();
+    // "GET /?qqq… HTTP/1.1": 13 bytes around the query.
+    let line_at = format!("/?{}", "q".repeat(200 - 13 - 2));
+    let line_over = format!("{line_at}q");
+    // "x-a: vvv…": 5 bytes before the value.
+    let field_at = "v".repeat(100 - 5);
+    let field_over = format!("{field_at}v");
+    let send = |path: &str, field: &str| http(s.addr, "GET", path, &[("x-a", field)], b"").unwrap();
+    assert_eq!(
+        send(&line_at, "v").status,
+        200,
+        "{worker}: line at the limit"
+    );
+    let r = send(&line_over, "v");
+    assert_eq!(r.status, 414, "{worker}: line over the limit");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_eq!(
+        send("/", &field_at).status,
+        200,
+        "{worker}: field at the limit"
+    );
+    assert_eq!(
+        send("/", &field_over).status,
+        431,
+        "{worker}: field over the limit"
+    );
+    assert_eq!(s.worker_pids(), before, "{worker}: the worker lives on");
+    let m = s.scrape();
+    let requests = |route: &str, status: &str| {
+        m.value(
+            "gpe_http_requests_total",
+            &[("method", "GET"), ("route", route), ("status", status)],
+        )
+    };
+    assert_eq!(requests("/", "200"), Some(2.0));
+    assert_eq!(requests("unknown", "414"), Some(1.0));
+    assert_eq!(requests("unknown", "431"), Some(1.0));
+    assert_eq!(m.sum("gpe_http_requests_total"), 4.0);
+    assert_eq!(
+        m.value("gpe_http_errors_total", &[("kind", "bad_request")]),
+        Some(2.0)
+    );
+    assert_eq!(m.sum("gpe_http_errors_total"), 2.0);
 }
 
 fn errors_keep_the_worker_alive(worker: &str) {
