@@ -223,10 +223,12 @@ def main():
     prof = {p["label"]: p for p in load_jsonl(out / "profile.jsonl")}
 
     def per_req(p, *events):
+        """Events per request; None if wrk or perf has no figure for any of them."""
         n = (p.get("wrk") or {}).get("requests")
-        if not n:
+        counts = [p["perf"].get(e) for e in events]
+        if not n or any(c is None for c in counts):
             return None
-        return sum(p["perf"].get(e, 0) for e in events) / n
+        return sum(counts) / n
 
     pcols = [
         ("syscalls", ["raw_syscalls:sys_enter"]),
@@ -468,14 +470,15 @@ event; *CPU µs* is the servers' task-clock per request. `recvfrom + read` and
 ## What bounds each worker type
 
 - **Sleeping in epoll.** On this machine wrk and the two workers share two
-  cores. A worker whose eight connections are all waiting for wrk sleeps in
+  cores. A worker whose connections (about {int(conns) // 2} each) are all waiting for wrk sleeps in
   `epoll_wait`, and wrk's next request wakes it: a context switch each way,
   many times per millisecond. Yielding the CPU once before that sleep
   (`idle_yield`, on by default) lets wrk run first, so the loop more often
   finds work and does not sleep: context switches per request fall from
   {pfig('eventloop no-yield', *cs)} to {pfig('eventloop', *cs)} (eventloop) and from
   {pfig('greenlet no-yield', *cs)} to {pfig('greenlet', *cs)} (greenlet); the ceiling
-  makes {pfig('ceiling', *cs)}. Throughput with / without it (metrics on): {ryield_s}.
+  makes {pfig('ceiling', *cs)}. Throughput with / without it (metrics on; the
+  median of the metrics-on runs against the single no-yield run): {ryield_s}.
 - **The greenlet worker's IO layer.** smol (async-io) registers sockets in
   one-shot mode, so every wait re-arms a socket with `epoll_ctl`
   ({pfig('greenlet', *ctl)} per request, against {pfig('eventloop', *ctl)} for tokio, which

@@ -177,7 +177,7 @@ setup() {
   command -v curl >/dev/null || missing+=(curl)
   command -v ss >/dev/null || missing+=(iproute2)
   command -v pgrep >/dev/null || missing+=(procps)
-  command -v perf >/dev/null || missing+=(linux-perf)
+  [[ ${BENCH_SKIP_PROFILE:-0} == 1 ]] || command -v perf >/dev/null || missing+=(linux-perf)
   command -v python3 >/dev/null || missing+=(python3 python3-venv)
   if ((${#missing[@]})); then
     log "apt-get install ${missing[*]}"
@@ -381,11 +381,12 @@ profile_one() {
   local label=$1 pids res counts
   pids=$(tr ' ' ',' <<<"$2")
   run_wrk 0 "$WARM" >/dev/null || true
-  res=$(perf stat -x, -o "$OUT/logs/perf-$label.csv" -e "$PROFILE_EVENTS" -p "$pids" -- \
+  res=$(timeout $((PROFILE_SECS + 30)) perf stat -x, -o "$OUT/logs/perf-$label.csv" -e "$PROFILE_EVENTS" -p "$pids" -- \
     wrk -t1 -c"$CONNS" -d"${PROFILE_SECS}s" --timeout 5s -s "$HERE/wrk/report.lua" "$URL" 2>&1 |
-    sed -n 's/^WRKJSON //p' || true)
+    tee -a "$OUT/logs/wrk.log" | sed -n 's/^WRKJSON //p' || true)
   # CSV lines: count,unit,event,...; unsupported events have no number.
-  counts=$(awk -F, '$1 ~ /^[0-9.]+$/ {printf "%s\"%s\":%s", (n++ ? "," : ""), $3, $1}' "$OUT/logs/perf-$label.csv")
+  counts=$(awk -F, '$1 ~ /^[0-9.]+$/ {printf "%s\"%s\":%s", (n++ ? "," : ""), $3, $1}' \
+    "$OUT/logs/perf-$label.csv" 2>/dev/null || true)
   [[ -n $res ]] || res=null
   printf '{"label":"%s","processes":%s,"wrk":%s,"perf":{%s}}\n' \
     "$label" "$(wc -w <<<"$2")" "$res" "$counts" >>"$OUT/profile.jsonl"
@@ -393,8 +394,8 @@ profile_one() {
 }
 
 run_profile() {
-  if ! perf stat -e raw_syscalls:sys_enter -- true >/dev/null 2>&1; then
-    echo "-- syscall profile skipped: perf cannot read syscall tracepoints here" >&2
+  if ! perf stat -e "$PROFILE_EVENTS" -- true >/dev/null 2>&1; then
+    echo "-- syscall profile skipped: perf cannot count $PROFILE_EVENTS here" >&2
     return 0
   fi
   log "syscall profile: perf stat over ${PROFILE_SECS}s of wrk load"
@@ -406,7 +407,7 @@ run_profile() {
     label=${kind/:/ }; flags=()
     [[ $kind == *:no-yield ]] && flags=(--idle-yield false)
     kind=${kind%%:*}
-    start_server "profile-$kind" "$GPE" serve -k "$kind" -w 2 \
+    start_server "profile-${label/ /-}" "$GPE" serve -k "$kind" -w 2 \
       --bind "127.0.0.1:$PORT" --metrics-bind "127.0.0.1:$MPORT" "${flags[@]}"
     if wait_http "$URL" 20; then
       sleep 0.5
@@ -431,8 +432,13 @@ main() {
   rm -f "$OUT"/results.jsonl "$OUT"/scrape.jsonl "$OUT"/profile.jsonl "$OUT"/logs/*.log "$OUT"/logs/*.csv
   : >"$OUT/results.jsonl"; : >"$OUT/scrape.jsonl"; : >"$OUT/profile.jsonl"
   date -u +%Y-%m-%dT%H:%M:%SZ >"$OUT/started"
-  (cd "$ROOT" && git rev-parse --short HEAD && git status --porcelain --untracked-files=no | grep -q . && echo dirty) \
-    2>/dev/null | paste -sd' ' >"$OUT/commit" || true
+  # The commit measured; "dirty" if tracked sources differ from it (the
+  # generated BENCHMARKS.md and docs/bench.png do not count).
+  {
+    git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || true
+    git -C "$ROOT" update-index -q --refresh >/dev/null 2>&1 || true
+    git -C "$ROOT" diff-index --quiet HEAD -- ':!BENCHMARKS.md' ':!docs/bench.png' 2>/dev/null || echo dirty
+  } | paste -sd' ' >"$OUT/commit"
   cut -d' ' -f1-3 /proc/loadavg >"$OUT/loadavg-start"
   setup
   for p in "$PORT" "$MPORT" "$PPORT"; do

@@ -292,6 +292,13 @@ impl Instrumented {
             },
         );
         if let Some(log) = &self.access {
+            // A line rejected for its length is not copied whole into the log.
+            let long = over_limit.map(|_| uri.to_string());
+            let cut = long.as_deref().map(|u| truncate(u, LOGGED_URI_MAX));
+            let uri: &dyn std::fmt::Display = match &cut {
+                Some(cut) => cut,
+                None => &uri,
+            };
             log.write(format_args!(
                 "{peer} - - [{}] \"{} {} {:?}\" {} {}",
                 httpdate::fmt_http_date(std::time::SystemTime::now()),
@@ -319,6 +326,19 @@ impl Instrumented {
         }
         resp
     }
+}
+
+/// Longest request target the access log copies from a request rejected by
+/// [`HeadLimits`].
+const LOGGED_URI_MAX: usize = 256;
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Ends the accounting of a request whose handler was dropped before it
@@ -518,6 +538,25 @@ mod tests {
             LIMITS.check(&parts("GET", &absolute, &[])),
             Some(StatusCode::URI_TOO_LONG)
         );
+    }
+
+    #[test]
+    fn other_request_target_forms_count_as_sent() {
+        // CONNECT host:port (authority-form) and OPTIONS * (asterisk-form).
+        let authority = format!("{}.example:443", "h".repeat(100 - 17 - 12));
+        assert_eq!(LIMITS.check(&parts("CONNECT", &authority, &[])), None);
+        assert_eq!(
+            LIMITS.check(&parts("CONNECT", &format!("h{authority}"), &[])),
+            Some(StatusCode::URI_TOO_LONG)
+        );
+        assert_eq!(LIMITS.check(&parts("OPTIONS", "*", &[])), None);
+    }
+
+    #[test]
+    fn truncation_keeps_whole_characters() {
+        assert_eq!(truncate("abc", 5), "abc");
+        assert_eq!(truncate("abcdef", 3), "abc");
+        assert_eq!(truncate("aé", 2), "a", "é is two bytes");
     }
 
     #[test]

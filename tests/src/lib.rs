@@ -364,7 +364,18 @@ impl KeepAlive {
     }
 
     pub fn request(&mut self, method: &str, path: &str, body: &[u8]) -> std::io::Result<Resp> {
-        write_request(&mut self.writer, method, path, &[], body, false)?;
+        self.request_with(method, path, &[], body)
+    }
+
+    /// A request with extra header fields.
+    pub fn request_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<Resp> {
+        write_request(&mut self.writer, method, path, headers, body, false)?;
         read_response(&mut self.reader, method == "HEAD")
     }
 

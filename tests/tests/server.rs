@@ -91,18 +91,22 @@ fn exact_counts(worker: &str) {
 }
 
 fn head_limits_answer_414_and_431(worker: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
     let s = Server::start(
         TESTAPP,
         Opts::new(worker, 1).args(&[
             "--limit-request-line",
-            "200",
+            "2000",
             "--limit-request-field-size",
             "100",
+            "--accesslog",
+            log.to_str().unwrap(),
         ]),
     );
     let before = s.worker_pids();
     // "GET /?qqq… HTTP/1.1": 13 bytes around the query.
-    let line_at = format!("/?{}", "q".repeat(200 - 13 - 2));
+    let line_at = format!("/?{}", "q".repeat(2000 - 13 - 2));
     let line_over = format!("{line_at}q");
     // "x-a: vvv…": 5 bytes before the value.
     let field_at = "v".repeat(100 - 5);
@@ -113,19 +117,24 @@ fn head_limits_answer_414_and_431(worker: &str) {
         200,
         "{worker}: line at the limit"
     );
-    let r = send(&line_over, "v");
-    assert_eq!(r.status, 414, "{worker}: line over the limit");
-    assert_eq!(r.header("connection"), Some("close"));
     assert_eq!(
         send("/", &field_at).status,
         200,
         "{worker}: field at the limit"
     );
-    assert_eq!(
-        send("/", &field_over).status,
-        431,
-        "{worker}: field over the limit"
-    );
+    // Over a limit: the answer closes even a keep-alive connection.
+    let over = |path: &str, field: &str, status: u16| {
+        let mut c = KeepAlive::connect(s.addr).unwrap();
+        let r = c.request_with("GET", path, &[("x-a", field)], b"").unwrap();
+        assert_eq!(r.status, status, "{worker}");
+        assert_eq!(r.header("connection"), Some("close"), "{worker}");
+        assert!(
+            c.closed_by_server_within(Duration::from_secs(10)),
+            "{worker}: the connection is closed after {status}"
+        );
+    };
+    over(&line_over, "v", 414);
+    over("/", &field_over, 431);
     assert_eq!(s.worker_pids(), before, "{worker}: the worker lives on");
     let m = s.scrape();
     let requests = |route: &str, status: &str| {
@@ -143,6 +152,17 @@ fn head_limits_answer_414_and_431(worker: &str) {
         Some(2.0)
     );
     assert_eq!(m.sum("gpe_http_errors_total"), 2.0);
+    // The access log keeps the first 256 bytes of the rejected target only.
+    let mut rejected = None;
+    wait_until(Duration::from_secs(5), || {
+        rejected = std::fs::read_to_string(&log)
+            .ok()
+            .and_then(|t| t.lines().find(|l| l.contains("\" 414 ")).map(str::to_owned));
+        rejected.is_some()
+    });
+    let rejected = rejected.expect("the 414 is logged");
+    let q = rejected.matches('q').count();
+    assert_eq!(q, 256 - 2, "{worker}: {rejected}");
 }
 
 fn errors_keep_the_worker_alive(worker: &str) {
