@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # gpe benchmark: one command, one run, regenerates BENCHMARKS.md and docs/bench.png.
 #
-#   bench/run.sh                     # full run (about 13 minutes on 2 cores)
+#   bench/run.sh                     # full run (about 14 minutes on 2 cores)
 #   BENCH_SECONDS=3 bench/run.sh     # quick check (shorter load phases)
 #
 # What it does (see BENCHMARKS.md for the method):
@@ -193,19 +193,22 @@ setup() {
 }
 
 # ---------------------------------------------------------------- throughput
+# The ceiling in one mode; $1 keepalive or close, $2 the variant's suffix.
+measure_ceiling() {
+  local mode=$1 tag=${2:-} close=0 extra=()
+  [[ $mode == close ]] && { close=1; extra=(--close); }
+  start_server "ceiling-$mode$tag" "$CEILING" --bind "127.0.0.1:$PORT" --threads 2 "${extra[@]}"
+  if wait_http "$URL" 10; then
+    measure ceiling hyper-2t "$mode$tag" "$close" "echo $SERVER_PID" "1 process, 2-thread tokio runtime"
+  else
+    skip_row ceiling hyper-2t "$mode$tag" "did not start (see bench/out/logs/ceiling-$mode$tag.log)"
+  fi
+  stop_server
+}
+
 run_ceiling() {
-  local mode close
-  for mode in keepalive close; do
-    close=0; local extra=()
-    [[ $mode == close ]] && { close=1; extra=(--close); }
-    start_server "ceiling-$mode" "$CEILING" --bind "127.0.0.1:$PORT" --threads 2 "${extra[@]}"
-    if wait_http "$URL" 10; then
-      measure ceiling hyper-2t "$mode" "$close" "echo $SERVER_PID" "1 process, 2-thread tokio runtime"
-    else
-      skip_row ceiling hyper-2t "$mode" "did not start (see bench/out/logs/ceiling-$mode.log)"
-    fi
-    stop_server
-  done
+  measure_ceiling keepalive
+  measure_ceiling close
 }
 
 run_gpe() {
@@ -220,6 +223,9 @@ run_gpe() {
       continue
     fi
     close=0; [[ $kind == sync ]] && close=1
+    # The machine's speed drifts during a run: each type is compared with the
+    # ceiling measured right before it.
+    if ((close)); then measure_ceiling close " before $kind"; else measure_ceiling keepalive " before $kind"; fi
     # metrics on and off alternate, REPEAT times; the report takes the median run.
     # Then once with metrics on and `--idle-yield false` (thread, eventloop, greenlet).
     local variants
