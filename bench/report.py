@@ -245,9 +245,26 @@ def main():
         ("accept4", ["syscalls:sys_enter_accept4"]),
         ("context switches", ["context-switches"]),
     ]
-    plines = ["| server | req/s | " + " | ".join(c for c, _ in pcols) + " | CPU µs |",
-              "|" + "---|" * (len(pcols) + 3)]
-    pnames = {"ceiling": "ceiling (tokio+hyper, 2 threads)"}
+    plines = ["| server | req/s | " + " | ".join(c for c, _ in pcols)
+              + " | CPU µs | server CPUs busy | wrk CPUs busy |",
+              "|" + "---|" * (len(pcols) + 5)]
+    pnames = {"ceiling keepalive": "ceiling (tokio+hyper, 2 threads)",
+              "ceiling close": "ceiling (tokio+hyper, 2 threads), connection close",
+              "sync": "gpe sync (connection close)"}
+
+    def busy(p, key):
+        """CPUs kept busy over the wrk run: the servers' (task-clock) or wrk's own."""
+        secs = ((p.get("wrk") or {}).get("duration_us") or 0) / 1e6
+        if not secs:
+            return None
+        if key == "server":
+            ms = p["perf"].get("task-clock")
+            return None if ms is None else ms / 1000 / secs
+        v = p.get("wrk_cpu_s")
+        return None if v is None else v / secs
+
+    def fmt_busy(v):
+        return "–" if v is None else f"{v:.2f}"
     for label, p in prof.items():
         if not p.get("wrk"):
             continue
@@ -258,13 +275,18 @@ def main():
         cpu = per_req(p, "task-clock")
         name = pnames.get(label, f"gpe {label}" + (" (`--idle-yield false`)" if "no-yield" in label else ""))
         plines.append(f"| {name} | {rps(p):,.0f} | " + " | ".join(cells)
-                      + f" | {'–' if cpu is None else f'{cpu * 1000:.1f}'} |")
+                      + f" | {'–' if cpu is None else f'{cpu * 1000:.1f}'} | {fmt_busy(busy(p, 'server'))} "
+                      f"| {fmt_busy(busy(p, 'wrk'))} |")
     ptable = "\n".join(plines) if len(plines) > 2 else "(not measured: perf could not read syscall tracepoints)"
 
     def pfig(label, *events):
         p = prof.get(label)
         v = per_req(p, *events) if p and p.get("wrk") else None
         return "?" if v is None else f"{v:.2f}"
+
+    def pbusy(label, key):
+        p = prof.get(label)
+        return fmt_busy(busy(p, key) if p and p.get("wrk") else None)
 
     sys_ = ["raw_syscalls:sys_enter"]
     ctl = ["syscalls:sys_enter_epoll_ctl"]
@@ -467,7 +489,9 @@ thread); the four-thread row shares one multi-writer recorder.
 
 `perf stat` on the server processes (the ceiling's one process; gpe's two
 workers) during one more {os.environ.get('BENCH_PROFILE_SECONDS', '5')} s wrk run of the same shape, divided by
-the requests wrk counted (so *req/s* here is under perf). Counted with the
+the requests wrk counted (so *req/s* here is under perf). *server CPUs busy*
+is their task-clock over the run's length, *wrk CPUs busy* wrk's own user and
+system time (from `/usr/bin/time`) over the same length. Counted with the
 `raw_syscalls` and `syscalls` tracepoints and the `context-switches` software
 event; *CPU µs* is the servers' task-clock per request. `recvfrom + read` and
 `sendto + writev + write` include smol's reactor notifier (an eventfd).
@@ -484,7 +508,7 @@ event; *CPU µs* is the servers' task-clock per request. `recvfrom + read` and
   finds work and does not sleep: context switches per request fall from
   {pfig('eventloop no-yield', *cs)} to {pfig('eventloop', *cs)} (eventloop) and from
   {pfig('greenlet no-yield', *cs)} to {pfig('greenlet', *cs)} (greenlet); the ceiling
-  makes {pfig('ceiling', *cs)}. Throughput with / without it (metrics on; the
+  makes {pfig('ceiling keepalive', *cs)}. Throughput with / without it (metrics on; the
   median of the metrics-on runs against the single no-yield run): {ryield_s}.
 - **The greenlet worker's IO layer.** smol (async-io) registers sockets in
   one-shot mode, so every wait re-arms a socket with `epoll_ctl`
@@ -499,6 +523,13 @@ event; *CPU µs* is the servers' task-clock per request. `recvfrom + read` and
   poll after a wake-up as readiness, which cost a failed `accept4` and an
   `epoll_ctl` per reactor wake-up. Choose eventloop for the highest request
   rate on async apps; greenlet for smol-based code.
+- **The sync worker is bound by wrk.** With a new connection per request, wrk
+  keeps {pbusy('sync', 'wrk')} CPUs busy (of the 2) while the two sync workers use
+  {pbusy('sync', 'server')}: gpe sync answers faster than this client can open
+  connections (and faster than the bare server in close mode). Against the
+  peer, the sync ratio is therefore bounded by wrk's connection rate. A sync worker
+  serves the clients waiting on a socket one after another without polling
+  in between ({pfig('sync', *sys_)} syscalls per request).
 - **The ceiling moves.** The bare server itself varies from run to run on this
   shared VM, and every ratio above moves with it.
 """

@@ -177,6 +177,7 @@ setup() {
   command -v curl >/dev/null || missing+=(curl)
   command -v ss >/dev/null || missing+=(iproute2)
   command -v pgrep >/dev/null || missing+=(procps)
+  [[ -x /usr/bin/time ]] || missing+=(time)
   [[ ${BENCH_SKIP_PROFILE:-0} == 1 ]] || command -v perf >/dev/null || missing+=(linux-perf)
   command -v python3 >/dev/null || missing+=(python3 python3-venv)
   if ((${#missing[@]})); then
@@ -382,21 +383,25 @@ scrape_peer() {
 PROFILE_SECS=${BENCH_PROFILE_SECONDS:-5}
 PROFILE_EVENTS=raw_syscalls:sys_enter,syscalls:sys_enter_recvfrom,syscalls:sys_enter_read,syscalls:sys_enter_sendto,syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_pwait,syscalls:sys_enter_sched_yield,syscalls:sys_enter_accept4,context-switches,task-clock
 
-# $1 label, $2 space-separated pids; appends a line to profile.jsonl.
+# $1 label, $2 space-separated pids, $3 1 for Connection: close; appends a
+# line to profile.jsonl (wrk's own CPU seconds too, from /usr/bin/time).
 profile_one() {
-  local label=$1 pids res counts
+  local label=$1 pids close=${3:-0} out res counts wrk_cpu hdr=()
   pids=$(tr ' ' ',' <<<"$2")
-  run_wrk 0 "$WARM" >/dev/null || true
-  res=$(timeout $((PROFILE_SECS + 30)) perf stat -x, -o "$OUT/logs/perf-$label.csv" -e "$PROFILE_EVENTS" -p "$pids" -- \
-    wrk -t1 -c"$CONNS" -d"${PROFILE_SECS}s" --timeout 5s -s "$HERE/wrk/report.lua" "$URL" 2>&1 |
-    tee -a "$OUT/logs/wrk.log" | sed -n 's/^WRKJSON //p' || true)
+  [[ $close == 1 ]] && hdr=(-H 'Connection: close')
+  run_wrk "$close" "$WARM" >/dev/null || true
+  out=$(timeout $((PROFILE_SECS + 30)) perf stat -x, -o "$OUT/logs/perf-${label// /-}.csv" -e "$PROFILE_EVENTS" -p "$pids" -- \
+    /usr/bin/time -f 'WRKCPU %U %S' wrk -t1 -c"$CONNS" -d"${PROFILE_SECS}s" --timeout 5s \
+    -s "$HERE/wrk/report.lua" "${hdr[@]}" "$URL" 2>&1 | tee -a "$OUT/logs/wrk.log" || true)
+  res=$(sed -n 's/^WRKJSON //p' <<<"$out")
+  wrk_cpu=$(awk '/^WRKCPU/ {print $2 + $3}' <<<"$out")
   # CSV lines: count,unit,event,...; unsupported events have no number.
   counts=$(awk -F, '$1 ~ /^[0-9.]+$/ {printf "%s\"%s\":%s", (n++ ? "," : ""), $3, $1}' \
-    "$OUT/logs/perf-$label.csv" 2>/dev/null || true)
+    "$OUT/logs/perf-${label// /-}.csv" 2>/dev/null || true)
   [[ -n $res ]] || res=null
-  printf '{"label":"%s","processes":%s,"wrk":%s,"perf":{%s}}\n' \
-    "$label" "$(wc -w <<<"$2")" "$res" "$counts" >>"$OUT/profile.jsonl"
-  echo "   $label: $counts" >&2
+  printf '{"label":"%s","processes":%s,"close":%s,"wrk":%s,"wrk_cpu_s":%s,"perf":{%s}}\n' \
+    "$label" "$(wc -w <<<"$2")" "$close" "$res" "${wrk_cpu:-null}" "$counts" >>"$OUT/profile.jsonl"
+  echo "   $label: wrk ${wrk_cpu:-?} CPU s; $counts" >&2
 }
 
 run_profile() {
@@ -405,19 +410,25 @@ run_profile() {
     return 0
   fi
   log "syscall profile: perf stat over ${PROFILE_SECS}s of wrk load"
-  start_server profile-ceiling "$CEILING" --bind "127.0.0.1:$PORT" --threads 2
-  wait_http "$URL" 10 && profile_one "ceiling" "$SERVER_PID"
-  stop_server
+  local mode close extra
+  for mode in keepalive close; do
+    close=0; extra=()
+    [[ $mode == close ]] && { close=1; extra=(--close); }
+    start_server "profile-ceiling-$mode" "$CEILING" --bind "127.0.0.1:$PORT" --threads 2 "${extra[@]}"
+    wait_http "$URL" 10 && profile_one "ceiling $mode" "$SERVER_PID" "$close"
+    stop_server
+  done
   local kind flags label
-  for kind in thread eventloop greenlet eventloop:no-yield greenlet:no-yield; do
+  for kind in sync thread eventloop greenlet eventloop:no-yield greenlet:no-yield; do
     label=${kind/:/ }; flags=()
     [[ $kind == *:no-yield ]] && flags=(--idle-yield false)
     kind=${kind%%:*}
+    close=0; [[ $kind == sync ]] && close=1
     start_server "profile-${label/ /-}" "$GPE" serve -k "$kind" -w 2 \
       --bind "127.0.0.1:$PORT" --metrics-bind "127.0.0.1:$MPORT" "${flags[@]}"
     if wait_http "$URL" 20; then
       sleep 0.5
-      profile_one "$label" "$(gpe_worker_pids "$SERVER_PID" | tr '\n' ' ')"
+      profile_one "$label" "$(gpe_worker_pids "$SERVER_PID" | tr '\n' ' ')" "$close"
     fi
     stop_server
   done

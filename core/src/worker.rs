@@ -86,8 +86,19 @@ impl WorkerContext {
     /// Takes pending signals: reopens logs on USR1 and returns the strongest
     /// stop request, if any.
     pub fn take_control(&self) -> Option<Control> {
+        self.control_from(self.signals.drain())
+    }
+
+    /// Like [`WorkerContext::take_control`], without a syscall when no signal
+    /// has arrived: for a loop that checks between requests instead of
+    /// polling the signal pipe.
+    pub fn take_control_if_signalled(&self) -> Option<Control> {
+        self.control_from(self.signals.drain_if_signalled())
+    }
+
+    fn control_from(&self, signals: Vec<Signal>) -> Option<Control> {
         let mut out = None;
-        for sig in self.signals.drain() {
+        for sig in signals {
             match sig {
                 Signal::SIGTERM if out.is_none() => out = Some(Control::Graceful),
                 Signal::SIGINT | Signal::SIGQUIT => out = Some(Control::Quick),

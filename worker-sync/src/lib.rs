@@ -21,6 +21,9 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 /// How long the accept loop waits before refreshing the heartbeat.
 const TICK: Duration = Duration::from_millis(500);
+/// Most connections served from one ready socket before polling again (so
+/// other sockets and signals get their turn).
+const ACCEPT_BURST: usize = 32;
 
 /// The sync worker.
 #[derive(Debug, Default, Clone, Copy)]
@@ -75,34 +78,45 @@ impl Worker for SyncWorker {
                 if !ready.get(i + 1).copied().unwrap_or(false) {
                     continue;
                 }
-                let (stream, peer) = match listener.accept() {
-                    Ok(c) => c,
-                    Err(e) => match AcceptFailure::of(&e) {
-                        // Another worker took it, or the client gave up.
-                        AcceptFailure::Transient => continue,
-                        AcceptFailure::Exhausted => {
-                            gpe_core::log_error!("accept: {e}; backing off");
-                            std::thread::sleep(ACCEPT_BACKOFF);
-                            continue;
-                        }
-                        AcceptFailure::Fatal => return Err(e),
-                    },
-                };
-                let served = rt.block_on(serve_tokio(
-                    stream,
-                    &peer,
-                    &ctx.service,
-                    &builder,
-                    &Inline,
-                    std::future::pending::<()>(),
-                ));
-                if let Err(e) = served {
-                    gpe_core::log_warn!("cannot serve a connection: {e}");
-                }
-                recorder.beat();
-                if let Some(Control::Quick | Control::Graceful) = ctx.take_control() {
-                    recorder.draining();
-                    return Ok(WorkerExit::Stopped);
+                // Like Gunicorn's sync worker: serve the clients waiting on a
+                // ready socket one after another, polling once per burst
+                // instead of once per connection.
+                for _ in 0..ACCEPT_BURST {
+                    let (stream, peer) = match listener.accept() {
+                        Ok(c) => c,
+                        Err(e) => match AcceptFailure::of(&e) {
+                            // None waiting, another worker took it, or the client gave up.
+                            AcceptFailure::Transient => break,
+                            AcceptFailure::Exhausted => {
+                                gpe_core::log_error!("accept: {e}; backing off");
+                                std::thread::sleep(ACCEPT_BACKOFF);
+                                break;
+                            }
+                            AcceptFailure::Fatal => return Err(e),
+                        },
+                    };
+                    let served = rt.block_on(serve_tokio(
+                        stream,
+                        &peer,
+                        &ctx.service,
+                        &builder,
+                        &Inline,
+                        std::future::pending::<()>(),
+                    ));
+                    if let Err(e) = served {
+                        gpe_core::log_warn!("cannot serve a connection: {e}");
+                    }
+                    recorder.beat();
+                    // No syscall unless a signal came in.
+                    if let Some(Control::Quick | Control::Graceful) =
+                        ctx.take_control_if_signalled()
+                    {
+                        recorder.draining();
+                        return Ok(WorkerExit::Stopped);
+                    }
+                    if ctx.max_requests_reached() {
+                        break;
+                    }
                 }
             }
         }
