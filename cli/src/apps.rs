@@ -4,8 +4,9 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use gpe_core::app::{
-    blocking, handler, text, with_route, AppFactory, BoxError, Request, Response, SharedApp,
+use gpe_core::{
+    blocking, handler, text, with_route, AppFactory, BoxError, FullRequest as Request,
+    FullResponse as Response, IntoApp, SharedApp,
 };
 use http::{header, HeaderValue, Method, StatusCode};
 
@@ -13,7 +14,7 @@ use http::{header, HeaderValue, Method, StatusCode};
 /// blocks, so it is an async handler: every worker type runs it on its IO
 /// thread without a hand-off.
 pub fn hello() -> SharedApp {
-    handler(|req: Request| std::future::ready(say_hello(&req)))
+    handler(|req: Request| std::future::ready(say_hello(&req))).into_app()
 }
 
 fn say_hello(req: &Request) -> Response {
@@ -30,7 +31,7 @@ fn say_hello(req: &Request) -> Response {
 /// `echo`: answers any method on any path with the request body (an async
 /// handler, like `hello`).
 pub fn echo() -> SharedApp {
-    handler(|req: Request| std::future::ready(echo_body(req)))
+    handler(|req: Request| std::future::ready(echo_body(req))).into_app()
 }
 
 fn echo_body(req: Request) -> Response {
@@ -57,7 +58,7 @@ pub fn static_files(root: &Path) -> Result<SharedApp, BoxError> {
         return Err(format!("setting `root`: {} is not a directory", root.display()).into());
     }
     let root = Arc::new(root);
-    Ok(blocking(move |req: Request| serve_file(&root, &req)))
+    Ok(blocking(move |req: Request| serve_file(&root, &req)).into_app())
 }
 
 fn serve_file(root: &Path, req: &Request) -> Response {
@@ -129,10 +130,17 @@ mod tests {
     use super::*;
 
     fn call(app: &SharedApp, method: Method, path: &str, body: &'static str) -> Response {
-        let mut req = Request::new(Bytes::from_static(body.as_bytes()));
+        use gpe_core::http::run::Runner;
+        use http_body_util::BodyExt;
+        let mut req = gpe_core::Request::new(body.into());
         *req.method_mut() = method;
         *req.uri_mut() = path.parse().unwrap();
-        gpe_core::instrument::call_blocking(app, req).unwrap()
+        let resp = futures_executor::block_on(gpe_core::http::run::Inline.run(app, req)).unwrap();
+        let (parts, body) = resp.into_parts();
+        let body = futures_executor::block_on(body.collect())
+            .unwrap()
+            .to_bytes();
+        Response::from_parts(parts, body)
     }
 
     #[test]

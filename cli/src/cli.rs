@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use gpe_core::app::AppFactory;
 use gpe_core::config::{BindAddr, Config, RawSettings};
 use gpe_core::master::{self, MasterError, ServerSpec};
 use gpe_core::store::StoreDir;
+use gpe_core::AppFactory;
 
 /// gpe: a pre-fork HTTP application server with Prometheus metrics built in.
 #[derive(Debug, Parser)]

@@ -8,7 +8,7 @@
 //!
 //! fn main() -> std::process::ExitCode {
 //!     gpe::serve(|| {
-//!         Ok(blocking(|req| {
+//!         Ok(blocking(|req: gpe::FullRequest| {
 //!             with_route(text(StatusCode::OK, format!("hi {}", req.uri().path())), "/{name}")
 //!         }))
 //!     })
@@ -24,20 +24,26 @@ pub mod workers;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-pub use gpe_core::app::{
-    blocking, handler, text, with_route, App, AppFactory, AppStyle, BoxError, Reply, Request,
-    Response, Route, SharedApp,
-};
 pub use gpe_core::config::{Config, RawSettings};
+pub use gpe_core::http::app::{Blocking, Handler};
+pub use gpe_core::http::body::Body;
+pub use gpe_core::{
+    blocking, handler, text, with_route, BoxError, FullRequest, FullResponse, IntoApp, Request,
+    Response, Route,
+};
 pub use http::StatusCode;
 
 /// Runs a server for the app built by `factory` (called once in every worker
 /// after fork), taking the same command line, config file, `GPE_*` variables
-/// and signals as `gpe serve`. Returns the process exit status.
-pub fn serve<F>(factory: F) -> ExitCode
+/// and signals as `gpe serve`. The app is any tower service over
+/// `http::Request<gpe::Body>` (an axum `Router`, a [`blocking`] or
+/// [`handler`] closure, ...). Returns the process exit status.
+pub fn serve<F, A>(factory: F) -> ExitCode
 where
-    F: Fn() -> Result<SharedApp, BoxError> + Send + Sync + 'static,
+    F: Fn() -> Result<A, BoxError> + Send + Sync + 'static,
+    A: IntoApp,
 {
     let args = cli::ServerArgs::parse();
-    cli::exit_status(cli::run_server(args, Arc::new(factory)))
+    let factory: gpe_core::AppFactory = Arc::new(move || factory().map(IntoApp::into_app));
+    cli::exit_status(cli::run_server(args, factory))
 }

@@ -1,7 +1,6 @@
 //! Runtime-agnostic pieces the async workers (eventloop, greenlet) share: the
 //! connection [`Gate`] (cap, drain, wait for idle), the [`supervise`] loop that
-//! turns signals and ticks into heartbeats, draining and an exit, and the
-//! keep-alive builder. Runtimes, sockets and accept loops stay in the worker
+//! turns signals and ticks into heartbeats, draining and an exit. Runtimes, sockets and accept loops stay in the worker
 //! crates; everything here works on any executor.
 
 use std::future::Future;
@@ -11,12 +10,8 @@ use std::time::Duration;
 
 use futures_util::future::{select, Either};
 use futures_util::{Stream, StreamExt};
-use hyper::server::conn::http1;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::app::{Request, Response, SharedApp};
-use crate::config::Config;
-use crate::instrument::{call_blocking, http1_builder, Inline, Panicked, Runner};
 use crate::worker::{Control, WorkerContext, WorkerExit};
 
 /// How often an async worker beats and checks `max_requests`.
@@ -146,12 +141,47 @@ impl Gate {
 
 impl Admission {
     /// Completes when the worker starts draining: pass it as `drain` to
-    /// [`serve_io`](crate::instrument::serve_io).
+    /// [`serve_io`](crate::http::conn::serve_io).
     pub fn drained(&self) -> impl Future<Output = ()> + 'static {
         let mut rx = self.drain.clone();
         async move {
             // An error means the gate is gone: drain as well.
             let _ = rx.wait_for(|draining| *draining).await;
+        }
+    }
+}
+
+/// Accepts one connection through `accept`, retrying what can be retried:
+/// a transient failure (another worker took the client, or it gave up) at
+/// once, fd exhaustion (EMFILE, ENFILE) after [`ACCEPT_BACKOFF`] through the
+/// runtime's `sleep`, logged once per run of failures. Every accept loop of
+/// every worker goes through here.
+///
+/// # Errors
+/// A fatal accept error (the listener is unusable).
+pub async fn accept_retrying<T, A, AF, S, SF>(mut accept: A, sleep: S) -> io::Result<T>
+where
+    A: FnMut() -> AF,
+    AF: Future<Output = io::Result<T>>,
+    S: Fn(Duration) -> SF,
+    SF: Future<Output = ()>,
+{
+    let mut exhausted = false;
+    loop {
+        let e = match accept().await {
+            Ok(conn) => return Ok(conn),
+            Err(e) => e,
+        };
+        match AcceptFailure::of(&e) {
+            AcceptFailure::Transient => {}
+            AcceptFailure::Exhausted => {
+                if !exhausted {
+                    crate::log_error!("accept: {e}; backing off until descriptors free up");
+                    exhausted = true;
+                }
+                sleep(ACCEPT_BACKOFF).await;
+            }
+            AcceptFailure::Fatal => return Err(e),
         }
     }
 }
@@ -163,24 +193,6 @@ pub enum Event {
     Signal,
     /// A [`TICK`] passed.
     Tick,
-}
-
-/// An http/1 builder with keep-alive as configured: `keepalive` seconds idle
-/// between requests (0 turns keep-alive off and allows 2 s for the head).
-/// `timer` is the runtime's hyper timer.
-pub fn keepalive_builder<T>(config: &Config, timer: T) -> http1::Builder
-where
-    T: hyper::rt::Timer + Send + Sync + 'static,
-{
-    let on = !config.keepalive.is_zero();
-    let mut b = http1_builder(config, on);
-    let idle = if on {
-        config.keepalive
-    } else {
-        Duration::from_secs(2)
-    };
-    b.timer(timer).header_read_timeout(idle);
-    b
 }
 
 /// Runs an async worker's lifecycle until it should exit.
@@ -248,54 +260,6 @@ where
                 }
             }
             Either::Left((Some(Event::Tick), _)) => recorder.beat(),
-        }
-    }
-}
-
-/// Moves a blocking call off the event loop, onto a runtime's blocking pool.
-pub trait Offload: Send + Sync {
-    /// Runs `f` on the blocking pool; `None` if the pool dropped it.
-    fn offload<R: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> R + Send + 'static,
-    ) -> impl Future<Output = Option<R>> + Send;
-}
-
-/// Where an async worker runs the app: an async app inline on the loop, a
-/// blocking app through an [`Offload`] pool so the loop keeps serving.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StyleRunner<O> {
-    offload: Option<O>,
-}
-
-impl<O: Offload> StyleRunner<O> {
-    /// The runner for an app of `style`.
-    pub fn for_style(style: crate::app::AppStyle, offload: O) -> StyleRunner<O> {
-        StyleRunner {
-            offload: (style == crate::app::AppStyle::Blocking).then_some(offload),
-        }
-    }
-
-    /// Whether blocking calls leave the loop.
-    pub fn offloads(&self) -> bool {
-        self.offload.is_some()
-    }
-}
-
-impl<O: Offload> Runner for StyleRunner<O> {
-    fn run(
-        &self,
-        app: &SharedApp,
-        req: Request,
-    ) -> impl Future<Output = Result<Response, Panicked>> + Send {
-        match &self.offload {
-            None => Either::Left(Inline.run(app, req)),
-            Some(pool) => {
-                let app = app.clone();
-                let call = pool.offload(move || call_blocking(&app, req));
-                // `call_blocking` catches panics; `None` means the pool dropped it.
-                Either::Right(async move { call.await.unwrap_or(Err(Panicked)) })
-            }
         }
     }
 }

@@ -138,6 +138,9 @@ pub struct RawSettings {
     /// Label sets kept per metric family before the rest collapse into `other` [default: 1000]
     #[arg(long)]
     pub metrics_max_series: Option<u32>,
+    /// `route` label of responses that name no route template; `path` labels them by path [default: unmatched]
+    #[arg(long)]
+    pub unmatched_route: Option<String>,
 }
 
 impl RawSettings {
@@ -174,7 +177,8 @@ impl RawSettings {
             metrics_dir,
             metrics,
             histogram_buckets,
-            metrics_max_series
+            metrics_max_series,
+            unmatched_route
         );
     }
 
@@ -228,7 +232,9 @@ impl RawSettings {
                         .collect::<Vec<_>>(),
                 ),
                 "worker" | "pidfile" | "accesslog" | "errorlog" | "metrics_bind"
-                | "metrics_path" | "metrics_dir" => toml::Value::String(value.clone()),
+                | "metrics_path" | "metrics_dir" | "unmatched_route" => {
+                    toml::Value::String(value.clone())
+                }
                 _ => scalar(&value),
             };
             let mut table = toml::Table::new();
@@ -380,6 +386,8 @@ pub struct Config {
     pub histogram_buckets: Vec<f64>,
     /// Series per family before `other`.
     pub metrics_max_series: u32,
+    /// `route` label of responses without a route template (`path`: the path).
+    pub unmatched_route: String,
     /// The config file these settings came from, reread on HUP.
     pub config_file: Option<PathBuf>,
 }
@@ -555,6 +563,17 @@ impl Config {
             metrics: raw.metrics.unwrap_or(true),
             histogram_buckets,
             metrics_max_series,
+            unmatched_route: match raw.unmatched_route {
+                Some(r) if r.is_empty() => {
+                    return Err(ConfigError::invalid(
+                        "unmatched_route",
+                        r,
+                        "a non-empty label, or `path`",
+                    ))
+                }
+                Some(r) => r,
+                None => "unmatched".to_owned(),
+            },
             config_file,
         })
     }

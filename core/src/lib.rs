@@ -1,28 +1,31 @@
 //! gpe core: the vocabulary every gpe crate shares.
 //!
-//! - [`app`]: the [`App`] trait and the factory each worker calls after fork;
+//! - [`http`]: the app interface (a tower service over streaming bodies), the
+//!   layer between hyper and the app, one connection;
 //! - [`worker`]: the [`Worker`] trait the worker crates implement;
 //! - [`config`]: settings from file, environment and flags;
 //! - [`store`]: the shared-memory metric store;
-//! - [`instrument`]: the layer between hyper and the app;
-//! - [`async_worker`]: pieces the eventloop and greenlet workers share;
+//! - [`async_worker`]: the lifecycle the async workers share;
+//! - [`rt`]: the tokio edge and the idle-yield hook;
 //! - [`master`]: the supervising master process.
 #![deny(missing_docs)]
 
-pub mod app;
 pub mod async_worker;
 pub mod balance;
 pub mod config;
-pub mod idle;
-pub mod instrument;
+pub mod http;
 pub mod listener;
 pub mod log;
 pub mod master;
+pub mod rt;
 pub mod store;
 pub mod sys;
 pub mod worker;
 
-pub use app::{blocking, handler, with_route, App, AppFactory, AppStyle, Reply, Request, Response};
 pub use config::{Config, ConfigError, RawSettings};
+pub use http::app::{
+    blocking, handler, text, with_route, App, AppFactory, BoxError, FullRequest, FullResponse,
+    IntoApp, Request, Response, Route, SharedApp,
+};
 pub use master::{run, ExporterContext, ExporterMain, MasterError, ServerSpec, WorkerSelector};
 pub use worker::{Control, Worker, WorkerContext, WorkerExit};

@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use nix::sys::signal::Signal;
 
-use crate::app::AppFactory;
 use crate::config::Config;
-use crate::instrument::{HeadLimits, Instrumented};
+use crate::http::app::AppFactory;
+use crate::http::instrument::{Instrumented, Settings, Unmatched};
+use crate::http::limits::HeadLimits;
 use crate::listener::Listener;
 use crate::log::AccessLog;
 use crate::store::{Recorder, StoreDir, WorkerKind};
@@ -58,6 +59,12 @@ pub trait Worker: Send + Sync {
     fn single_recorder_thread(&self) -> bool {
         false
     }
+
+    /// Whether this worker type serves HTTP/1.1 upgrades (WebSocket). One
+    /// that does not answers a request for an upgrade with 501.
+    fn serves_upgrades(&self) -> bool {
+        true
+    }
 }
 
 /// Everything a worker process needs, built after fork.
@@ -68,7 +75,7 @@ pub struct WorkerContext {
     /// Inherited listening sockets (non-blocking).
     pub listeners: Vec<Listener>,
     /// The app with metrics, limits and access log around it.
-    pub service: Arc<Instrumented>,
+    pub service: std::rc::Rc<Instrumented>,
     /// The worker's slot.
     pub slot: u32,
     /// Requests after which this process retires (jitter applied), if any.
@@ -220,13 +227,17 @@ pub(crate) fn child_main(
         };
         config.max_requests + jitter
     });
-    let service = Arc::new(Instrumented::new(
+    let service = std::rc::Rc::new(Instrumented::new(
         app,
         recorder.clone(),
         access,
-        HeadLimits::from_config(&config),
-        config.max_body_size,
-        max_requests,
+        Settings {
+            limits: HeadLimits::from_config(&config),
+            max_body: config.max_body_size,
+            max_requests,
+            unmatched: Unmatched::from_setting(&config.unmatched_route),
+            upgrades: worker.serves_upgrades(),
+        },
     ));
     recorder.ready();
     let ctx = WorkerContext {

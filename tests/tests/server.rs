@@ -25,8 +25,9 @@ fn plan(n: usize) -> (&'static str, &'static str, &'static str, u16) {
         4 => ("POST", "/", "/", 200),
         5 => ("GET", "/status/503", "/status/{code}", 503),
         6 => ("POST", "/status/201", "/status/{code}", 201),
-        7 => ("GET", "/panic", "/panic", 500),
-        8 => ("GET", "/nope", "/nope", 404),
+        // Responses that name no route are labelled `unmatched`.
+        7 => ("GET", "/panic", "unmatched", 500),
+        8 => ("GET", "/nope", "unmatched", 404),
         _ => ("POST", "/bytes/300", "/bytes/{n}", 200),
     }
 }
@@ -190,7 +191,7 @@ fn errors_keep_the_worker_alive(worker: &str) {
             &[("method", method), ("route", route), ("kind", kind)],
         )
     };
-    assert_eq!(err("GET", "/panic", "panic"), Some(20.0));
+    assert_eq!(err("GET", "unmatched", "panic"), Some(20.0));
     assert_eq!(err("POST", "/status/{code}", "app_error"), Some(10.0));
     assert_eq!(err("GET", "/status/{code}", "app_error"), Some(5.0));
     assert_eq!(m.sum("gpe_http_errors_total"), 35.0);
@@ -546,7 +547,13 @@ fn cardinality_is_capped(worker: &str) {
     let cap = 50;
     let s = Server::start(
         TESTAPP,
-        Opts::new(worker, 2).args(&["--metrics-max-series", &cap.to_string()]),
+        // Label by path, so that random paths reach the cap.
+        Opts::new(worker, 2).args(&[
+            "--metrics-max-series",
+            &cap.to_string(),
+            "--unmatched-route",
+            "path",
+        ]),
     );
     let addr = s.addr;
     let statuses = parallel(4, 2500, move |c, i| {

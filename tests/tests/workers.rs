@@ -279,7 +279,7 @@ fn client_leaving_mid_request_is_not_left_in_flight() {
         assert_eq!(
             m.value(
                 "gpe_http_errors_total",
-                &[("route", "/sleep/1000"), ("kind", "client_disconnect")]
+                &[("route", "unmatched"), ("kind", "client_disconnect")]
             ),
             Some(1.0),
             "{worker}"

@@ -1,35 +1,31 @@
 //! The eventloop worker: one tokio current-thread runtime per process serves
-//! up to `worker_connections` connections with keep-alive and pipelining,
-//! like Gunicorn's async workers. Async apps run inline on the loop; blocking
-//! apps run on tokio's blocking pool so that they never stall it.
+//! up to `worker_connections` connections with keep-alive, pipelining and
+//! upgrades, like Gunicorn's async workers. The app's futures run on the
+//! loop; a [`blocking`](gpe_core::blocking) closure runs on a blocking pool
+//! so it never stalls the loop.
 //!
-//! The lifecycle (heartbeat, draining, `max_requests`) and the connection cap
-//! come from [`gpe_core::async_worker`]; this crate supplies the runtime.
+//! The lifecycle (heartbeat, draining, `max_requests`), the connection cap,
+//! the tokio edge and the HTTP layer come from core; this crate is the
+//! accept loop and the runtime.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
-mod accept;
-mod runner;
-
 use std::io;
 use std::rc::Rc;
-use std::sync::Arc;
 
 use futures_util::future::{select_all, FutureExt};
-use futures_util::stream;
+use futures_util::{stream, StreamExt};
 use gpe_core::async_worker::{
-    keepalive_builder, supervise, take_listeners, Admission, Event, Gate, TICK,
+    accept_retrying, supervise, take_listeners, Admission, Event, Gate, TICK,
 };
-use gpe_core::instrument::{serve_io, Instrumented};
+use gpe_core::http::conn::{builder, serve_io};
+use gpe_core::http::instrument::Instrumented;
+use gpe_core::http::run::Inline;
+use gpe_core::rt::tokio::{signal_events, Acceptor, Conn};
 use gpe_core::store::WorkerKind;
 use gpe_core::{Worker, WorkerContext, WorkerExit};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::unix::pipe;
+use hyper_util::rt::TokioTimer;
 use tokio::time::MissedTickBehavior;
-
-use accept::{Acceptor, Conn};
-
-pub use runner::AppRunner;
 
 /// The eventloop worker.
 #[derive(Debug, Default, Clone, Copy)]
@@ -40,17 +36,16 @@ impl Worker for EventloopWorker {
         WorkerKind::Eventloop
     }
 
-    /// Requests are recorded on the worker's one loop thread (a blocking app
-    /// runs elsewhere, but its request is recorded after the loop awaits it).
+    /// Requests are recorded on the worker's one loop thread.
     fn single_recorder_thread(&self) -> bool {
         true
     }
 
     fn run(&self, mut ctx: WorkerContext) -> io::Result<WorkerExit> {
         // Built here, after fork, never in the master.
-        let rt = gpe_core::idle::tokio_runtime(ctx.config.idle_yield)?;
+        let rt = gpe_core::rt::tokio::runtime(ctx.config.idle_yield)?;
         let exit = tokio::task::LocalSet::new().block_on(&rt, serve(&mut ctx));
-        // App calls still running on the blocking pool must not delay the exit.
+        // Blocking calls still running on a pool must not delay the exit.
         rt.shutdown_background();
         exit
     }
@@ -58,20 +53,42 @@ impl Worker for EventloopWorker {
 
 /// What every connection task needs.
 struct Connections {
-    service: Arc<Instrumented>,
+    service: Rc<Instrumented>,
     builder: hyper::server::conn::http1::Builder,
-    runner: AppRunner,
 }
 
 impl Connections {
     async fn serve(&self, conn: Conn, peer: String, admission: Admission) {
         let drained = admission.drained();
-        let (svc, b, r) = (&self.service, &self.builder, &self.runner);
-        match conn {
-            Conn::Tcp(s) => serve_io(TokioIo::new(s), &peer, svc, b, r, drained).await,
-            Conn::Unix(s) => serve_io(TokioIo::new(s), &peer, svc, b, r, drained).await,
-        }
-        drop(admission);
+        let io = conn.into_hyper();
+        serve_io(
+            io,
+            admission,
+            &peer,
+            &self.service,
+            &self.builder,
+            &Inline,
+            drained,
+        )
+        .await;
+    }
+}
+
+/// Accepts on `listener` for as long as it can; returns only a fatal error.
+/// At the cap it stops accepting, leaving clients in the kernel backlog.
+async fn accept_loop<F>(listener: &Acceptor, gate: &Gate, mut spawn: F) -> io::Error
+where
+    F: FnMut(Conn, String, Admission),
+{
+    loop {
+        let admission = gate.admit_balanced(tokio::time::sleep).await;
+        let (conn, peer) = match accept_retrying(|| listener.accept(), tokio::time::sleep).await {
+            Ok(accepted) => accepted,
+            Err(e) => return e,
+        };
+        spawn(conn, peer, admission);
+        // Let the new connection run and other workers reach the backlog.
+        tokio::task::yield_now().await;
     }
 }
 
@@ -81,19 +98,10 @@ async fn serve(ctx: &mut WorkerContext) -> io::Result<WorkerExit> {
     let gate = Gate::for_worker(ctx);
     let connections = Rc::new(Connections {
         service: ctx.service.clone(),
-        builder: keepalive_builder(&ctx.config, TokioTimer::new()),
-        runner: AppRunner::for_style(ctx.service.app().style(), runner::TokioPool),
+        builder: builder(&ctx.config, true, TokioTimer::new()),
     });
 
-    let signal = pipe::Receiver::from_owned_fd(ctx.signal_fd().try_clone_to_owned()?)?;
-    let signals = stream::unfold(&signal, |rx| async move {
-        rx.readable().await.ok()?;
-        // `supervise` empties the pipe through the context; clear tokio's
-        // readiness first (a `WouldBlock` from `try_io` does that) so that a
-        // signal arriving in between wakes the loop again.
-        let _ = rx.try_io(|| Err::<(), _>(io::ErrorKind::WouldBlock.into()));
-        Some((Event::Signal, rx))
-    });
+    let signals = signal_events(ctx.signal_fd())?.map(|()| Event::Signal);
     let mut interval = tokio::time::interval(TICK);
     interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let ticks = stream::unfold(interval, |mut i| async move {
@@ -103,7 +111,7 @@ async fn serve(ctx: &mut WorkerContext) -> io::Result<WorkerExit> {
     let events = std::pin::pin!(stream::select(signals, ticks));
 
     let accepting = select_all(listeners.iter().map(|listener| {
-        accept::accept_loop(listener, &gate, |conn, peer, admission| {
+        accept_loop(listener, &gate, |conn, peer, admission| {
             let connections = connections.clone();
             tokio::task::spawn_local(async move {
                 connections.serve(conn, peer, admission).await;
@@ -114,4 +122,74 @@ async fn serve(ctx: &mut WorkerContext) -> io::Result<WorkerExit> {
     .map(|(e, _, _)| e);
 
     supervise(ctx, &gate, events, accepting).await
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::time::Duration;
+
+    use gpe_core::config::BindAddr;
+    use gpe_core::listener::Listener;
+
+    #[test]
+    fn accept_pauses_at_the_cap_and_resumes_when_a_place_frees() {
+        let listener =
+            Listener::bind(&BindAddr::Tcp("127.0.0.1:0".parse().unwrap()), 16, false).unwrap();
+        let addr = match &listener {
+            Listener::Tcp(t) => t.local_addr().unwrap(),
+            Listener::Unix(_) => unreachable!(),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let accepted = RefCell::new(Vec::new());
+        rt.block_on(async {
+            let listener = Acceptor::register(listener).unwrap();
+            let gate = Gate::new(2);
+            let clients: Vec<_> = (0..3)
+                .map(|_| std::net::TcpStream::connect(addr).unwrap())
+                .collect();
+            let accepting = accept_loop(&listener, &gate, |s, _, a| {
+                accepted.borrow_mut().push((s, a))
+            });
+            let mut accepting = std::pin::pin!(accepting);
+            // Polls the accept loop until `n` connections are held (bounded).
+            async fn settle(
+                accepting: &mut std::pin::Pin<&mut impl std::future::Future<Output = io::Error>>,
+                accepted: &RefCell<Vec<(Conn, Admission)>>,
+                n: usize,
+            ) {
+                for _ in 0..200 {
+                    if accepted.borrow().len() == n {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = accepting.as_mut() => panic!("accept failed"),
+                        () = tokio::time::sleep(Duration::from_millis(10)) => {}
+                    }
+                }
+            }
+            settle(&mut accepting, &accepted, 2).await;
+            // The third client waits in the backlog however long we poll.
+            tokio::select! {
+                _ = accepting.as_mut() => panic!("accept failed"),
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            assert_eq!(
+                accepted.borrow().len(),
+                2,
+                "the third client waits in the backlog"
+            );
+            assert_eq!(gate.open(), 2);
+            accepted.borrow_mut().pop();
+            settle(&mut accepting, &accepted, 2).await;
+            assert_eq!(accepted.borrow().len(), 2);
+            assert_eq!(gate.open(), 2, "the waiting client took the freed place");
+            drop(clients);
+        });
+    }
 }

@@ -4,7 +4,7 @@
 
 use std::io;
 
-use gpe_core::async_worker::{AcceptFailure, Admission, Gate, ACCEPT_BACKOFF};
+use gpe_core::async_worker::{accept_retrying, Admission, Gate};
 use gpe_core::listener::{Listener, Stream};
 use smol::{Async, Timer};
 
@@ -34,21 +34,14 @@ where
 }
 
 async fn accept(listener: &Async<Listener>) -> io::Result<(Stream, String)> {
-    loop {
-        // `read_with` waits for readiness and retries on `WouldBlock`.
-        let e = match listener.read_with(Listener::accept).await {
-            Ok(conn) => return Ok(conn),
-            Err(e) => e,
-        };
-        match AcceptFailure::of(&e) {
-            AcceptFailure::Transient => {}
-            AcceptFailure::Exhausted => {
-                gpe_core::log_error!("accept: {e}; backing off");
-                Timer::after(ACCEPT_BACKOFF).await;
-            }
-            AcceptFailure::Fatal => return Err(e),
-        }
-    }
+    // `read_with` waits for readiness and retries on `WouldBlock`.
+    accept_retrying(
+        || listener.read_with(Listener::accept),
+        |d| async move {
+            Timer::after(d).await;
+        },
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -10,28 +10,26 @@
 #![forbid(unsafe_code)]
 
 mod accept;
+mod compat;
 mod eager;
-mod runner;
 
 use std::io;
 use std::rc::Rc;
-use std::sync::Arc;
 
 use futures_util::future::FutureExt;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{stream, StreamExt};
-use gpe_core::async_worker::{
-    keepalive_builder, supervise, take_listeners, Admission, Event, Gate, TICK,
-};
-use gpe_core::idle::yield_when_idle;
-use gpe_core::instrument::{serve_io, Instrumented};
+use gpe_core::async_worker::{supervise, take_listeners, Admission, Event, Gate, TICK};
+use gpe_core::http::conn::{builder, serve_io};
+use gpe_core::http::instrument::Instrumented;
 use gpe_core::listener::Stream;
+use gpe_core::rt::idle::yield_when_idle;
 use gpe_core::store::WorkerKind;
 use gpe_core::{Worker, WorkerContext, WorkerExit};
 use smol::{Async, LocalExecutor, Timer};
 use smol_hyper::rt::{FuturesIo, SmolTimer};
 
-pub use runner::AppRunner;
+pub use compat::CompatRunner;
 
 /// The greenlet worker.
 #[derive(Debug, Default, Clone, Copy)]
@@ -62,19 +60,18 @@ impl Worker for GreenletWorker {
 
 /// What every connection task needs.
 struct Connections {
-    service: Arc<Instrumented>,
+    service: Rc<Instrumented>,
     builder: hyper::server::conn::http1::Builder,
-    runner: AppRunner,
 }
 
 impl Connections {
     async fn serve(&self, stream: Stream, peer: String, admission: Admission) {
         let registered = match stream {
             Stream::Tcp(s) => {
-                Async::new(s).map(|io| self.serve_on(io, &peer, &admission).boxed_local())
+                Async::new(s).map(|io| self.serve_on(io, &peer, admission).boxed_local())
             }
             Stream::Unix(s) => {
-                Async::new(s).map(|io| self.serve_on(io, &peer, &admission).boxed_local())
+                Async::new(s).map(|io| self.serve_on(io, &peer, admission).boxed_local())
             }
         };
         match registered {
@@ -84,20 +81,15 @@ impl Connections {
         // `admission` (the connection's place under the cap) is released here.
     }
 
-    async fn serve_on<T>(&self, io: Async<T>, peer: &str, admission: &Admission)
+    async fn serve_on<T>(&self, io: Async<T>, peer: &str, admission: Admission)
     where
+        T: Send + 'static,
         Async<T>: smol::io::AsyncRead + smol::io::AsyncWrite + Unpin,
     {
         let io = FuturesIo::new(eager::Eager::new(io));
-        serve_io(
-            io,
-            peer,
-            &self.service,
-            &self.builder,
-            &self.runner,
-            admission.drained(),
-        )
-        .await;
+        let drained = admission.drained();
+        let (svc, b) = (&self.service, &self.builder);
+        serve_io(io, admission, peer, svc, b, &CompatRunner, drained).await;
     }
 }
 
@@ -107,8 +99,7 @@ async fn serve(executor: &LocalExecutor<'_>, ctx: &mut WorkerContext) -> io::Res
     let gate = Gate::for_worker(ctx);
     let connections = Rc::new(Connections {
         service: ctx.service.clone(),
-        builder: keepalive_builder(&ctx.config, SmolTimer::new()),
-        runner: AppRunner::for_style(ctx.service.app().style(), runner::SmolPool),
+        builder: builder(&ctx.config, true, SmolTimer::new()),
     });
 
     let signal = Async::new(ctx.signal_fd().try_clone_to_owned()?)?;

@@ -12,8 +12,10 @@ use std::io;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-use gpe_core::instrument::{http1_builder, serve_tokio, Inline};
+use gpe_core::http::conn::{builder, serve_io};
+use gpe_core::http::run::{allow_blocking, Inline};
 use gpe_core::listener::{AcceptFailure, ACCEPT_BACKOFF};
+use gpe_core::rt::tokio::Conn;
 use gpe_core::store::WorkerKind;
 use gpe_core::{Control, Worker, WorkerContext, WorkerExit};
 use hyper_util::rt::TokioTimer;
@@ -39,14 +41,19 @@ impl Worker for SyncWorker {
         true
     }
 
+    /// An upgraded connection would hold the only connection slot: a request
+    /// for one is answered 501.
+    fn serves_upgrades(&self) -> bool {
+        false
+    }
+
     fn run(&self, ctx: WorkerContext) -> io::Result<WorkerExit> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let mut builder = http1_builder(&ctx.config, false);
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(ctx.config.keepalive.as_secs().max(2)));
+        // The app runs on this thread, one request at a time: it may block.
+        allow_blocking();
+        let builder = builder(&ctx.config, false, TokioTimer::new());
         let recorder = ctx.recorder().clone();
         loop {
             if ctx.max_requests_reached() {
@@ -95,14 +102,12 @@ impl Worker for SyncWorker {
                             AcceptFailure::Fatal => return Err(e),
                         },
                     };
-                    let served = rt.block_on(serve_tokio(
-                        stream,
-                        &peer,
-                        &ctx.service,
-                        &builder,
-                        &Inline,
-                        std::future::pending::<()>(),
-                    ));
+                    let served = rt.block_on(async {
+                        let io = Conn::from_std(stream)?.into_hyper();
+                        let never = std::future::pending::<()>();
+                        serve_io(io, (), &peer, &ctx.service, &builder, &Inline, never).await;
+                        Ok::<_, io::Error>(())
+                    });
                     if let Err(e) = served {
                         gpe_core::log_warn!("cannot serve a connection: {e}");
                     }

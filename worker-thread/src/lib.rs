@@ -1,24 +1,36 @@
 //! The thread worker (`--worker thread`): one IO thread per process runs a
-//! tokio current-thread runtime that multiplexes connections, keep-alive and
-//! pipelining with hyper; a fixed pool of `threads` OS threads runs the app,
-//! so a blocking app serves `threads` requests at once per process. Requests
-//! cross over a crossbeam channel; an idle keep-alive connection holds no
-//! pool thread and closes after `keepalive` seconds.
+//! tokio current-thread runtime that multiplexes connections, keep-alive,
+//! pipelining and upgrades with hyper; a fixed pool of `threads` OS threads
+//! runs each request's future, so a handler that blocks holds only its own
+//! thread. Like Gunicorn's gthread, connections that are idle or still
+//! sending their head stay on the IO thread and hold no pool thread; a
+//! process accepts only while a pool thread is free.
 //!
-//! Like Gunicorn's gthread worker, the heartbeat comes from the IO thread, so
-//! `timeout` does not cap one request's time.
+//! The heartbeat comes from the IO thread, so `timeout` does not cap one
+//! request's time. The lifecycle (heartbeat, draining, `max_requests`) and
+//! the connection cap are core's, shared with the async workers.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
-mod dispatch;
-mod io;
 mod pool;
 
+use std::io;
+use std::rc::Rc;
+
+use futures_util::future::{select_all, FutureExt};
+use futures_util::{stream, StreamExt};
+use gpe_core::async_worker::{
+    accept_retrying, supervise, take_listeners, Admission, Event, Gate, TICK,
+};
+use gpe_core::http::conn::{builder, serve_io};
+use gpe_core::http::instrument::Instrumented;
+use gpe_core::rt::tokio::{signal_events, Acceptor, Conn};
 use gpe_core::store::WorkerKind;
 use gpe_core::{Worker, WorkerContext, WorkerExit};
+use hyper_util::rt::TokioTimer;
+use tokio::time::MissedTickBehavior;
 
-use crate::io::Ending;
-use crate::pool::Pool;
+use crate::pool::{Load, Pool, PoolRunner};
 
 /// The thread worker.
 #[derive(Debug, Default, Clone, Copy)]
@@ -34,22 +46,80 @@ impl Worker for ThreadWorker {
         true
     }
 
-    fn run(&self, ctx: WorkerContext) -> std::io::Result<WorkerExit> {
+    fn run(&self, mut ctx: WorkerContext) -> io::Result<WorkerExit> {
         // Runtime and threads are created here, after fork.
-        let rt = gpe_core::idle::tokio_runtime(ctx.config.idle_yield)?;
-        let pool = Pool::start(ctx.config.threads as usize)?;
-        let local = tokio::task::LocalSet::new();
-        let ending = local.block_on(&rt, io::serve(ctx, pool.runner()));
-        // Dropping the tasks releases their handles on the pool.
-        drop(local);
-        drop(rt);
-        match ending? {
-            Ending::Drained(exit) => {
-                pool.join();
-                Ok(exit)
-            }
-            // Threads may be inside the app: leave them to the process exit.
-            Ending::Quick => Ok(WorkerExit::Stopped),
-        }
+        let rt = gpe_core::rt::tokio::runtime(ctx.config.idle_yield)?;
+        let pool = Pool::start(ctx.config.threads as usize, rt.handle())?;
+        let exit = tokio::task::LocalSet::new().block_on(&rt, serve(&mut ctx, &pool));
+        // After a drain the pool is idle; after a quick stop its threads may
+        // still be inside the app. Either way the process exits now.
+        rt.shutdown_background();
+        exit
     }
+}
+
+/// What every connection task needs.
+struct Connections {
+    service: Rc<Instrumented>,
+    builder: hyper::server::conn::http1::Builder,
+    runner: PoolRunner,
+}
+
+impl Connections {
+    async fn serve(&self, conn: Conn, peer: String, admission: Admission) {
+        let drained = admission.drained();
+        let (svc, b, r) = (&self.service, &self.builder, &self.runner);
+        serve_io(conn.into_hyper(), admission, &peer, svc, b, r, drained).await;
+    }
+}
+
+/// Accepts on `listener` while there is a place under the connection cap
+/// and a free pool thread; returns only a fatal error.
+async fn accept_loop<F>(listener: &Acceptor, gate: &Gate, load: &Load, mut spawn: F) -> io::Error
+where
+    F: FnMut(Conn, String, Admission),
+{
+    loop {
+        let admission = gate.admit_balanced(tokio::time::sleep).await;
+        load.room().await;
+        let (conn, peer) = match accept_retrying(|| listener.accept(), tokio::time::sleep).await {
+            Ok(accepted) => accepted,
+            Err(e) => return e,
+        };
+        spawn(conn, peer, admission);
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn serve(ctx: &mut WorkerContext, pool: &Pool) -> io::Result<WorkerExit> {
+    let listeners = take_listeners(ctx, Acceptor::register)?;
+    let ctx = &*ctx;
+    let gate = Gate::for_worker(ctx);
+    let connections = Rc::new(Connections {
+        service: ctx.service.clone(),
+        builder: builder(&ctx.config, true, TokioTimer::new()),
+        runner: pool.runner(),
+    });
+
+    let signals = signal_events(ctx.signal_fd())?.map(|()| Event::Signal);
+    let mut interval = tokio::time::interval(TICK);
+    interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let ticks = stream::unfold(interval, |mut i| async move {
+        i.tick().await;
+        Some((Event::Tick, i))
+    });
+    let events = std::pin::pin!(stream::select(signals, ticks));
+
+    let accepting = select_all(listeners.iter().map(|listener| {
+        accept_loop(listener, &gate, pool.load(), |conn, peer, admission| {
+            let connections = connections.clone();
+            tokio::task::spawn_local(async move {
+                connections.serve(conn, peer, admission).await;
+            });
+        })
+        .boxed_local()
+    }))
+    .map(|(e, _, _)| e);
+
+    supervise(ctx, &gate, events, accepting).await
 }

@@ -1,70 +1,125 @@
-//! The app pool: a fixed set of OS threads that take requests from a crossbeam
-//! channel, run the app to completion with `call_blocking` and send the
-//! response back through a oneshot. The IO thread hands requests over through
-//! [`PoolRunner`]; accepting and HTTP happen in [`crate::io`].
+//! The app pool: a fixed set of OS threads that take requests' futures from a
+//! crossbeam channel, drive each to its response and send it back through a
+//! oneshot. Pool threads may block (a [`blocking`](gpe_core::blocking)
+//! closure runs inline there) and run inside the IO thread's tokio context,
+//! so tokio::time, tokio::net and tokio::spawn work in handlers (spawned
+//! tasks run on the IO thread). The IO thread hands requests over through
+//! [`PoolRunner`], which also keeps the [`Load`] the accept loop waits on.
 
 use std::future::Future;
 use std::io;
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
-use gpe_core::app::{Request, Response, SharedApp};
-use gpe_core::instrument::{call_blocking, Panicked, Runner};
-use tokio::sync::oneshot;
+use gpe_core::http::app::AppFuture;
+use gpe_core::http::run::{allow_blocking, catching, start, Failure, Runner};
+use gpe_core::{Request, Response, SharedApp};
+use tokio::sync::{oneshot, Notify};
 
 /// What a pool thread sends back for one request.
-type Outcome = Result<Response, Panicked>;
+type Outcome = Result<Response, Failure>;
 
 /// One request on its way to a pool thread.
 struct Job {
-    app: SharedApp,
-    req: Request,
+    fut: AppFuture,
     reply: oneshot::Sender<Outcome>,
+}
+
+/// Requests handed to the pool and not yet answered. The accept loop takes a
+/// new connection only while this is under the pool's size, so a process
+/// takes only connections it can serve now; connections that have not sent
+/// a request yet hold nothing.
+#[derive(Debug)]
+pub(crate) struct Load {
+    busy: AtomicUsize,
+    limit: usize,
+    freed: Notify,
+}
+
+impl Load {
+    fn new(threads: usize) -> Arc<Load> {
+        Arc::new(Load {
+            busy: AtomicUsize::new(0),
+            limit: threads.max(1),
+            freed: Notify::new(),
+        })
+    }
+
+    /// Whether a pool thread is free.
+    pub(crate) fn has_room(&self) -> bool {
+        self.busy.load(Ordering::Relaxed) < self.limit
+    }
+
+    /// Completes once a pool thread is free.
+    pub(crate) async fn room(&self) {
+        while !self.has_room() {
+            self.freed.notified().await;
+        }
+    }
+
+    fn take(self: &Arc<Load>) -> Unit {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        Unit(self.clone())
+    }
+}
+
+/// One unit of load, given back on drop.
+#[derive(Debug)]
+struct Unit(Arc<Load>);
+
+impl Drop for Unit {
+    fn drop(&mut self) {
+        if self.0.busy.fetch_sub(1, Ordering::Relaxed) >= self.0.limit {
+            self.0.freed.notify_one();
+        }
+    }
 }
 
 /// A fixed pool of app threads.
 #[derive(Debug)]
-pub struct Pool {
+pub(crate) struct Pool {
     jobs: Sender<Job>,
-    threads: Vec<JoinHandle<()>>,
+    load: Arc<Load>,
 }
 
 impl Pool {
-    /// Starts `threads` app threads (at least one).
+    /// Starts `threads` app threads (at least one) that run inside the
+    /// context of `rt` (the IO thread's runtime). The threads end when the
+    /// pool and its runners are gone.
     ///
     /// # Errors
     /// A thread could not be spawned; the ones already started stop on their own.
-    pub fn start(threads: usize) -> io::Result<Pool> {
+    pub(crate) fn start(threads: usize, rt: &tokio::runtime::Handle) -> io::Result<Pool> {
         let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
-        let handles = (0..threads.max(1))
-            .map(|i| {
-                let queue = queue.clone();
-                std::thread::Builder::new()
-                    .name(format!("gpe-app-{i}"))
-                    .spawn(move || work(&queue))
-            })
-            .collect::<io::Result<Vec<_>>>()?;
+        for i in 0..threads.max(1) {
+            let queue = queue.clone();
+            let rt = rt.clone();
+            std::thread::Builder::new()
+                .name(format!("gpe-app-{i}"))
+                .spawn(move || {
+                    allow_blocking();
+                    let _context = rt.enter();
+                    work(&queue);
+                })?;
+        }
         Ok(Pool {
             jobs,
-            threads: handles,
+            load: Load::new(threads),
         })
     }
 
     /// A handle that runs requests on this pool.
-    pub fn runner(&self) -> PoolRunner {
+    pub(crate) fn runner(&self) -> PoolRunner {
         PoolRunner {
             jobs: self.jobs.clone(),
+            load: self.load.clone(),
         }
     }
 
-    /// Closes the queue and waits for every thread to finish the requests it
-    /// has. Runners still alive keep the queue open, so drop them first.
-    pub fn join(self) {
-        drop(self.jobs);
-        for t in self.threads {
-            // A panic outside `call_blocking` cannot happen; nothing to report.
-            let _ = t.join();
-        }
+    /// The pool's load.
+    pub(crate) fn load(&self) -> &Load {
+        &self.load
     }
 }
 
@@ -75,7 +130,7 @@ fn work(queue: &Receiver<Job>) {
         if job.reply.is_closed() {
             continue;
         }
-        let out = call_blocking(&job.app, job.req);
+        let out = futures_executor::block_on(catching(job.fut));
         let _ = job.reply.send(out);
     }
 }
@@ -83,35 +138,33 @@ fn work(queue: &Receiver<Job>) {
 /// Runs the app on the pool: the [`Runner`] the IO thread gives hyper. The
 /// returned future holds no pool thread while it waits.
 #[derive(Debug, Clone)]
-pub struct PoolRunner {
+pub(crate) struct PoolRunner {
     jobs: Sender<Job>,
+    load: Arc<Load>,
 }
 
 impl Runner for PoolRunner {
     /// Queues the request. A closed pool (never the case while connections
     /// are served) is reported like a panic: 500.
-    fn run(&self, app: &SharedApp, req: Request) -> impl Future<Output = Outcome> + Send {
+    fn run(&self, app: &SharedApp, req: Request) -> impl Future<Output = Outcome> {
+        let unit = self.load.take();
         let (reply, answer) = oneshot::channel();
-        let queued = self
-            .jobs
-            .send(Job {
-                app: app.clone(),
-                req,
-                reply,
-            })
-            .is_ok();
+        let queued = start(app, req).map(|fut| self.jobs.send(Job { fut, reply }).is_ok());
         async move {
-            if !queued {
-                return Err(Panicked);
-            }
-            answer.await.unwrap_or(Err(Panicked))
+            let out = match queued {
+                Ok(true) => answer.await.unwrap_or(Err(Failure::Panicked)),
+                Ok(false) => Err(Failure::Panicked),
+                Err(failure) => Err(failure),
+            };
+            drop(unit);
+            out
         }
     }
 }
 
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Job").field("uri", self.req.uri()).finish()
+        f.debug_struct("Job").finish_non_exhaustive()
     }
 }
 
@@ -119,68 +172,85 @@ impl std::fmt::Debug for Job {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     use bytes::Bytes;
-    use gpe_core::app::{blocking, handler, text};
+    use gpe_core::{blocking, handler, text, FullRequest, IntoApp};
     use http::StatusCode;
+    use http_body_util::BodyExt;
 
     fn req(path: &str) -> Request {
         http::Request::builder()
             .uri(path)
-            .body(Bytes::new())
+            .body(gpe_core::http::body::Body::empty())
             .unwrap()
     }
 
-    /// Runs every request of `paths` on `runner` at once, from one
-    /// current-thread runtime (as the IO thread does).
-    fn run_all(runner: &PoolRunner, app: &SharedApp, paths: &[&str]) -> Vec<Outcome> {
-        let rt = tokio::runtime::Builder::new_current_thread()
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
             .build()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Runs every request of `paths` on `pool` at once, from one
+    /// current-thread runtime (as the IO thread does).
+    fn run_all(
+        rt: &tokio::runtime::Runtime,
+        pool: &Pool,
+        app: &SharedApp,
+        paths: &[&str],
+    ) -> Vec<Outcome> {
+        let runner = pool.runner();
         let futs = paths.iter().map(|p| runner.run(app, req(p)));
         rt.block_on(futures_util::future::join_all(futs))
     }
 
+    fn body(rt: &tokio::runtime::Runtime, r: Response) -> Bytes {
+        rt.block_on(r.into_body().collect()).unwrap().to_bytes()
+    }
+
     #[test]
-    fn every_request_runs_once_and_answers_its_own_caller() {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let counted = calls.clone();
-        let app = blocking(move |r| {
-            counted.fetch_add(1, Ordering::SeqCst);
-            text(StatusCode::OK, r.uri().path().to_owned())
-        });
-        let pool = Pool::start(4).unwrap();
+    fn every_request_runs_once_on_a_pool_thread_and_answers_its_own_caller() {
+        let app = blocking(|r: FullRequest| {
+            let name = std::thread::current().name().unwrap_or("").to_owned();
+            text(StatusCode::OK, format!("{} {name}", r.uri().path()))
+        })
+        .into_app();
+        let rt = rt();
+        let pool = Pool::start(4, rt.handle()).unwrap();
         let paths: Vec<String> = (0..1000).map(|i| format!("/{i}")).collect();
         let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
-        let out = run_all(&pool.runner(), &app, &refs);
-        pool.join();
-        assert_eq!(calls.load(Ordering::SeqCst), 1000);
+        let out = run_all(&rt, &pool, &app, &refs);
         assert_eq!(out.len(), 1000);
         for (i, r) in out.into_iter().enumerate() {
-            let r = r.unwrap();
-            assert_eq!(r.status(), StatusCode::OK);
-            assert_eq!(r.body(), &Bytes::from(format!("/{i}")));
+            let text = body(&rt, r.unwrap());
+            let text = std::str::from_utf8(&text).unwrap().to_owned();
+            assert!(text.starts_with(&format!("/{i} gpe-app-")), "{text}");
         }
+        assert!(pool.load().has_room());
     }
 
     #[test]
     fn panics_are_caught_and_the_threads_survive() {
-        let app = blocking(|r| {
-            if r.uri().path() == "/panic" {
-                panic!("app panic (expected by the test)");
-            }
+        let app = blocking(|r: FullRequest| {
+            assert!(
+                r.uri().path() != "/panic",
+                "app panic (expected by the test)"
+            );
             text(StatusCode::OK, "ok")
-        });
-        let pool = Pool::start(2).unwrap();
+        })
+        .into_app();
+        let rt = rt();
+        let pool = Pool::start(2, rt.handle()).unwrap();
         let paths: Vec<&str> = (0..20)
             .map(|i| if i % 2 == 0 { "/panic" } else { "/ok" })
             .collect();
-        let out = run_all(&pool.runner(), &app, &paths);
-        pool.join();
-        let panicked = out.iter().filter(|r| r.is_err()).count();
+        let out = run_all(&rt, &pool, &app, &paths);
+        let panicked = out
+            .iter()
+            .filter(|r| matches!(r, Err(Failure::Panicked)))
+            .count();
         let ok = out
             .iter()
             .filter(|r| r.as_ref().is_ok_and(|r| r.status() == StatusCode::OK))
@@ -189,13 +259,19 @@ mod tests {
     }
 
     #[test]
-    fn async_apps_run_to_completion_on_the_pool() {
-        let app = handler(|_r| async { text(StatusCode::CREATED, "async") });
-        let pool = Pool::start(1).unwrap();
-        let out = run_all(&pool.runner(), &app, &["/a", "/b"]);
-        pool.join();
-        for r in out {
-            assert_eq!(r.unwrap().status(), StatusCode::CREATED);
+    fn tokio_works_in_handlers_on_the_pool() {
+        let app = handler(|_r: FullRequest| async {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let n = tokio::spawn(async { 6 * 7 }).await.unwrap();
+            text(StatusCode::CREATED, n.to_string())
+        })
+        .into_app();
+        let rt = rt();
+        let pool = Pool::start(1, rt.handle()).unwrap();
+        for r in run_all(&rt, &pool, &app, &["/a", "/b"]) {
+            let r = r.unwrap();
+            assert_eq!(r.status(), StatusCode::CREATED);
+            assert_eq!(body(&rt, r), "42");
         }
     }
 
@@ -204,70 +280,48 @@ mod tests {
         let active = Arc::new(AtomicUsize::new(0));
         let peak = Arc::new(AtomicUsize::new(0));
         let p = peak.clone();
-        let app = blocking(move |_r| {
+        let app = blocking(move |_r: FullRequest| {
             let now = active.fetch_add(1, Ordering::SeqCst) + 1;
             p.fetch_max(now, Ordering::SeqCst);
             std::thread::sleep(nap);
             active.fetch_sub(1, Ordering::SeqCst);
             text(StatusCode::OK, "slept")
-        });
+        })
+        .into_app();
         (app, peak)
     }
 
     #[test]
-    fn n_blocking_calls_run_at_once() {
+    fn n_blocking_calls_run_at_once_and_fill_the_load() {
         let nap = Duration::from_millis(300);
         let (app, peak) = sleeper(nap);
-        let pool = Pool::start(4).unwrap();
+        let rt = rt();
+        let pool = Pool::start(4, rt.handle()).unwrap();
         let start = Instant::now();
-        let out = run_all(&pool.runner(), &app, &["/"; 4]);
+        let out = run_all(&rt, &pool, &app, &["/"; 4]);
         let took = start.elapsed();
-        pool.join();
         assert_eq!(out.iter().filter(|r| r.is_ok()).count(), 4);
         assert_eq!(peak.load(Ordering::SeqCst), 4);
         assert!(took < nap * 2, "4 naps on 4 threads took {took:?}");
+        let runner = pool.runner();
+        let held: Vec<_> = (0..4).map(|_| runner.run(&app, req("/"))).collect();
+        assert!(!pool.load().has_room(), "4 requests fill 4 threads");
+        drop(held);
+        assert!(pool.load().has_room());
     }
 
     #[test]
     fn never_more_than_n_at_once() {
         let nap = Duration::from_millis(100);
         let (app, peak) = sleeper(nap);
-        let pool = Pool::start(3).unwrap();
+        let rt = rt();
+        let pool = Pool::start(3, rt.handle()).unwrap();
         let start = Instant::now();
-        let out = run_all(&pool.runner(), &app, &["/"; 7]);
+        let out = run_all(&rt, &pool, &app, &["/"; 7]);
         let took = start.elapsed();
-        pool.join();
         assert_eq!(out.iter().filter(|r| r.is_ok()).count(), 7);
         assert_eq!(peak.load(Ordering::SeqCst), 3);
         // 7 calls on 3 threads need three rounds.
         assert!(took >= nap * 3, "took {took:?}");
-    }
-
-    #[test]
-    fn a_request_whose_caller_left_is_skipped() {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let counted = calls.clone();
-        let app = blocking(move |_r| {
-            counted.fetch_add(1, Ordering::SeqCst);
-            text(StatusCode::OK, "ok")
-        });
-        let (gate_tx, gate_rx) = crossbeam_channel::bounded::<()>(0);
-        let gate = blocking(move |_r| {
-            let _ = gate_rx.recv();
-            text(StatusCode::OK, "gate")
-        });
-        let pool = Pool::start(1).unwrap();
-        let runner = pool.runner();
-        // Hold the only thread, queue a request, then drop its future.
-        let held = runner.run(&gate, req("/gate"));
-        drop(runner.run(&app, req("/gone")));
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        gate_tx.send(()).unwrap();
-        assert_eq!(rt.block_on(held).unwrap().status(), StatusCode::OK);
-        drop(runner);
-        pool.join();
-        assert_eq!(calls.load(Ordering::SeqCst), 0);
     }
 }

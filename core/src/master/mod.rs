@@ -11,8 +11,8 @@ use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::app::AppFactory;
 use crate::config::{BindAddr, Config, ConfigError};
+use crate::http::app::AppFactory;
 use crate::listener::Listener;
 use crate::store::StoreDir;
 use crate::worker::Worker;

@@ -43,7 +43,7 @@ impl ErrorKind {
 /// What one finished request records.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestRecord<'a> {
-    /// Method label (see [`method_label`](crate::instrument::method_label)).
+    /// Method label (see [`method_label`](crate::http::instrument::method_label)).
     pub method: &'a str,
     /// Route template, or the path when the app gave none.
     pub route: &'a str,

@@ -13,7 +13,9 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use gpe::{blocking, text, with_route, Request, Response, StatusCode};
+use gpe::{
+    blocking, text, with_route, FullRequest as Request, FullResponse as Response, StatusCode,
+};
 
 fn route(req: Request) -> Response {
     let path = req.uri().path().to_owned();

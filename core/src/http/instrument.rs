@@ -1,0 +1,385 @@
+//! One request: the layer every worker puts between hyper and the app. It
+//! checks the head (414, 431, and 413 for a declared body over
+//! `max_body_size`), hands the service a streaming [`Body`], calls the app
+//! through a [`Runner`], catches panics (500, `kind="panic"`), and records
+//! the request in the store once its response body has been written (or the
+//! client left mid-body: `client_disconnect`), then writes the access log.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use http::{header, HeaderValue, Method, StatusCode};
+use hyper::body::Incoming;
+
+use super::app::{full, text, BoxError, Route, SharedApp};
+use super::body::{Body, BodyState, OnEnd, Recorded};
+use super::limits::HeadLimits;
+use super::run::{Failure, Runner};
+use crate::log::AccessLog;
+use crate::store::{ErrorKind, Recorder, RequestRecord};
+
+/// The response type handed back to hyper.
+pub(crate) type HttpResponse = hyper::Response<Recorded<Finish>>;
+
+/// The `route` label of a response that names no route template.
+#[derive(Debug, Clone)]
+pub enum Unmatched {
+    /// One fixed label (the `unmatched_route` setting, `unmatched` by default).
+    Label(&'static str),
+    /// The request path (`unmatched_route = "path"`).
+    Path,
+}
+
+impl Unmatched {
+    /// The policy the `unmatched_route` setting names.
+    pub fn from_setting(value: &str) -> Unmatched {
+        match value {
+            "path" => Unmatched::Path,
+            // Once per worker process; the label lives as long as the process.
+            other => Unmatched::Label(Box::leak(other.to_owned().into_boxed_str())),
+        }
+    }
+}
+
+/// The method label: standard methods by name, anything else `other`.
+pub fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
+/// What [`Instrumented`] is built from.
+#[derive(Debug)]
+pub struct Settings {
+    /// Per-line head limits.
+    pub limits: HeadLimits,
+    /// `max_body_size`.
+    pub max_body: u64,
+    /// This process's share of requests, if recycled.
+    pub max_requests: Option<u64>,
+    /// The label of responses without a route.
+    pub unmatched: Unmatched,
+    /// Whether HTTP/1.1 upgrades (WebSocket) are served; otherwise a request
+    /// for one is answered 501.
+    pub upgrades: bool,
+}
+
+/// An app wrapped with metrics, limits and the access log.
+#[derive(Debug)]
+pub struct Instrumented {
+    app: SharedApp,
+    recorder: Arc<Recorder>,
+    access: Option<Arc<AccessLog>>,
+    settings: Settings,
+    handled: AtomicU64,
+    retire: tokio::sync::Notify,
+}
+
+impl Instrumented {
+    /// Wraps `app`.
+    pub fn new(
+        app: SharedApp,
+        recorder: Arc<Recorder>,
+        access: Option<AccessLog>,
+        settings: Settings,
+    ) -> Instrumented {
+        Instrumented {
+            app,
+            recorder,
+            access: access.map(Arc::new),
+            settings,
+            handled: AtomicU64::new(0),
+            retire: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Whether this process has taken its share of requests (`max_requests`).
+    pub fn retiring(&self) -> bool {
+        self.settings
+            .max_requests
+            .is_some_and(|limit| self.handled.load(Ordering::Relaxed) >= limit)
+    }
+
+    /// Completes once the request that reached `max_requests` has been
+    /// answered (at once if it already has). Works on any executor.
+    pub async fn retire_requested(&self) {
+        if self.retiring() {
+            return;
+        }
+        self.retire.notified().await;
+    }
+
+    /// The worker's recorder.
+    pub fn recorder(&self) -> &Arc<Recorder> {
+        &self.recorder
+    }
+
+    /// The app.
+    pub fn app(&self) -> &SharedApp {
+        &self.app
+    }
+
+    /// The access log, if any.
+    pub fn access_log(&self) -> Option<&AccessLog> {
+        self.access.as_deref()
+    }
+
+    /// Whether a request for `Upgrade` reaches the app.
+    pub fn serves_upgrades(&self) -> bool {
+        self.settings.upgrades
+    }
+
+    /// Serves one request from hyper. `peer` is the client address for the
+    /// access log.
+    pub(crate) async fn handle<R: Runner>(
+        &self,
+        req: hyper::Request<Incoming>,
+        peer: &str,
+        runner: &R,
+    ) -> HttpResponse {
+        let start = self.recorder.begin();
+        let (parts, incoming) = req.into_parts();
+        let method = method_label(&parts.method);
+        // If hyper drops this future (the client went away mid-request), the
+        // guard still ends the request's in-flight accounting.
+        let mut pending = Abandoned {
+            recorder: &self.recorder,
+            unmatched: &self.settings.unmatched,
+            start,
+            method,
+            uri: Some(parts.uri.clone()),
+        };
+        let head_only = parts.method == Method::HEAD;
+        let uri = parts.uri.clone();
+        let version = parts.version;
+        let declared_too_long = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n > self.settings.max_body);
+        let over_limit = self.settings.limits.check(&parts);
+        let wants_upgrade = !self.settings.upgrades && parts.headers.contains_key(header::UPGRADE);
+        let mut state = None;
+        let refused = if let Some(status) = over_limit {
+            // An oversized line's path is no label: count it as `unknown`.
+            Some((status, ErrorKind::BadRequest, Some(Route::new("unknown"))))
+        } else if declared_too_long {
+            Some((StatusCode::PAYLOAD_TOO_LARGE, ErrorKind::BadRequest, None))
+        } else if wants_upgrade {
+            Some((StatusCode::NOT_IMPLEMENTED, ErrorKind::BadRequest, None))
+        } else {
+            None
+        };
+        let outcome = match refused {
+            Some((status, kind, route)) => {
+                let mut resp = full(text(status, status.canonical_reason().unwrap_or("")));
+                if let Some(route) = route {
+                    resp.extensions_mut().insert(route);
+                }
+                Ok((resp, Some(kind)))
+            }
+            None => {
+                let body = if http_body::Body::is_end_stream(&incoming) {
+                    Body::empty()
+                } else {
+                    let s = Arc::new(BodyState::default());
+                    state = Some(s.clone());
+                    Body::incoming(incoming, self.settings.max_body, s)
+                };
+                let req = http::Request::from_parts(parts, body);
+                match runner.run(&self.app, req).await {
+                    Ok(resp) => {
+                        let err = resp
+                            .status()
+                            .is_server_error()
+                            .then_some(ErrorKind::AppError);
+                        Ok((resp, err))
+                    }
+                    Err(failure) => Err(failure),
+                }
+            }
+        };
+        let (mut resp, mut error) = match outcome {
+            Ok(pair) => pair,
+            Err(failure) => {
+                let kind = match &failure {
+                    Failure::Panicked => ErrorKind::Panic,
+                    Failure::Error(e) => {
+                        log_app_error(e);
+                        ErrorKind::AppError
+                    }
+                };
+                let resp = text(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error\n");
+                (full(resp), Some(kind))
+            }
+        };
+        let overflowed = state.as_ref().is_some_and(|s| s.overflowed());
+        if overflowed {
+            error = Some(ErrorKind::BadRequest);
+        }
+        let route = match resp.extensions_mut().remove::<Route>() {
+            Some(r) => r,
+            None => match self.settings.unmatched {
+                Unmatched::Label(l) => Route::new(l),
+                Unmatched::Path => Route::owned(uri.path().to_owned()),
+            },
+        };
+        let status = resp.status();
+        let headers = resp.headers_mut();
+        headers
+            .entry(header::SERVER)
+            .or_insert(HeaderValue::from_static("gpe"));
+        if over_limit.is_some() || overflowed {
+            // Like Gunicorn: a client that breaks the limits is not kept.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        self.handled.fetch_add(1, Ordering::Relaxed);
+        if self.retiring() {
+            // The last request of a recycling worker: close politely.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            self.retire.notify_one();
+        }
+        let log = self.access.as_ref().map(|log| {
+            // A line rejected for its length is not copied whole into the log.
+            let target = uri.to_string();
+            let target = match over_limit {
+                Some(_) => truncate(&target, LOGGED_URI_MAX).to_owned(),
+                None => target,
+            };
+            Box::new(LogLine {
+                log: log.clone(),
+                line: format!("{peer} - - [{{time}}] \"{method} {target} {version:?}\""),
+            })
+        });
+        pending.uri = None;
+        let no_body = head_only
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        let finish = Finish {
+            recorder: self.recorder.clone(),
+            start,
+            method,
+            route,
+            status: status.as_u16(),
+            error,
+            state,
+            log,
+        };
+        resp.map(|body| Recorded::new(body, finish, no_body))
+    }
+}
+
+fn log_app_error(e: &BoxError) {
+    crate::log_error!("the app returned an error: {e}");
+}
+
+/// Records a request once its response body has ended.
+#[derive(Debug)]
+pub(crate) struct Finish {
+    recorder: Arc<Recorder>,
+    start: u64,
+    method: &'static str,
+    route: Route,
+    status: u16,
+    error: Option<ErrorKind>,
+    state: Option<Arc<BodyState>>,
+    log: Option<Box<LogLine>>,
+}
+
+/// An access-log line waiting for its byte count.
+#[derive(Debug)]
+struct LogLine {
+    log: Arc<AccessLog>,
+    /// The line up to the status, with `{time}` for the time of the end.
+    line: String,
+}
+
+impl OnEnd for Finish {
+    fn ended(self, written: u64, complete: bool) {
+        let request_bytes = self.state.as_ref().map_or(0, |s| s.read());
+        let overflowed = self.state.as_ref().is_some_and(|s| s.overflowed());
+        let error = if !complete {
+            Some(ErrorKind::ClientDisconnect)
+        } else if overflowed {
+            Some(ErrorKind::BadRequest)
+        } else {
+            self.error
+        };
+        self.recorder.finish(
+            self.start,
+            &RequestRecord {
+                method: self.method,
+                route: self.route.as_str(),
+                status: self.status,
+                request_bytes,
+                response_bytes: written,
+                error,
+            },
+        );
+        if let Some(l) = self.log {
+            let time = httpdate::fmt_http_date(std::time::SystemTime::now());
+            let line = l.line.replacen("{time}", &time, 1);
+            l.log
+                .write(format_args!("{line} {} {written}", self.status));
+        }
+    }
+}
+
+/// Longest request target the access log copies from a request rejected by
+/// [`HeadLimits`].
+const LOGGED_URI_MAX: usize = 256;
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Ends the accounting of a request whose handler was dropped before it
+/// answered (counted as `client_disconnect`).
+struct Abandoned<'a> {
+    recorder: &'a Recorder,
+    unmatched: &'a Unmatched,
+    start: u64,
+    method: &'static str,
+    /// `Some` until the request is answered.
+    uri: Option<http::Uri>,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if let Some(uri) = self.uri.take() {
+            let route = match self.unmatched {
+                Unmatched::Label(l) => l,
+                Unmatched::Path => uri.path(),
+            };
+            self.recorder.abandon(self.start, self.method, route);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_keeps_whole_characters() {
+        assert_eq!(truncate("abc", 5), "abc");
+        assert_eq!(truncate("abcdef", 3), "abc");
+        assert_eq!(truncate("aé", 2), "a", "é is two bytes");
+    }
+}

@@ -1,0 +1,123 @@
+//! The per-line limits of a request head (`limit_request_line`,
+//! `limit_request_field_size`), checked once hyper has parsed the head.
+
+use http::{header, HeaderValue, StatusCode};
+
+use crate::config::Config;
+
+/// The per-line limits of a request head (`limit_request_line`,
+/// `limit_request_field_size`). hyper caps only the whole head
+/// ([`Config::max_head_bytes`]), so gpe checks each line once hyper has
+/// parsed it, before the body is read or the app is called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadLimits {
+    /// Longest request line (`METHOD SP target SP HTTP/x.y`), without CRLF.
+    pub line: usize,
+    /// Longest header field (`name: value`), without CRLF.
+    pub field: usize,
+}
+
+impl HeadLimits {
+    /// The limits set by `config`.
+    pub fn from_config(config: &Config) -> HeadLimits {
+        HeadLimits {
+            line: config.limit_request_line,
+            field: config.limit_request_field_size,
+        }
+    }
+
+    /// `414 URI Too Long` for a request line over the limit, `431 Request
+    /// Header Fields Too Large` for a header field over it, else `None`.
+    pub fn check(&self, parts: &http::request::Parts) -> Option<StatusCode> {
+        let uri = &parts.uri;
+        let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+            + uri.authority().map_or(0, |a| a.as_str().len())
+            + uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+        // Two spaces and "HTTP/1.1".
+        if parts.method.as_str().len() + target + 10 > self.line {
+            return Some(StatusCode::URI_TOO_LONG);
+        }
+        // "name: value".
+        let too_large = |(name, value): (&header::HeaderName, &HeaderValue)| {
+            name.as_str().len() + 2 + value.len() > self.field
+        };
+        parts
+            .headers
+            .iter()
+            .any(too_large)
+            .then_some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(method: &str, uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut b = http::Request::builder().method(method).uri(uri);
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    const LIMITS: HeadLimits = HeadLimits {
+        line: 100,
+        field: 50,
+    };
+
+    #[test]
+    fn the_request_line_limit_counts_method_target_and_version() {
+        // "GET " + target + " HTTP/1.1" is 13 bytes plus the target.
+        let at = format!("/{}", "a".repeat(100 - 13 - 1));
+        assert_eq!(LIMITS.check(&parts("GET", &at, &[])), None);
+        let over = format!("{at}a");
+        assert_eq!(
+            LIMITS.check(&parts("GET", &over, &[])),
+            Some(StatusCode::URI_TOO_LONG)
+        );
+        // The query counts; so do scheme and authority in absolute form.
+        let with_query = format!("/?{}", "q".repeat(100 - 13 - 1));
+        assert_eq!(
+            LIMITS.check(&parts("GET", &with_query, &[])),
+            Some(StatusCode::URI_TOO_LONG)
+        );
+        let absolute = format!("http://example.com/{}", "a".repeat(100 - 13 - 19));
+        assert_eq!(LIMITS.check(&parts("GET", &absolute, &[])), None);
+        let absolute = format!("{absolute}a");
+        assert_eq!(
+            LIMITS.check(&parts("GET", &absolute, &[])),
+            Some(StatusCode::URI_TOO_LONG)
+        );
+    }
+
+    #[test]
+    fn other_request_target_forms_count_as_sent() {
+        // CONNECT host:port (authority-form) and OPTIONS * (asterisk-form).
+        let authority = format!("{}.example:443", "h".repeat(100 - 17 - 12));
+        assert_eq!(LIMITS.check(&parts("CONNECT", &authority, &[])), None);
+        assert_eq!(
+            LIMITS.check(&parts("CONNECT", &format!("h{authority}"), &[])),
+            Some(StatusCode::URI_TOO_LONG)
+        );
+        assert_eq!(LIMITS.check(&parts("OPTIONS", "*", &[])), None);
+    }
+
+    #[test]
+    fn the_field_limit_counts_name_separator_and_value() {
+        // "x-a: " is 5 bytes.
+        let at = "v".repeat(50 - 5);
+        assert_eq!(LIMITS.check(&parts("GET", "/", &[("x-a", &at)])), None);
+        let over = format!("{at}v");
+        assert_eq!(
+            LIMITS.check(&parts("GET", "/", &[("host", "h"), ("x-a", &over)])),
+            Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
+        // The request line is checked first.
+        let long = format!("/{}", "a".repeat(100));
+        assert_eq!(
+            LIMITS.check(&parts("GET", &long, &[("x-a", &over)])),
+            Some(StatusCode::URI_TOO_LONG)
+        );
+    }
+}

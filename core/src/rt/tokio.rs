@@ -1,0 +1,161 @@
+//! The one tokio edge: every tokio-based worker (sync, thread, eventloop)
+//! registers its listeners and accepted connections here.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+use crate::listener::{Listener, Stream};
+
+pub use super::idle::tokio_runtime as runtime;
+
+/// An inherited listener registered with the current runtime.
+#[derive(Debug)]
+pub enum Acceptor {
+    /// A TCP listener.
+    Tcp(TcpListener),
+    /// A unix-socket listener.
+    Unix(UnixListener),
+}
+
+impl Acceptor {
+    /// Registers `listener` (non-blocking) with the current runtime.
+    ///
+    /// # Errors
+    /// The runtime refused the socket.
+    pub fn register(listener: Listener) -> io::Result<Acceptor> {
+        Ok(match listener {
+            Listener::Tcp(l) => Acceptor::Tcp(TcpListener::from_std(l)?),
+            Listener::Unix(l) => Acceptor::Unix(UnixListener::from_std(l)?),
+        })
+    }
+
+    /// Polls for one connection with a printable peer address (as
+    /// [`Listener::accept`] gives).
+    pub fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(Conn, String)>> {
+        match self {
+            Acceptor::Tcp(l) => l.poll_accept(cx).map_ok(|(s, peer)| {
+                let _ = s.set_nodelay(true);
+                (Conn::Tcp(s), peer.ip().to_string())
+            }),
+            Acceptor::Unix(l) => l
+                .poll_accept(cx)
+                .map_ok(|(s, _)| (Conn::Unix(s), "unix".to_owned())),
+        }
+    }
+
+    /// Accepts one connection (see [`Acceptor::poll_accept`]).
+    ///
+    /// # Errors
+    /// As accept(2).
+    pub async fn accept(&self) -> io::Result<(Conn, String)> {
+        std::future::poll_fn(|cx| self.poll_accept(cx)).await
+    }
+}
+
+/// An accepted connection registered with the current runtime.
+#[derive(Debug)]
+pub enum Conn {
+    /// A TCP connection.
+    Tcp(TcpStream),
+    /// A unix-socket connection.
+    Unix(UnixStream),
+}
+
+impl Conn {
+    /// Registers a connection accepted with [`Listener::accept`].
+    ///
+    /// # Errors
+    /// The socket cannot be made non-blocking or registered.
+    pub fn from_std(stream: Stream) -> io::Result<Conn> {
+        stream.set_nonblocking(true)?;
+        Ok(match stream {
+            Stream::Tcp(s) => Conn::Tcp(TcpStream::from_std(s)?),
+            Stream::Unix(s) => Conn::Unix(UnixStream::from_std(s)?),
+        })
+    }
+
+    /// The connection as hyper's IO.
+    pub fn into_hyper(self) -> hyper_util::rt::TokioIo<Conn> {
+        hyper_util::rt::TokioIo::new(self)
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Tcp(s) => s.is_write_vectored(),
+            Conn::Unix(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Conn::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A stream of the signal pipe's readiness on the current runtime: yields
+/// `()` each time the pipe becomes readable, after clearing tokio's
+/// readiness so a signal arriving in between wakes the loop again (the
+/// caller empties the pipe through the worker context).
+///
+/// # Errors
+/// The fd cannot be duplicated or registered.
+pub fn signal_events(
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> io::Result<impl futures_util::Stream<Item = ()>> {
+    let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd.try_clone_to_owned()?)?;
+    Ok(futures_util::stream::unfold(rx, |rx| async move {
+        rx.readable().await.ok()?;
+        let _ = rx.try_io(|| Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+        Some(((), rx))
+    }))
+}
