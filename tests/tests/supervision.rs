@@ -37,9 +37,8 @@ fn stuck_worker_is_killed_after_timeout(worker: &str) {
     let sent = Instant::now();
     let stuck = std::thread::spawn(move || http(addr, "GET", "/sleep/60000", &[], b"").ok());
     let replaced = wait_until(Duration::from_secs(15), || {
-        s.try_scrape().is_ok_and(|m| {
-            m.value("gpe_master_worker_exits_total", &[("reason", "timeout")]) == Some(1.0)
-        })
+        s.try_scrape()
+            .is_ok_and(|m| m.one("gpe_master_worker_exits_total", &[("reason", "timeout")]) == 1.0)
     });
     let took = sent.elapsed();
     assert!(replaced, "the stuck worker is killed; log:\n{}", s.log());
@@ -53,12 +52,12 @@ fn stuck_worker_is_killed_after_timeout(worker: &str) {
     assert_eq!(get(s.addr, "/").status, 200);
     let m = s.scrape();
     assert_eq!(
-        m.value("gpe_master_worker_exits_total", &[("reason", "timeout")]),
-        Some(1.0)
+        m.one("gpe_master_worker_exits_total", &[("reason", "timeout")]),
+        1.0
     );
     assert_eq!(
-        m.value("gpe_master_worker_exits_total", &[("reason", "crash")]),
-        Some(0.0)
+        m.one("gpe_master_worker_exits_total", &[("reason", "crash")]),
+        0.0
     );
 }
 
@@ -75,19 +74,21 @@ fn max_requests_recycles_without_failures(worker: &str) {
     assert_eq!(failed, 0, "no request failed while workers recycled");
     s.wait_ready(2);
     let m = s.scrape();
-    let recycled = m
-        .value(
-            "gpe_master_worker_exits_total",
-            &[("reason", "max_requests")],
-        )
-        .unwrap();
+    let recycled = m.one(
+        "gpe_master_worker_exits_total",
+        &[("reason", "max_requests")],
+    );
     println!("{worker}: {recycled} recycles for 2000 requests");
     assert!(recycled >= 30.0, "at least 30 recycles, saw {recycled}");
-    assert_eq!(m.sum("gpe_http_requests_total"), 2000.0, "totals exact");
-    assert_eq!(m.sum("gpe_worker_requests_total"), 2000.0);
     assert_eq!(
-        m.value("gpe_master_worker_exits_total", &[("reason", "crash")]),
-        Some(0.0)
+        m.sum("gpe_http_requests_total", &[]),
+        2000.0,
+        "totals exact"
+    );
+    assert_eq!(m.sum("gpe_worker_requests_total", &[]), 2000.0);
+    assert_eq!(
+        m.one("gpe_master_worker_exits_total", &[("reason", "crash")]),
+        0.0
     );
 }
 
@@ -106,7 +107,7 @@ fn hup_storm_drops_nothing(worker: &str) {
         assert!(wait_until(Duration::from_secs(5), || s
             .try_scrape()
             .is_ok_and(|m| {
-                m.value("gpe_master_signals_total", &[("signal", "HUP")]) == Some(want)
+                m.one("gpe_master_signals_total", &[("signal", "HUP")]) == want
             })));
     }
     s.wait_ready(2);
@@ -115,10 +116,10 @@ fn hup_storm_drops_nothing(worker: &str) {
     assert_eq!(failed, 0, "{failed} requests failed during {hups} reloads");
     let m = s.scrape();
     assert_eq!(
-        m.value("gpe_master_signals_total", &[("signal", "HUP")]),
-        Some(f64::from(hups))
+        m.one("gpe_master_signals_total", &[("signal", "HUP")]),
+        f64::from(hups)
     );
-    assert_eq!(m.sum("gpe_http_requests_total"), ok as f64);
+    assert_eq!(m.sum("gpe_http_requests_total", &[]), ok as f64);
 }
 
 fn usr2_upgrade_then_quit_drops_nothing(worker: &str) {
@@ -172,8 +173,7 @@ fn usr2_upgrade_then_quit_drops_nothing(worker: &str) {
     let mut m = None;
     assert!(wait_until(Duration::from_secs(10), || {
         m = s.try_scrape().ok().filter(|m| {
-            m.samples("gpe_worker_info").len() == 2
-                && m.value("gpe_master_workers", &[]) == Some(2.0)
+            m.samples("gpe_worker_info").len() == 2 && m.one("gpe_master_workers", &[]) == 2.0
         });
         m.is_some()
     }));
@@ -181,7 +181,7 @@ fn usr2_upgrade_then_quit_drops_nothing(worker: &str) {
     assert!(ok > 0);
     assert_eq!(failed, 0, "no request failed across the upgrade");
     let m = s.scrape();
-    let served_by_new = m.sum("gpe_http_requests_total");
+    let served_by_new = m.sum("gpe_http_requests_total", &[]);
     assert!(served_by_new > 0.0 && served_by_new <= ok as f64);
     let pids: Vec<i32> = s.worker_pids().values().copied().collect();
     assert!(
@@ -300,7 +300,7 @@ fn chaos_kills_keep_counters_monotonic(worker: &str) {
     scraping.store(false, Ordering::Relaxed);
     let (scrapes, scrape_failures, violations) = scraper.join().unwrap();
     let m = s.scrape();
-    let total = m.sum("gpe_http_requests_total");
+    let total = m.sum("gpe_http_requests_total", &[]);
     // Every attempt ended as a success or a failure once the clients joined.
     let attempts = ok + failed;
     println!(
@@ -318,8 +318,8 @@ fn chaos_kills_keep_counters_monotonic(worker: &str) {
     assert!(failed <= kills * 8, "{failed} failures for {kills} kills");
     assert!(total >= (ok.saturating_sub(kills)) as f64 && total <= attempts as f64);
     assert_eq!(
-        m.value("gpe_master_worker_exits_total", &[("reason", "crash")]),
-        Some(kills as f64)
+        m.one("gpe_master_worker_exits_total", &[("reason", "crash")]),
+        kills as f64
     );
 }
 
@@ -350,11 +350,11 @@ fn sigchld_storm_keeps_the_master_responsive(worker: &str) {
         let want = f64::from(usr1);
         assert!(
             wait_until(Duration::from_secs(5), || s.try_scrape().is_ok_and(|m| {
-                m.value("gpe_master_signals_total", &[("signal", "USR1")]) == Some(want)
+                m.one("gpe_master_signals_total", &[("signal", "USR1")]) == want
             })),
             "the master handles USR1 #{usr1} during the storm: {:?}; log tail:\n{}",
             s.try_scrape()
-                .map(|m| m.value("gpe_master_signals_total", &[("signal", "USR1")])),
+                .map(|m| m.one("gpe_master_signals_total", &[("signal", "USR1")])),
             s.log()
                 .lines()
                 .rev()
@@ -366,16 +366,14 @@ fn sigchld_storm_keeps_the_master_responsive(worker: &str) {
     let (ok, failed) = load.finish();
     s.wait_ready(4);
     let m = s.scrape();
-    let respawns = m
-        .value(
-            "gpe_master_worker_exits_total",
-            &[("reason", "max_requests")],
-        )
-        .unwrap();
+    let respawns = m.one(
+        "gpe_master_worker_exits_total",
+        &[("reason", "max_requests")],
+    );
     println!("{worker}: {respawns} respawns, {ok} ok, {failed} failed");
     assert!(respawns >= 200.0, "hundreds of respawns, saw {respawns}");
     assert_eq!(failed, 0);
-    assert_eq!(m.value("gpe_master_workers", &[]), Some(4.0));
+    assert_eq!(m.one("gpe_master_workers", &[]), 4.0);
     let after = shape(&m);
     assert_eq!(
         before, after,
@@ -428,7 +426,7 @@ fn socket_activation_overrides_bind(worker: &str) {
         b""
     )
     .is_ok_and(|r| Metrics::parse(&String::from_utf8_lossy(&r.body))
-        .sum("gpe_http_requests_total")
+        .sum("gpe_http_requests_total", &[])
         == 10.0)));
     nix::sys::signal::kill(pid, Signal::SIGTERM).unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0));
