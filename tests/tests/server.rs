@@ -148,7 +148,14 @@ fn head_limits_answer_414_and_431(worker: &str) {
     assert_eq!(requests("unknown", "431"), 1.0);
     assert_eq!(m.sum("gpe_http_requests_total", &[]), 4.0);
     assert_eq!(
-        m.one("gpe_http_errors_total", &[("kind", "bad_request")]),
+        m.one(
+            "gpe_http_errors_total",
+            &[
+                ("method", "GET"),
+                ("route", "unknown"),
+                ("kind", "bad_request")
+            ]
+        ),
         2.0
     );
     assert_eq!(m.sum("gpe_http_errors_total", &[]), 2.0);
@@ -297,7 +304,7 @@ fn hup_replaces_workers_without_failures(worker: &str) {
     let s = start(worker, 2);
     let before = s.worker_pids();
     let client = Load::start(s.addr, 2, "/");
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(wait_until(Duration::from_secs(10), || client.ok() >= 20));
     s.signal(Signal::SIGHUP);
     let replaced = wait_until(Duration::from_secs(15), || {
         let now = s.worker_pids();
@@ -305,7 +312,17 @@ fn hup_replaces_workers_without_failures(worker: &str) {
     });
     assert!(replaced, "new worker pids after HUP; log:\n{}", s.log());
     s.wait_ready(2);
-    std::thread::sleep(Duration::from_millis(300));
+    // The old workers are counted once the master has reaped them.
+    s.wait_for(
+        "gpe_master_worker_exits_total",
+        &[("reason", "reload")],
+        2.0,
+    );
+    let served = client.ok();
+    assert!(
+        wait_until(Duration::from_secs(10), || client.ok() >= served + 20),
+        "the new workers serve"
+    );
     let (ok, failed) = client.finish();
     assert!(ok > 0);
     assert_eq!(failed, 0, "no request failed during the reload");
@@ -398,10 +415,13 @@ fn ttin_ttou_scale(worker: &str) {
     assert_eq!(s.worker_pids().len(), 3);
     s.signal(Signal::SIGTTOU);
     s.wait_ready(2);
-    assert!(wait_until(Duration::from_secs(10), || s
-        .worker_pids()
-        .len()
-        == 2));
+    // The retired worker is counted once the master has reaped it.
+    s.wait_for(
+        "gpe_master_worker_exits_total",
+        &[("reason", "scale_down")],
+        1.0,
+    );
+    assert_eq!(s.worker_pids().len(), 2);
     let m = s.scrape();
     assert_eq!(m.one("gpe_master_workers_desired", &[]), 2.0);
     assert_eq!(
@@ -727,11 +747,17 @@ fn malformed_requests_get_4xx_and_the_worker_lives() {
     assert_eq!(r.status, 413);
     assert_eq!(get(s.addr, "/").status, 200);
     assert_eq!(s.worker_pids(), before, "the worker lives on");
-    let m = s.scrape();
-    assert_eq!(
-        m.one("gpe_http_errors_total", &[("kind", "bad_request")]),
-        2.0
+    // A head hyper refuses is counted once its connection has closed.
+    s.wait_for(
+        "gpe_http_errors_total",
+        &[
+            ("method", "unknown"),
+            ("route", "unknown"),
+            ("kind", "bad_request"),
+        ],
+        2.0,
     );
+    assert_eq!(s.scrape().sum("gpe_http_errors_total", &[]), 2.0);
 }
 
 #[test]

@@ -296,6 +296,12 @@ fn chaos_kills_keep_counters_monotonic(worker: &str) {
         }
     }
     s.wait_ready(2);
+    // The last killed worker may still wait to be reaped, and only then counted.
+    s.wait_for(
+        "gpe_master_worker_exits_total",
+        &[("reason", "crash")],
+        kills as f64,
+    );
     let (ok, failed) = load.finish();
     scraping.store(false, Ordering::Relaxed);
     let (scrapes, scrape_failures, violations) = scraper.join().unwrap();

@@ -72,6 +72,9 @@ fn idle_connections_close_after_keepalive_and_a_silent_one_is_a_timeout() {
             served.closed_by_server_within(limit),
             "{worker}: an idle keep-alive connection is closed"
         );
+        // A connection's errors are counted after its socket closes and
+        // before its gauge goes down: wait for the gauge, then read.
+        s.wait_for("gpe_worker_connections", &[], 0.0);
         let m = s.scrape();
         let timeouts = m.one(
             "gpe_http_errors_total",
@@ -84,8 +87,6 @@ fn idle_connections_close_after_keepalive_and_a_silent_one_is_a_timeout() {
         assert_eq!(timeouts, 1.0, "{worker}: only the silent connection");
         assert_eq!(m.sum("gpe_http_errors_total", &[]), 1.0, "{worker}");
         assert_eq!(m.sum("gpe_http_requests_total", &[]), 1.0, "{worker}");
-        // The socket closes just before the worker's gauge goes down.
-        s.wait_for("gpe_worker_connections", &[], 0.0);
     }
 }
 
@@ -128,14 +129,13 @@ fn draining_worker_answers_connection_close() {
             Some("close"),
             "{worker}: the recycling worker closes politely"
         );
-        s.wait_ready(1);
-        assert_eq!(
-            s.scrape().one(
-                "gpe_master_worker_exits_total",
-                &[("reason", "max_requests")]
-            ),
-            1.0
+        // The recycled worker is counted once the master has reaped it.
+        s.wait_for(
+            "gpe_master_worker_exits_total",
+            &[("reason", "max_requests")],
+            1.0,
         );
+        s.wait_ready(1);
     }
 }
 
