@@ -13,6 +13,8 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 const TESTAPP: &str = env!("CARGO_BIN_EXE_gpe-testapp");
+/// The `gpe` command line.
+const GPE: &str = env!("CARGO_BIN_EXE_gpe-bin");
 
 per_worker!(
     stuck_worker_is_killed_after_timeout,
@@ -131,7 +133,7 @@ fn usr2_upgrade_then_quit_drops_nothing(worker: &str) {
     );
     let old = s.pid().as_raw();
     let load = Load::start(s.addr, 8, "/");
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(wait_until(Duration::from_secs(10), || load.ok() >= 20));
     s.signal(Signal::SIGUSR2);
     let pid2 = {
         let mut p = PathBuf::from(pidfile.clone().into_os_string());
@@ -151,8 +153,29 @@ fn usr2_upgrade_then_quit_drops_nothing(worker: &str) {
         pid2.display(),
         s.log()
     );
-    // Wait until the new master's workers serve (they write its store).
-    std::thread::sleep(Duration::from_millis(1500));
+    // Wait until the new master's workers serve: they count into its own store
+    // (`METRICS_DIR.<pid>`), read here through a sidecar exporter.
+    let new_store = format!("{}.{new_pid}", s.metrics_dir().display());
+    let sidecar_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let sidecar = std::process::Command::new(GPE)
+        .args(["exporter", "--metrics-dir", &new_store])
+        .args(["--metrics-bind", &sidecar_addr.to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map(KillChild)
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            http(sidecar_addr, "GET", "/metrics", &[], b"").is_ok_and(|r| {
+                Metrics::parse(&String::from_utf8_lossy(&r.body))
+                    .sum("gpe_http_requests_total", &[])
+                    > 0.0
+            })
+        }),
+        "the new master's workers serve; log:\n{}",
+        s.log()
+    );
+    drop(sidecar);
     s.signal(Signal::SIGQUIT);
     let status = s
         .wait_exit(Duration::from_secs(15))
@@ -205,6 +228,16 @@ impl Drop for KillOnDrop {
             wait_until(Duration::from_secs(5), || !alive(self.0.as_raw()));
             let _ = nix::sys::signal::kill(self.0, Signal::SIGKILL);
         }
+    }
+}
+
+/// A child process killed and reaped on drop.
+struct KillChild(std::process::Child);
+
+impl Drop for KillChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
