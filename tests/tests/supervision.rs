@@ -404,7 +404,15 @@ fn sigchld_storm_keeps_the_master_responsive(worker: &str) {
     }
     let (ok, failed) = load.finish();
     s.wait_ready(4);
-    let m = s.scrape();
+    // A worker that served its fifth request among the last ones can still be
+    // idle for a moment before it exits and its slot is refilled: wait until
+    // the scrape settles on the series it had before the storm.
+    let mut last = None;
+    wait_until(Duration::from_secs(20), || {
+        last = s.try_scrape().ok();
+        last.as_ref().is_some_and(|m| shape(m) == before)
+    });
+    let m = last.unwrap_or_else(|| s.scrape());
     let respawns = m.one(
         "gpe_master_worker_exits_total",
         &[("reason", "max_requests")],
