@@ -63,20 +63,20 @@ fn exact_counts(worker: &str) {
         *expected.entry((m, route, status.to_string())).or_default() += 1;
     }
     let metrics = s.scrape();
-    assert_eq!(metrics.sum("gpe_http_requests_total"), 1000.0);
+    assert_eq!(metrics.sum("gpe_http_requests_total", &[]), 1000.0);
     for ((m, route, status), n) in &expected {
         assert_eq!(
-            metrics.value(
+            metrics.one(
                 "gpe_http_requests_total",
                 &[("method", m), ("route", route), ("status", status)]
             ),
-            Some(*n as f64),
+            *n as f64,
             "{m} {route} {status}"
         );
     }
     let per_worker = metrics.samples("gpe_worker_requests_total");
     assert_eq!(per_worker.len(), 2);
-    assert_eq!(metrics.sum("gpe_worker_requests_total"), 1000.0);
+    assert_eq!(metrics.sum("gpe_worker_requests_total", &[]), 1000.0);
     let split: Vec<f64> = per_worker.iter().map(|(_, v)| *v).collect();
     println!("{worker}: per-worker split of 1000 requests: {split:?}");
     for v in split {
@@ -86,8 +86,8 @@ fn exact_counts(worker: &str) {
         );
     }
     assert_eq!(
-        metrics.value("gpe_http_request_duration_seconds_count", &[]),
-        Some(1000.0)
+        metrics.sum("gpe_http_request_duration_seconds_count", &[]),
+        1000.0
     );
 }
 
@@ -139,20 +139,27 @@ fn head_limits_answer_414_and_431(worker: &str) {
     assert_eq!(s.worker_pids(), before, "{worker}: the worker lives on");
     let m = s.scrape();
     let requests = |route: &str, status: &str| {
-        m.value(
+        m.one(
             "gpe_http_requests_total",
             &[("method", "GET"), ("route", route), ("status", status)],
         )
     };
-    assert_eq!(requests("/", "200"), Some(2.0));
-    assert_eq!(requests("unknown", "414"), Some(1.0));
-    assert_eq!(requests("unknown", "431"), Some(1.0));
-    assert_eq!(m.sum("gpe_http_requests_total"), 4.0);
+    assert_eq!(requests("/", "200"), 2.0);
+    assert_eq!(requests("unknown", "414"), 1.0);
+    assert_eq!(requests("unknown", "431"), 1.0);
+    assert_eq!(m.sum("gpe_http_requests_total", &[]), 4.0);
     assert_eq!(
-        m.value("gpe_http_errors_total", &[("kind", "bad_request")]),
-        Some(2.0)
+        m.one(
+            "gpe_http_errors_total",
+            &[
+                ("method", "GET"),
+                ("route", "unknown"),
+                ("kind", "bad_request")
+            ]
+        ),
+        2.0
     );
-    assert_eq!(m.sum("gpe_http_errors_total"), 2.0);
+    assert_eq!(m.sum("gpe_http_errors_total", &[]), 2.0);
     // The access log keeps the first 256 bytes of the rejected target only.
     let mut rejected = None;
     wait_until(Duration::from_secs(5), || {
@@ -186,43 +193,74 @@ fn errors_keep_the_worker_alive(worker: &str) {
     assert_eq!(get(s.addr, "/").status, 200, "the worker keeps serving");
     let m = s.scrape();
     let err = |method: &str, route: &str, kind: &str| {
-        m.value(
+        m.one(
             "gpe_http_errors_total",
             &[("method", method), ("route", route), ("kind", kind)],
         )
     };
-    assert_eq!(err("GET", "unmatched", "panic"), Some(20.0));
-    assert_eq!(err("POST", "/status/{code}", "app_error"), Some(10.0));
-    assert_eq!(err("GET", "/status/{code}", "app_error"), Some(5.0));
-    assert_eq!(m.sum("gpe_http_errors_total"), 35.0);
+    assert_eq!(err("GET", "unmatched", "panic"), 20.0);
+    assert_eq!(err("POST", "/status/{code}", "app_error"), 10.0);
+    assert_eq!(err("GET", "/status/{code}", "app_error"), 5.0);
+    assert_eq!(m.sum("gpe_http_errors_total", &[]), 35.0);
     assert_eq!(s.worker_pids(), before, "no worker was replaced");
     assert_eq!(
-        m.value("gpe_master_worker_exits_total", &[("reason", "crash")]),
-        Some(0.0)
+        m.one("gpe_master_worker_exits_total", &[("reason", "crash")]),
+        0.0
     );
 }
 
 fn own_memory_and_cpu(worker: &str) {
+    const MIB: f64 = (1 << 20) as f64;
     let s = start(worker, 2);
-    let cpu_before = s.scrape().sum("gpe_worker_cpu_seconds_total");
+    let pids = s.worker_pids();
+    let cpu_before = s.scrape().sum("gpe_worker_cpu_seconds_total", &[]);
     let addr = s.addr;
     parallel(4, 400, move |_, _| get(addr, "/bytes/20000").status);
-    let m = s.scrape();
-    let master_rss = m.value("process_resident_memory_bytes", &[]).unwrap();
-    for (labels, pid) in s.worker_pids() {
-        let reported = m
-            .value("gpe_worker_resident_memory_bytes", &[("worker", &labels)])
-            .unwrap();
-        let actual = statm_rss(pid).unwrap() as f64;
-        assert!(
-            (reported - actual).abs() <= actual * 0.10,
-            "worker {labels}: reported {reported}, statm {actual}, master {master_rss}"
-        );
-    }
-    let cpu_after = m.sum("gpe_worker_cpu_seconds_total");
+    let loaded = s.scrape();
+    let cpu_after = loaded.sum("gpe_worker_cpu_seconds_total", &[]);
     assert!(
         cpu_after > cpu_before,
         "cpu rises under load: {cpu_before} -> {cpu_after}"
+    );
+    // One worker takes 64 MiB and keeps it; its request count says which.
+    let r = get(s.addr, "/hold/64");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"held"[..]));
+    let m = s.scrape();
+    let served = |m: &Metrics, slot: &str| m.one("gpe_worker_requests_total", &[("worker", slot)]);
+    let rss =
+        |m: &Metrics, slot: &str| m.one("gpe_worker_resident_memory_bytes", &[("worker", slot)]);
+    let holders: Vec<&String> = pids
+        .keys()
+        .filter(|slot| served(&m, slot) != served(&loaded, slot))
+        .collect();
+    assert_eq!(holders.len(), 1, "{worker}: one worker served /hold/64");
+    let holder = holders[0].as_str();
+    assert_eq!(served(&m, holder), served(&loaded, holder) + 1.0);
+    let held = rss(&m, holder);
+    let master_rss = m.one("process_resident_memory_bytes", &[]);
+    for (slot, pid) in &pids {
+        let reported = rss(&m, slot);
+        let actual = statm_rss(*pid).unwrap() as f64;
+        assert!(
+            (reported - actual).abs() <= actual * 0.10,
+            "{worker}: worker {slot}: reported {reported}, statm {actual}"
+        );
+        let rise = reported - rss(&loaded, slot);
+        if slot == holder {
+            assert!(
+                rise >= 64.0 * MIB,
+                "{worker}: worker {slot} holds 64 MiB, its gauge rose by {rise}"
+            );
+        } else {
+            assert!(
+                rise.abs() < 16.0 * MIB && reported < held - 48.0 * MIB,
+                "{worker}: worker {slot} holds nothing: {reported} (rose by {rise}), holder {held}"
+            );
+        }
+    }
+    assert!(
+        master_rss < held - 48.0 * MIB,
+        "{worker}: the master's {master_rss} is not the holder's {held}"
     );
 }
 
@@ -232,27 +270,24 @@ fn worker_state_follows_requests(worker: &str) {
     let t0 = unix_now();
     let req = std::thread::spawn(move || get(addr, "/sleep/1500").status);
     let busy = wait_until(Duration::from_secs(5), || {
-        s.scrape().value("gpe_worker_state", &[("state", "busy")]) == Some(1.0)
+        s.scrape().one("gpe_worker_state", &[("state", "busy")]) == 1.0
     });
     assert!(busy, "worker shows busy during /sleep/1500");
     let m = s.scrape();
-    let since = m.value("gpe_worker_state_since_seconds", &[]).unwrap();
+    let since = m.one("gpe_worker_state_since_seconds", &[]);
     let seen = unix_now();
     assert!(
         since >= t0 - 0.05 && since <= seen,
         "busy since {since} lies inside the request [{t0}, {seen}]"
     );
-    assert_eq!(m.value("gpe_http_requests_in_flight", &[]), Some(1.0));
+    assert_eq!(m.one("gpe_http_requests_in_flight", &[]), 1.0);
     assert_eq!(req.join().unwrap(), 200);
     let t1 = unix_now();
     let idle = wait_until(Duration::from_secs(5), || {
-        s.scrape().value("gpe_worker_state", &[("state", "idle")]) == Some(1.0)
+        s.scrape().one("gpe_worker_state", &[("state", "idle")]) == 1.0
     });
     assert!(idle, "worker idle afterwards");
-    let since = s
-        .scrape()
-        .value("gpe_worker_state_since_seconds", &[])
-        .unwrap();
+    let since = s.scrape().one("gpe_worker_state_since_seconds", &[]);
     assert!(
         since >= t0 + 1.4 && since <= t1 + 0.05,
         "idle since {since}"
@@ -270,7 +305,7 @@ fn hup_replaces_workers_without_failures(worker: &str) {
     let s = start(worker, 2);
     let before = s.worker_pids();
     let client = Load::start(s.addr, 2, "/");
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(wait_until(Duration::from_secs(10), || client.ok() >= 20));
     s.signal(Signal::SIGHUP);
     let replaced = wait_until(Duration::from_secs(15), || {
         let now = s.worker_pids();
@@ -278,24 +313,31 @@ fn hup_replaces_workers_without_failures(worker: &str) {
     });
     assert!(replaced, "new worker pids after HUP; log:\n{}", s.log());
     s.wait_ready(2);
-    std::thread::sleep(Duration::from_millis(300));
+    // The old workers are counted once the master has reaped them.
+    s.wait_for(
+        "gpe_master_worker_exits_total",
+        &[("reason", "reload")],
+        2.0,
+    );
+    let served = client.ok();
+    assert!(
+        wait_until(Duration::from_secs(10), || client.ok() >= served + 20),
+        "the new workers serve"
+    );
     let (ok, failed) = client.finish();
     assert!(ok > 0);
     assert_eq!(failed, 0, "no request failed during the reload");
     let m = s.scrape();
+    assert_eq!(m.one("gpe_master_signals_total", &[("signal", "HUP")]), 1.0);
+    assert_eq!(m.one("gpe_master_reloads_total", &[]), 1.0);
     assert_eq!(
-        m.value("gpe_master_signals_total", &[("signal", "HUP")]),
-        Some(1.0)
-    );
-    assert_eq!(m.value("gpe_master_reloads_total", &[]), Some(1.0));
-    assert_eq!(
-        m.sum("gpe_http_requests_total"),
+        m.sum("gpe_http_requests_total", &[]),
         ok as f64,
         "every success counted once"
     );
     assert_eq!(
-        m.value("gpe_master_worker_exits_total", &[("reason", "reload")]),
-        Some(2.0)
+        m.one("gpe_master_worker_exits_total", &[("reason", "reload")]),
+        2.0
     );
 }
 
@@ -315,8 +357,8 @@ fn usr1_reopens_the_access_log(worker: &str) {
     s.signal(Signal::SIGUSR1);
     assert!(wait_until(Duration::from_secs(5), || {
         s.scrape()
-            .value("gpe_master_signals_total", &[("signal", "USR1")])
-            == Some(1.0)
+            .one("gpe_master_signals_total", &[("signal", "USR1")])
+            == 1.0
     }));
     // The worker reopens when it handles the forwarded signal; retry until the
     // line lands in the new file.
@@ -334,7 +376,7 @@ fn killed_worker_is_replaced_and_counts_kept(worker: &str) {
     for _ in 0..50 {
         assert_eq!(get(s.addr, "/").status, 200);
     }
-    let total = s.scrape().sum("gpe_http_requests_total");
+    let total = s.scrape().sum("gpe_http_requests_total", &[]);
     assert_eq!(total, 50.0);
     let before = s.worker_pids();
     let victim = before["0"];
@@ -352,17 +394,17 @@ fn killed_worker_is_replaced_and_counts_kept(worker: &str) {
     s.wait_ready(2);
     let m = s.scrape();
     assert_eq!(
-        m.sum("gpe_http_requests_total"),
+        m.sum("gpe_http_requests_total", &[]),
         total,
         "the dead worker's counts are kept"
     );
     assert_eq!(
-        m.value("gpe_master_signals_total", &[("signal", "CHLD")]),
-        Some(1.0)
+        m.one("gpe_master_signals_total", &[("signal", "CHLD")]),
+        1.0
     );
     assert_eq!(
-        m.value("gpe_master_worker_exits_total", &[("reason", "crash")]),
-        Some(1.0)
+        m.one("gpe_master_worker_exits_total", &[("reason", "crash")]),
+        1.0
     );
     assert_eq!(s.worker_pids()["1"], before["1"], "slot 1 untouched");
 }
@@ -374,23 +416,26 @@ fn ttin_ttou_scale(worker: &str) {
     assert_eq!(s.worker_pids().len(), 3);
     s.signal(Signal::SIGTTOU);
     s.wait_ready(2);
-    assert!(wait_until(Duration::from_secs(10), || s
-        .worker_pids()
-        .len()
-        == 2));
+    // The retired worker is counted once the master has reaped it.
+    s.wait_for(
+        "gpe_master_worker_exits_total",
+        &[("reason", "scale_down")],
+        1.0,
+    );
+    assert_eq!(s.worker_pids().len(), 2);
     let m = s.scrape();
-    assert_eq!(m.value("gpe_master_workers_desired", &[]), Some(2.0));
+    assert_eq!(m.one("gpe_master_workers_desired", &[]), 2.0);
     assert_eq!(
-        m.value("gpe_master_signals_total", &[("signal", "TTIN")]),
-        Some(1.0)
+        m.one("gpe_master_signals_total", &[("signal", "TTIN")]),
+        1.0
     );
     assert_eq!(
-        m.value("gpe_master_signals_total", &[("signal", "TTOU")]),
-        Some(1.0)
+        m.one("gpe_master_signals_total", &[("signal", "TTOU")]),
+        1.0
     );
     assert_eq!(
-        m.value("gpe_master_worker_exits_total", &[("reason", "scale_down")]),
-        Some(1.0)
+        m.one("gpe_master_worker_exits_total", &[("reason", "scale_down")]),
+        1.0
     );
 }
 
@@ -478,7 +523,7 @@ fn exposition_passes_promtool(worker: &str) {
                 );
             }
         }
-        assert!(m.value("gpe_build_info", &[]).is_some());
+        assert_eq!(m.one("gpe_build_info", &[]), 1.0);
     }
 }
 
@@ -571,17 +616,15 @@ fn cardinality_is_capped(worker: &str) {
         series.len()
     );
     assert_eq!(
-        m.sum("gpe_http_requests_total"),
+        m.sum("gpe_http_requests_total", &[]),
         10_000.0,
         "nothing lost to the cap"
     );
     assert!(
-        m.value(
+        m.one(
             "gpe_metrics_series_dropped_total",
             &[("family", "gpe_http_requests_total")]
-        )
-        .unwrap()
-            > 0.0
+        ) > 0.0
     );
     let mut sizes = std::collections::BTreeSet::new();
     for e in std::fs::read_dir(s.metrics_dir()).unwrap() {
@@ -674,11 +717,11 @@ fn builtin_hello_serves_app_and_metrics() {
     assert_eq!(r.body, b"Hello, World!");
     let m = s.scrape();
     assert_eq!(
-        m.value(
+        m.one(
             "gpe_http_requests_total",
             &[("method", "GET"), ("route", "/"), ("status", "200")]
         ),
-        Some(1.0)
+        1.0
     );
 }
 
@@ -711,11 +754,17 @@ fn malformed_requests_get_4xx_and_the_worker_lives() {
     assert_eq!(r.status, 413);
     assert_eq!(get(s.addr, "/").status, 200);
     assert_eq!(s.worker_pids(), before, "the worker lives on");
-    let m = s.scrape();
-    assert_eq!(
-        m.value("gpe_http_errors_total", &[("kind", "bad_request")]),
-        Some(2.0)
+    // A head hyper refuses is counted once its connection has closed.
+    s.wait_for(
+        "gpe_http_errors_total",
+        &[
+            ("method", "unknown"),
+            ("route", "unknown"),
+            ("kind", "bad_request"),
+        ],
+        2.0,
     );
+    assert_eq!(s.scrape().sum("gpe_http_errors_total", &[]), 2.0);
 }
 
 #[test]
@@ -761,10 +810,10 @@ fn unix_socket_and_sidecar_exporter() {
     let _ = sidecar.kill();
     let _ = sidecar.wait();
     let m = seen.expect("sidecar answers");
-    assert_eq!(m.sum("gpe_http_requests_total"), 7.0);
+    assert_eq!(m.sum("gpe_http_requests_total", &[]), 7.0);
     assert_eq!(
-        m.sum("gpe_http_requests_total"),
-        s.scrape().sum("gpe_http_requests_total")
+        m.sum("gpe_http_requests_total", &[]),
+        s.scrape().sum("gpe_http_requests_total", &[])
     );
     drop(s);
     assert!(!sock.exists(), "the unix socket file is removed on exit");
@@ -809,7 +858,7 @@ fn a_live_servers_metrics_dir_is_not_taken_over() {
         "{stderr}"
     );
     assert_eq!(
-        s.scrape().sum("gpe_http_requests_total"),
+        s.scrape().sum("gpe_http_requests_total", &[]),
         1.0,
         "the live store is intact"
     );
@@ -843,7 +892,7 @@ fn a_dead_exporter_is_respawned_and_scrapes_never_hang() {
         "answered in {:?}",
         t.elapsed()
     );
-    assert_eq!(m.sum("gpe_http_requests_total"), 1.0, "no count lost");
+    assert_eq!(m.sum("gpe_http_requests_total", &[]), 1.0, "no count lost");
     let respawned = children_of(s.pid().as_raw())
         .into_iter()
         .any(|p| !workers.contains(&p) && p != exporter);

@@ -13,6 +13,8 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 const TESTAPP: &str = env!("CARGO_BIN_EXE_gpe-testapp");
+/// The `gpe` command line.
+const GPE: &str = env!("CARGO_BIN_EXE_gpe-bin");
 
 per_worker!(
     stuck_worker_is_killed_after_timeout,
@@ -37,9 +39,8 @@ fn stuck_worker_is_killed_after_timeout(worker: &str) {
     let sent = Instant::now();
     let stuck = std::thread::spawn(move || http(addr, "GET", "/sleep/60000", &[], b"").ok());
     let replaced = wait_until(Duration::from_secs(15), || {
-        s.try_scrape().is_ok_and(|m| {
-            m.value("gpe_master_worker_exits_total", &[("reason", "timeout")]) == Some(1.0)
-        })
+        s.try_scrape()
+            .is_ok_and(|m| m.one("gpe_master_worker_exits_total", &[("reason", "timeout")]) == 1.0)
     });
     let took = sent.elapsed();
     assert!(replaced, "the stuck worker is killed; log:\n{}", s.log());
@@ -53,12 +54,12 @@ fn stuck_worker_is_killed_after_timeout(worker: &str) {
     assert_eq!(get(s.addr, "/").status, 200);
     let m = s.scrape();
     assert_eq!(
-        m.value("gpe_master_worker_exits_total", &[("reason", "timeout")]),
-        Some(1.0)
+        m.one("gpe_master_worker_exits_total", &[("reason", "timeout")]),
+        1.0
     );
     assert_eq!(
-        m.value("gpe_master_worker_exits_total", &[("reason", "crash")]),
-        Some(0.0)
+        m.one("gpe_master_worker_exits_total", &[("reason", "crash")]),
+        0.0
     );
 }
 
@@ -75,19 +76,21 @@ fn max_requests_recycles_without_failures(worker: &str) {
     assert_eq!(failed, 0, "no request failed while workers recycled");
     s.wait_ready(2);
     let m = s.scrape();
-    let recycled = m
-        .value(
-            "gpe_master_worker_exits_total",
-            &[("reason", "max_requests")],
-        )
-        .unwrap();
+    let recycled = m.one(
+        "gpe_master_worker_exits_total",
+        &[("reason", "max_requests")],
+    );
     println!("{worker}: {recycled} recycles for 2000 requests");
     assert!(recycled >= 30.0, "at least 30 recycles, saw {recycled}");
-    assert_eq!(m.sum("gpe_http_requests_total"), 2000.0, "totals exact");
-    assert_eq!(m.sum("gpe_worker_requests_total"), 2000.0);
     assert_eq!(
-        m.value("gpe_master_worker_exits_total", &[("reason", "crash")]),
-        Some(0.0)
+        m.sum("gpe_http_requests_total", &[]),
+        2000.0,
+        "totals exact"
+    );
+    assert_eq!(m.sum("gpe_worker_requests_total", &[]), 2000.0);
+    assert_eq!(
+        m.one("gpe_master_worker_exits_total", &[("reason", "crash")]),
+        0.0
     );
 }
 
@@ -106,7 +109,7 @@ fn hup_storm_drops_nothing(worker: &str) {
         assert!(wait_until(Duration::from_secs(5), || s
             .try_scrape()
             .is_ok_and(|m| {
-                m.value("gpe_master_signals_total", &[("signal", "HUP")]) == Some(want)
+                m.one("gpe_master_signals_total", &[("signal", "HUP")]) == want
             })));
     }
     s.wait_ready(2);
@@ -115,10 +118,10 @@ fn hup_storm_drops_nothing(worker: &str) {
     assert_eq!(failed, 0, "{failed} requests failed during {hups} reloads");
     let m = s.scrape();
     assert_eq!(
-        m.value("gpe_master_signals_total", &[("signal", "HUP")]),
-        Some(f64::from(hups))
+        m.one("gpe_master_signals_total", &[("signal", "HUP")]),
+        f64::from(hups)
     );
-    assert_eq!(m.sum("gpe_http_requests_total"), ok as f64);
+    assert_eq!(m.sum("gpe_http_requests_total", &[]), ok as f64);
 }
 
 fn usr2_upgrade_then_quit_drops_nothing(worker: &str) {
@@ -130,7 +133,7 @@ fn usr2_upgrade_then_quit_drops_nothing(worker: &str) {
     );
     let old = s.pid().as_raw();
     let load = Load::start(s.addr, 8, "/");
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(wait_until(Duration::from_secs(10), || load.ok() >= 20));
     s.signal(Signal::SIGUSR2);
     let pid2 = {
         let mut p = PathBuf::from(pidfile.clone().into_os_string());
@@ -150,8 +153,29 @@ fn usr2_upgrade_then_quit_drops_nothing(worker: &str) {
         pid2.display(),
         s.log()
     );
-    // Wait until the new master's workers serve (they write its store).
-    std::thread::sleep(Duration::from_millis(1500));
+    // Wait until the new master's workers serve: they count into its own store
+    // (`METRICS_DIR.<pid>`), read here through a sidecar exporter.
+    let new_store = format!("{}.{new_pid}", s.metrics_dir().display());
+    let sidecar_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let sidecar = std::process::Command::new(GPE)
+        .args(["exporter", "--metrics-dir", &new_store])
+        .args(["--metrics-bind", &sidecar_addr.to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map(KillChild)
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            http(sidecar_addr, "GET", "/metrics", &[], b"").is_ok_and(|r| {
+                Metrics::parse(&String::from_utf8_lossy(&r.body))
+                    .sum("gpe_http_requests_total", &[])
+                    > 0.0
+            })
+        }),
+        "the new master's workers serve; log:\n{}",
+        s.log()
+    );
+    drop(sidecar);
     s.signal(Signal::SIGQUIT);
     let status = s
         .wait_exit(Duration::from_secs(15))
@@ -172,8 +196,7 @@ fn usr2_upgrade_then_quit_drops_nothing(worker: &str) {
     let mut m = None;
     assert!(wait_until(Duration::from_secs(10), || {
         m = s.try_scrape().ok().filter(|m| {
-            m.samples("gpe_worker_info").len() == 2
-                && m.value("gpe_master_workers", &[]) == Some(2.0)
+            m.samples("gpe_worker_info").len() == 2 && m.one("gpe_master_workers", &[]) == 2.0
         });
         m.is_some()
     }));
@@ -181,7 +204,7 @@ fn usr2_upgrade_then_quit_drops_nothing(worker: &str) {
     assert!(ok > 0);
     assert_eq!(failed, 0, "no request failed across the upgrade");
     let m = s.scrape();
-    let served_by_new = m.sum("gpe_http_requests_total");
+    let served_by_new = m.sum("gpe_http_requests_total", &[]);
     assert!(served_by_new > 0.0 && served_by_new <= ok as f64);
     let pids: Vec<i32> = s.worker_pids().values().copied().collect();
     assert!(
@@ -205,6 +228,16 @@ impl Drop for KillOnDrop {
             wait_until(Duration::from_secs(5), || !alive(self.0.as_raw()));
             let _ = nix::sys::signal::kill(self.0, Signal::SIGKILL);
         }
+    }
+}
+
+/// A child process killed and reaped on drop.
+struct KillChild(std::process::Child);
+
+impl Drop for KillChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -296,11 +329,17 @@ fn chaos_kills_keep_counters_monotonic(worker: &str) {
         }
     }
     s.wait_ready(2);
+    // The last killed worker may still wait to be reaped, and only then counted.
+    s.wait_for(
+        "gpe_master_worker_exits_total",
+        &[("reason", "crash")],
+        kills as f64,
+    );
     let (ok, failed) = load.finish();
     scraping.store(false, Ordering::Relaxed);
     let (scrapes, scrape_failures, violations) = scraper.join().unwrap();
     let m = s.scrape();
-    let total = m.sum("gpe_http_requests_total");
+    let total = m.sum("gpe_http_requests_total", &[]);
     // Every attempt ended as a success or a failure once the clients joined.
     let attempts = ok + failed;
     println!(
@@ -318,8 +357,8 @@ fn chaos_kills_keep_counters_monotonic(worker: &str) {
     assert!(failed <= kills * 8, "{failed} failures for {kills} kills");
     assert!(total >= (ok.saturating_sub(kills)) as f64 && total <= attempts as f64);
     assert_eq!(
-        m.value("gpe_master_worker_exits_total", &[("reason", "crash")]),
-        Some(kills as f64)
+        m.one("gpe_master_worker_exits_total", &[("reason", "crash")]),
+        kills as f64
     );
 }
 
@@ -350,11 +389,11 @@ fn sigchld_storm_keeps_the_master_responsive(worker: &str) {
         let want = f64::from(usr1);
         assert!(
             wait_until(Duration::from_secs(5), || s.try_scrape().is_ok_and(|m| {
-                m.value("gpe_master_signals_total", &[("signal", "USR1")]) == Some(want)
+                m.one("gpe_master_signals_total", &[("signal", "USR1")]) == want
             })),
             "the master handles USR1 #{usr1} during the storm: {:?}; log tail:\n{}",
             s.try_scrape()
-                .map(|m| m.value("gpe_master_signals_total", &[("signal", "USR1")])),
+                .map(|m| m.one("gpe_master_signals_total", &[("signal", "USR1")])),
             s.log()
                 .lines()
                 .rev()
@@ -365,17 +404,23 @@ fn sigchld_storm_keeps_the_master_responsive(worker: &str) {
     }
     let (ok, failed) = load.finish();
     s.wait_ready(4);
-    let m = s.scrape();
-    let respawns = m
-        .value(
-            "gpe_master_worker_exits_total",
-            &[("reason", "max_requests")],
-        )
-        .unwrap();
+    // A worker that served its fifth request among the last ones can still be
+    // idle for a moment before it exits and its slot is refilled: wait until
+    // the scrape settles on the series it had before the storm.
+    let mut last = None;
+    wait_until(Duration::from_secs(20), || {
+        last = s.try_scrape().ok();
+        last.as_ref().is_some_and(|m| shape(m) == before)
+    });
+    let m = last.unwrap_or_else(|| s.scrape());
+    let respawns = m.one(
+        "gpe_master_worker_exits_total",
+        &[("reason", "max_requests")],
+    );
     println!("{worker}: {respawns} respawns, {ok} ok, {failed} failed");
     assert!(respawns >= 200.0, "hundreds of respawns, saw {respawns}");
     assert_eq!(failed, 0);
-    assert_eq!(m.value("gpe_master_workers", &[]), Some(4.0));
+    assert_eq!(m.one("gpe_master_workers", &[]), 4.0);
     let after = shape(&m);
     assert_eq!(
         before, after,
@@ -428,7 +473,7 @@ fn socket_activation_overrides_bind(worker: &str) {
         b""
     )
     .is_ok_and(|r| Metrics::parse(&String::from_utf8_lossy(&r.body))
-        .sum("gpe_http_requests_total")
+        .sum("gpe_http_requests_total", &[])
         == 10.0)));
     nix::sys::signal::kill(pid, Signal::SIGTERM).unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0));

@@ -37,19 +37,19 @@ fn keepalive_counts_exactly_over_four_connections() {
         assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 200);
         let m = s.scrape();
         assert_eq!(
-            m.sum("gpe_http_requests_total"),
+            m.sum("gpe_http_requests_total", &[]),
             1000.0,
             "{worker}, idle_yield {idle_yield}"
         );
         assert_eq!(
-            m.value(
+            m.one(
                 "gpe_http_requests_total",
                 &[("route", "/status/{code}"), ("status", "201")]
             ),
-            Some(200.0)
+            200.0
         );
         assert_eq!(
-            m.sum("gpe_worker_connections_accepted_total"),
+            m.sum("gpe_worker_connections_accepted_total", &[]),
             4.0,
             "{worker}: 1000 requests over exactly 4 TCP connections"
         );
@@ -72,8 +72,11 @@ fn idle_connections_close_after_keepalive_and_a_silent_one_is_a_timeout() {
             served.closed_by_server_within(limit),
             "{worker}: an idle keep-alive connection is closed"
         );
+        // A connection's errors are counted after its socket closes and
+        // before its gauge goes down: wait for the gauge, then read.
+        s.wait_for("gpe_worker_connections", &[], 0.0);
         let m = s.scrape();
-        let timeouts = m.value(
+        let timeouts = m.one(
             "gpe_http_errors_total",
             &[
                 ("method", "unknown"),
@@ -81,16 +84,9 @@ fn idle_connections_close_after_keepalive_and_a_silent_one_is_a_timeout() {
                 ("kind", "timeout"),
             ],
         );
-        assert_eq!(timeouts, Some(1.0), "{worker}: only the silent connection");
-        assert_eq!(m.sum("gpe_http_errors_total"), 1.0, "{worker}");
-        assert_eq!(m.sum("gpe_http_requests_total"), 1.0, "{worker}");
-        // The socket closes just before the worker's gauge goes down.
-        let mut open = None;
-        wait_until(Duration::from_secs(10), || {
-            open = s.scrape().value("gpe_worker_connections", &[]);
-            open == Some(0.0)
-        });
-        assert_eq!(open, Some(0.0), "{worker}");
+        assert_eq!(timeouts, 1.0, "{worker}: only the silent connection");
+        assert_eq!(m.sum("gpe_http_errors_total", &[]), 1.0, "{worker}");
+        assert_eq!(m.sum("gpe_http_requests_total", &[]), 1.0, "{worker}");
     }
 }
 
@@ -112,9 +108,9 @@ fn pipelined_responses_come_in_request_order() {
         assert_eq!(resps[1].body, b"slept");
         assert_eq!(resps[3].body, b"xxxxxxx");
         let m = s.scrape();
-        assert_eq!(m.sum("gpe_http_requests_total"), 5.0);
-        assert_eq!(m.sum("gpe_worker_connections_accepted_total"), 1.0);
-        assert_eq!(m.value("gpe_worker_connections", &[]), Some(1.0));
+        assert_eq!(m.sum("gpe_http_requests_total", &[]), 5.0);
+        assert_eq!(m.sum("gpe_worker_connections_accepted_total", &[]), 1.0);
+        assert_eq!(m.one("gpe_worker_connections", &[]), 1.0);
     }
 }
 
@@ -133,14 +129,13 @@ fn draining_worker_answers_connection_close() {
             Some("close"),
             "{worker}: the recycling worker closes politely"
         );
-        s.wait_ready(1);
-        assert_eq!(
-            s.scrape().value(
-                "gpe_master_worker_exits_total",
-                &[("reason", "max_requests")]
-            ),
-            Some(1.0)
+        // The recycled worker is counted once the master has reaped it.
+        s.wait_for(
+            "gpe_master_worker_exits_total",
+            &[("reason", "max_requests")],
+            1.0,
         );
+        s.wait_ready(1);
     }
 }
 
@@ -151,7 +146,7 @@ fn thread_pool_runs_blocking_requests_at_once() {
     let clients =
         std::thread::spawn(move || parallel(8, 1, move |_, _| get(addr, "/sleep/1000").status));
     let all_in_flight = wait_until(Duration::from_secs(5), || {
-        s.scrape().value("gpe_http_requests_in_flight", &[]) == Some(8.0)
+        s.scrape().one("gpe_http_requests_in_flight", &[]) == 8.0
     });
     assert!(
         all_in_flight,
@@ -167,10 +162,7 @@ fn thread_pool_runs_blocking_requests_at_once() {
     );
     let statuses = clients.join().unwrap();
     assert_eq!(statuses, vec![200; 8]);
-    assert_eq!(
-        s.scrape().value("gpe_http_requests_in_flight", &[]),
-        Some(0.0)
-    );
+    assert_eq!(s.scrape().one("gpe_http_requests_in_flight", &[]), 0.0);
 }
 
 #[test]
@@ -187,13 +179,8 @@ fn async_workers_hold_500_idle_connections_and_serve() {
         assert_eq!(get(s.addr, "/status/204").status, 204, "{worker}");
         // The one-shot connection of that request closes after its response
         // has reached us; wait (bounded) for the worker to have counted that.
-        let mut connections = None;
-        wait_until(Duration::from_secs(10), || {
-            connections = s.scrape().value("gpe_worker_connections", &[]);
-            connections == Some(500.0)
-        });
-        assert_eq!(connections, Some(500.0), "{worker}");
-        assert_eq!(s.scrape().sum("gpe_http_requests_total"), 501.0);
+        s.wait_for("gpe_worker_connections", &[], 500.0);
+        assert_eq!(s.scrape().sum("gpe_http_requests_total", &[]), 501.0);
         drop(idle);
     }
 }
@@ -217,11 +204,7 @@ fn async_worker_connections_cap_waits_instead_of_refusing() {
         std::thread::sleep(Duration::from_millis(500));
         assert!(!waiting.is_finished(), "{worker}: the 51st client waits");
         let m = s.scrape();
-        assert_eq!(
-            m.value("gpe_worker_connections", &[]),
-            Some(50.0),
-            "{worker}"
-        );
+        assert_eq!(m.one("gpe_worker_connections", &[]), 50.0, "{worker}");
         held.truncate(49);
         assert_eq!(waiting.join().unwrap(), 202, "{worker}: then it is served");
         drop(held);
@@ -266,26 +249,26 @@ fn client_leaving_mid_request_is_not_left_in_flight() {
         c.write_all(b"GET /sleep/1000 HTTP/1.1\r\nHost: x\r\n\r\n")
             .unwrap();
         assert!(wait_until(Duration::from_secs(5), || {
-            s.scrape().value("gpe_http_requests_in_flight", &[]) == Some(1.0)
+            s.scrape().one("gpe_http_requests_in_flight", &[]) == 1.0
         }));
         drop(c);
         let settled = wait_until(Duration::from_secs(5), || {
             let m = s.scrape();
-            m.value("gpe_http_requests_in_flight", &[]) == Some(0.0)
-                && m.value("gpe_worker_state", &[("state", "idle")]) == Some(1.0)
+            m.one("gpe_http_requests_in_flight", &[]) == 0.0
+                && m.one("gpe_worker_state", &[("state", "idle")]) == 1.0
         });
         assert!(settled, "{worker}: the abandoned request leaves in-flight");
         let m = s.scrape();
         assert_eq!(
-            m.value(
+            m.one(
                 "gpe_http_errors_total",
                 &[("route", "unmatched"), ("kind", "client_disconnect")]
             ),
-            Some(1.0),
+            1.0,
             "{worker}"
         );
         assert_eq!(
-            m.sum("gpe_http_requests_total"),
+            m.sum("gpe_http_requests_total", &[]),
             0.0,
             "{worker}: nothing was answered"
         );

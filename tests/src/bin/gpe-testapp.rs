@@ -6,6 +6,8 @@
 //! - `/status/{code}` answers with that status;
 //! - `/panic` panics (gpe answers 500);
 //! - `/bytes/{n}` answers `n` bytes;
+//! - `/hold/{mib}` allocates `mib` MiB (at most 1024), writes every page so
+//!   that it is resident, and keeps it for the life of the worker process;
 //! - anything else answers 404.
 //!
 //! With `TESTAPP_BOOT_FAIL=1` the app factory fails, for boot-error tests.
@@ -42,8 +44,27 @@ fn route(req: Request) -> Response {
             Ok(n) if n <= 64 << 20 => with_route(text(StatusCode::OK, vec![b'x'; n]), "/bytes/{n}"),
             _ => with_route(text(StatusCode::BAD_REQUEST, "bad n"), "/bytes/{n}"),
         },
+        (Some("hold"), Some(mib)) => match mib.parse::<usize>() {
+            Ok(mib) if mib <= 1024 => {
+                hold(mib);
+                with_route(text(StatusCode::OK, "held"), "/hold/{mib}")
+            }
+            _ => with_route(text(StatusCode::BAD_REQUEST, "bad mib"), "/hold/{mib}"),
+        },
         _ => text(StatusCode::NOT_FOUND, "not found"),
     }
+}
+
+/// Memory that `/hold/{mib}` keeps for the life of the process.
+static HELD: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
+/// Allocates `mib` MiB with every byte written (so every page is resident)
+/// and keeps it in [`HELD`].
+fn hold(mib: usize) {
+    let block = vec![0xa5u8; mib << 20];
+    HELD.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(block);
 }
 
 fn main() -> ExitCode {
