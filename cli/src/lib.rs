@@ -19,7 +19,12 @@
 
 pub mod apps;
 pub mod cli;
+#[cfg(feature = "axum")]
+mod route_layer;
 pub mod workers;
+
+#[cfg(feature = "axum")]
+pub use route_layer::{MatchedPathLayer, MatchedPathService};
 
 use std::process::ExitCode;
 use std::sync::Arc;

@@ -50,11 +50,16 @@ impl Worker for GreenletWorker {
         // Created here, after fork; smol's reactor and blocking pool start
         // their threads lazily, so they too exist only in the worker.
         let executor = LocalExecutor::new();
+        let tokio = compat::runtime()?;
+        let runner = CompatRunner::new(tokio.handle().clone());
         let idle_yield = ctx.config.idle_yield;
-        smol::block_on(yield_when_idle(
-            executor.run(serve(&executor, &mut ctx)),
+        let exit = smol::block_on(yield_when_idle(
+            executor.run(serve(&executor, &mut ctx, runner)),
             idle_yield,
-        ))
+        ));
+        // Tasks the app spawned must not delay the exit.
+        tokio.shutdown_background();
+        exit
     }
 }
 
@@ -62,6 +67,7 @@ impl Worker for GreenletWorker {
 struct Connections {
     service: Rc<Instrumented>,
     builder: hyper::server::conn::http1::Builder,
+    runner: CompatRunner,
 }
 
 impl Connections {
@@ -89,17 +95,22 @@ impl Connections {
         let io = FuturesIo::new(eager::Eager::new(io));
         let drained = admission.drained();
         let (svc, b) = (&self.service, &self.builder);
-        serve_io(io, admission, peer, svc, b, &CompatRunner, drained).await;
+        serve_io(io, admission, peer, svc, b, &self.runner, drained).await;
     }
 }
 
-async fn serve(executor: &LocalExecutor<'_>, ctx: &mut WorkerContext) -> io::Result<WorkerExit> {
+async fn serve(
+    executor: &LocalExecutor<'_>,
+    ctx: &mut WorkerContext,
+    runner: CompatRunner,
+) -> io::Result<WorkerExit> {
     let listeners = take_listeners(ctx, Async::new)?;
     let ctx = &*ctx;
     let gate = Gate::for_worker(ctx);
     let connections = Rc::new(Connections {
         service: ctx.service.clone(),
         builder: builder(&ctx.config, true, SmolTimer::new()),
+        runner,
     });
 
     let signal = Async::new(ctx.signal_fd().try_clone_to_owned()?)?;

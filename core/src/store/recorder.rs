@@ -264,9 +264,10 @@ impl Recorder {
         }
     }
 
-    /// A connection was accepted.
+    /// A connection was accepted. Always an atomic add: an upgraded
+    /// connection may close on a thread the app spawned its task on.
     pub fn connection_opened(&self) {
-        self.add_signed(&self.file.header().connections, 1);
+        self.file.header().connections.fetch_add(1, Ordering::Relaxed);
         if self.metrics {
             self.add(&self.file.row(self.fixed.worker_accepted)[0], 1);
         }
@@ -274,7 +275,7 @@ impl Recorder {
 
     /// A connection was closed.
     pub fn connection_closed(&self) {
-        self.add_signed(&self.file.header().connections, -1);
+        self.file.header().connections.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// A request started; returns its start time for [`Recorder::finish`].
