@@ -114,7 +114,7 @@ impl Proc {
     /// Sends SIGKILL once the deadline of a retiring or timed-out worker has
     /// passed (once).
     pub fn kill_if_due(&mut self, os: &mut impl Os, now: Instant) {
-        if !self.deadline().is_some_and(|d| now >= d) {
+        if self.deadline().is_none_or(|d| now < d) {
             return;
         }
         log_warn!(
