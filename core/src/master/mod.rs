@@ -11,6 +11,7 @@ mod pidfile;
 mod procs;
 mod reload;
 mod spawn;
+mod stop;
 mod upgrade;
 
 #[cfg(test)]
