@@ -28,10 +28,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use gpe_core::store::catalogue::DEFAULT_DURATION_BUCKETS;
-use gpe_core::store::layout::FileKind;
-use gpe_core::store::{
-    DataFile, FileIdentity, Index, Recorder, RequestRecord, StoreDir, WorkerKind,
-};
+use gpe_core::store::{Index, Recorder, RequestRecord, StoreDir, WorkerFile, WorkerKind};
 
 /// A store in a temporary directory with one worker file (slot 0, generation 1)
 /// and its recorder, set up the way the master and a worker do.
@@ -40,16 +37,7 @@ fn setup(metrics: bool, single_writer: bool) -> (tempfile::TempDir, Recorder) {
     let store = StoreDir::new(dir.path().join("s"));
     store.prepare().expect("prepare");
     Index::create(&store.index_path(), 1000, &DEFAULT_DURATION_BUCKETS).expect("index");
-    DataFile::create(
-        &store.worker_path(0, 1),
-        FileIdentity {
-            kind: FileKind::Worker,
-            slot: 0,
-            generation: 1,
-            worker_kind: Some(WorkerKind::Sync),
-        },
-    )
-    .expect("data file");
+    WorkerFile::create(&store, 0, 1, WorkerKind::Sync).expect("data file");
     let rec = Recorder::open(&store, 0, 1, metrics, single_writer).expect("recorder");
     rec.ready();
     (dir, rec)

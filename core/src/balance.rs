@@ -4,12 +4,11 @@
 //! worker holding more open connections than its least-loaded serving sibling
 //! therefore lets the sibling take the next one, but never waits longer than
 //! [`MAX_DEFER`], so a stuck sibling cannot stop it accepting. The workers' own
-//! store headers (`connections`) are the shared state; no lock is taken.
+//! store files (their connection counts) are the shared state; no lock is taken.
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::store::{DataFile, StoreDir, WorkerState};
+use crate::store::{StoreDir, WorkerFile};
 
 /// How long an accept loop pauses before asking again.
 pub const BALANCE_PAUSE: Duration = Duration::from_millis(1);
@@ -26,7 +25,7 @@ pub struct Balancer {
     store: StoreDir,
     slot: u32,
     generation: u64,
-    siblings: Vec<DataFile>,
+    siblings: Vec<WorkerFile>,
     listed: Option<Instant>,
     deferring: Option<Instant>,
 }
@@ -47,13 +46,11 @@ impl Balancer {
     fn relist(&mut self) {
         self.siblings.clear();
         if let Ok(files) = self.store.worker_files() {
-            for (slot, generation, path) in files {
+            for (slot, generation, _) in files {
                 if (slot, generation) == (self.slot, self.generation) {
                     continue;
                 }
-                // SAFETY: a worker file of this server's store directory, accessed
-                // only through the store's atomic views.
-                if let Ok(f) = unsafe { DataFile::open(&path) } {
+                if let Ok(f) = WorkerFile::open(&self.store, slot, generation) {
                     self.siblings.push(f);
                 }
             }
@@ -75,19 +72,11 @@ impl Balancer {
         if self.listed.is_none_or(|t| t.elapsed() >= every) {
             self.relist();
         }
-        let serving = |f: &&DataFile| {
-            let h = f.header();
-            h.folded.load(Ordering::Relaxed) == 0
-                && matches!(
-                    WorkerState::from_code(h.state.load(Ordering::Relaxed)),
-                    Some(WorkerState::Idle | WorkerState::Busy)
-                )
-        };
         let least = self
             .siblings
             .iter()
-            .filter(serving)
-            .map(|f| f.header().connections.load(Ordering::Relaxed))
+            .filter(|f| f.serving())
+            .map(WorkerFile::connections)
             .min();
         if least.is_none_or(|least| mine <= least) {
             self.deferring = None;
@@ -105,21 +94,11 @@ impl Balancer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::layout::FileKind;
-    use crate::store::{FileIdentity, Index, Recorder, WorkerKind};
+    use crate::store::{Index, Recorder, WorkerKind};
     use std::sync::Arc;
 
     fn worker(store: &StoreDir, slot: u32, generation: u64) -> Arc<Recorder> {
-        DataFile::create(
-            &store.worker_path(slot, generation),
-            FileIdentity {
-                kind: FileKind::Worker,
-                slot,
-                generation,
-                worker_kind: Some(WorkerKind::Eventloop),
-            },
-        )
-        .unwrap();
+        WorkerFile::create(store, slot, generation, WorkerKind::Eventloop).unwrap();
         let r = Arc::new(Recorder::open(store, slot, generation, true, true).unwrap());
         r.ready();
         r

@@ -1,13 +1,23 @@
 //! The master (Gunicorn's arbiter): binds the sockets, creates the metric
 //! store, forks the exporter and the workers, and supervises them from one
-//! single-threaded loop (`arbiter`). This module owns start-up and clean-up;
-//! the loop's decisions live in `arbiter`.
+//! single-threaded loop (`arbiter`). This module owns start-up ([`run`]:
+//! settings → [`Bound`] → arbiter) and clean-up (by drop); the loop's
+//! decisions live in `arbiter`, `procs`, `reload` and `upgrade`, its effects
+//! in `spawn` behind the `os` seam.
 
 mod arbiter;
+mod os;
 mod pidfile;
+mod procs;
+mod reload;
+mod spawn;
+mod stop;
+mod upgrade;
+
+#[cfg(test)]
+mod tests;
 
 use std::net::TcpListener;
-use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -18,6 +28,7 @@ use crate::store::StoreDir;
 use crate::worker::Worker;
 
 pub use pidfile::Pidfile;
+pub use upgrade::{ENV_LISTEN_FDS, ENV_METRICS_FD, ENV_UPGRADE_FROM};
 
 /// What the exporter process receives after fork.
 #[derive(Debug)]
@@ -140,84 +151,151 @@ fn private_store_dir() -> PathBuf {
     base.join(format!("gpe-{}", std::process::id()))
 }
 
-/// Environment variable naming the listening fds a binary upgrade hands over.
-pub const ENV_LISTEN_FDS: &str = "GPE_LISTEN_FDS";
-/// Environment variable naming the metrics listener fd a binary upgrade hands over.
-pub const ENV_METRICS_FD: &str = "GPE_METRICS_FD";
-/// Environment variable naming the old master's pid during a binary upgrade.
-pub const ENV_UPGRADE_FROM: &str = "GPE_UPGRADE_FROM";
-
-/// Sockets and identity inherited from systemd or from an upgrading master.
-#[derive(Debug, Default)]
-struct Inherited {
-    listeners: Option<Vec<Listener>>,
-    metrics: Option<TcpListener>,
-    upgrade_from: Option<nix::unistd::Pid>,
+/// The store directory while this master owns it: emptied on drop (and
+/// removed when this master made it), in the process that prepared it only.
+struct OwnedStore {
+    store: StoreDir,
+    remove_dir: bool,
+    owner: u32,
 }
 
-fn parse_fds(var: &str, value: &str) -> Result<Vec<RawFd>, MasterError> {
-    value
-        .split(',')
-        .map(|s| {
-            s.trim()
-                .parse::<RawFd>()
-                .ok()
-                .filter(|fd| *fd > 2)
-                .ok_or_else(|| {
-                    MasterError::Io(std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        format!("{var}: {value:?} is not a list of file descriptors"),
-                    ))
-                })
-        })
-        .collect()
+impl Drop for OwnedStore {
+    fn drop(&mut self) {
+        if self.owner == std::process::id() {
+            self.store.cleanup(self.remove_dir);
+        }
+    }
 }
 
-/// Adopts listening sockets passed by an upgrading master (`GPE_LISTEN_FDS`)
-/// or by systemd (`LISTEN_FDS`/`LISTEN_PID`), and clears those variables so
-/// that workers do not see them.
-fn inherited() -> Result<Inherited, MasterError> {
-    let mut out = Inherited::default();
-    let adopt = |fds: Vec<RawFd>| -> Result<Vec<Listener>, MasterError> {
-        fds.into_iter()
-            .map(|fd| {
-                // SAFETY: the fd was passed to this process for exactly this purpose
-                // (by the upgrading master or by systemd) and nothing else owns it.
-                unsafe { Listener::from_raw_fd(fd) }.map_err(MasterError::Io)
-            })
-            .collect()
-    };
-    if let Ok(v) = std::env::var(ENV_LISTEN_FDS) {
-        out.listeners = Some(adopt(parse_fds(ENV_LISTEN_FDS, &v)?)?);
-        if let Ok(m) = std::env::var(ENV_METRICS_FD) {
-            if let Some(fd) = parse_fds(ENV_METRICS_FD, &m)?.first() {
-                // SAFETY: as above: handed over by the old master for this use only.
-                let owned =
-                    unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(*fd) };
-                out.metrics = Some(TcpListener::from(owned));
+/// Unix sockets this master bound: removed on drop unless `keep` (the new
+/// master of an upgrade serves on them).
+struct UnixSockets {
+    paths: Vec<PathBuf>,
+    keep: bool,
+    owner: u32,
+}
+
+impl Drop for UnixSockets {
+    fn drop(&mut self) {
+        if !self.keep && self.owner == std::process::id() {
+            for path in &self.paths {
+                let _ = std::fs::remove_file(path);
             }
         }
-        out.upgrade_from = std::env::var(ENV_UPGRADE_FROM)
-            .ok()
-            .and_then(|p| p.parse().ok())
-            .map(nix::unistd::Pid::from_raw);
-    } else {
-        let fds: Vec<RawFd> = sd_notify::listen_fds().map_err(MasterError::Io)?.collect();
-        if !fds.is_empty() {
-            out.listeners = Some(adopt(fds)?);
+    }
+}
+
+/// What start-up acquired before the loop runs: sockets, the prepared store
+/// and the pid file, each given back when dropped.
+struct Bound {
+    listeners: Vec<Listener>,
+    metrics: Option<TcpListener>,
+    upgrade_from: Option<nix::unistd::Pid>,
+    pidfile: Option<Pidfile>,
+    sockets: UnixSockets,
+    store: OwnedStore,
+}
+
+impl Bound {
+    /// Adopts or binds the sockets, prepares the store and writes the pid file.
+    fn acquire(config: &Config, metrics: bool) -> Result<Bound, MasterError> {
+        let inherited = upgrade::inherited()?;
+        let upgrading = inherited.upgrade_from.is_some();
+        // During an upgrade the new master writes PIDFILE.2 until the old one exits.
+        let pid_path = config.pidfile.as_ref().map(|p| {
+            if upgrading {
+                let mut s = p.clone().into_os_string();
+                s.push(".2");
+                PathBuf::from(s)
+            } else {
+                p.clone()
+            }
+        });
+        // Refuse a live pid file before binding anything.
+        if let Some(p) = &pid_path {
+            drop(Pidfile::create(p).map_err(MasterError::Pidfile)?);
         }
+        let owner = std::process::id();
+        // Only sockets bound here are removed at the end (not inherited ones,
+        // and not those of a server that made the bind fail).
+        let bound_here = inherited.listeners.is_none();
+        let listeners = match inherited.listeners {
+            Some(l) => {
+                crate::log_info!("Using {} inherited socket(s); `bind` is ignored", l.len());
+                l
+            }
+            None => bind_all(config)?,
+        };
+        let sockets = UnixSockets {
+            paths: config
+                .binds
+                .iter()
+                .filter(|_| bound_here)
+                .filter_map(|b| match b {
+                    BindAddr::Unix(path) => Some(path.clone()),
+                    _ => None,
+                })
+                .collect(),
+            keep: false,
+            owner,
+        };
+        let metrics = match (metrics, inherited.metrics) {
+            (false, _) => None,
+            (true, Some(l)) => Some(l),
+            (true, None) => Some(TcpListener::bind(config.metrics_bind).map_err(|source| {
+                MasterError::Bind {
+                    setting: "metrics_bind",
+                    addr: config.metrics_bind.to_string(),
+                    source,
+                }
+            })?),
+        };
+        let (store, own_dir) = match &config.metrics_dir {
+            // A new generation never shares the old one's store.
+            Some(p) if upgrading => {
+                let mut s = p.clone().into_os_string();
+                s.push(format!(".{}", std::process::id()));
+                (StoreDir::new(PathBuf::from(s)), true)
+            }
+            Some(p) => (StoreDir::new(p), false),
+            None => (StoreDir::new(private_store_dir()), true),
+        };
+        let store_err = |source| MasterError::Store {
+            path: store.path().to_owned(),
+            source,
+        };
+        // Never wipe the store of another live server sharing the directory.
+        if let Ok(other) = crate::store::MasterFile::open(&store) {
+            let pid = other.pid();
+            let alive = pid != 0
+                && pid != std::process::id()
+                && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok();
+            if alive {
+                return Err(store_err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("the directory is in use by the gpe master with pid {pid}"),
+                )));
+            }
+        }
+        let created = store.prepare().map_err(store_err)?;
+        let store = OwnedStore {
+            store,
+            remove_dir: own_dir || created,
+            owner,
+        };
+        let pidfile = match &pid_path {
+            Some(p) => Some(Pidfile::create(p).map_err(MasterError::Pidfile)?),
+            None => None,
+        };
+        Ok(Bound {
+            listeners,
+            metrics,
+            upgrade_from: inherited.upgrade_from,
+            pidfile,
+            sockets,
+            store,
+        })
     }
-    for var in [
-        ENV_LISTEN_FDS,
-        ENV_METRICS_FD,
-        ENV_UPGRADE_FROM,
-        "LISTEN_FDS",
-        "LISTEN_PID",
-        "LISTEN_FDNAMES",
-    ] {
-        std::env::remove_var(var);
-    }
-    Ok(out)
 }
 
 /// Runs a server until it is stopped. Returns once every child has exited and
@@ -236,112 +314,33 @@ pub fn run(spec: ServerSpec) -> Result<(), MasterError> {
             expected: format!("a writable file ({e})"),
         })
     })?;
-    let inherited = inherited()?;
-    let upgrading = inherited.upgrade_from.is_some();
-    // During an upgrade the new master writes PIDFILE.2 until the old one exits.
-    let pid_path = config.pidfile.as_ref().map(|p| {
-        if upgrading {
-            let mut s = p.clone().into_os_string();
-            s.push(".2");
-            PathBuf::from(s)
-        } else {
-            p.clone()
-        }
-    });
-    // Refuse a live pid file before binding anything.
-    if let Some(p) = &pid_path {
-        Pidfile::create(p).map_err(MasterError::Pidfile)?.remove();
-    }
-    let bound_here = inherited.listeners.is_none();
-    let listeners = match inherited.listeners {
-        Some(l) => {
-            crate::log_info!("Using {} inherited socket(s); `bind` is ignored", l.len());
-            l
-        }
-        None => bind_all(config)?,
-    };
-    let metrics_listener = if config.metrics && spec.exporter.is_some() {
-        match inherited.metrics {
-            Some(l) => Some(l),
-            None => Some(TcpListener::bind(config.metrics_bind).map_err(|source| {
-                MasterError::Bind {
-                    setting: "metrics_bind",
-                    addr: config.metrics_bind.to_string(),
-                    source,
-                }
-            })?),
-        }
-    } else {
-        None
-    };
-    let (store, own_dir) = match &config.metrics_dir {
-        // A new generation never shares the old one's store.
-        Some(p) if upgrading => {
-            let mut s = p.clone().into_os_string();
-            s.push(format!(".{}", std::process::id()));
-            (StoreDir::new(PathBuf::from(s)), true)
-        }
-        Some(p) => (StoreDir::new(p), false),
-        None => (StoreDir::new(private_store_dir()), true),
-    };
-    // Never wipe the store of another live server sharing the directory.
-    // SAFETY: a file named `master` in a gpe store directory is a gpe data file;
-    // a foreign file fails the size or magic check.
-    if let Ok(other) = unsafe { crate::store::DataFile::open(&store.master_path()) } {
-        let pid = other
-            .header()
-            .pid
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let alive = pid != 0
-            && pid != std::process::id()
-            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok();
-        if alive {
-            return Err(MasterError::Store {
-                path: store.path().to_owned(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    format!("the directory is in use by the gpe master with pid {pid}"),
-                ),
-            });
-        }
-    }
-    let created = store.prepare().map_err(|source| MasterError::Store {
-        path: store.path().to_owned(),
-        source,
-    })?;
-    let pidfile = match &pid_path {
-        Some(p) => Some(Pidfile::create(p).map_err(MasterError::Pidfile)?),
-        None => None,
-    };
-    let mut outcome = arbiter::Outcome {
-        pidfile,
-        upgrade_child_alive: false,
-    };
-    let result = arbiter::Arbiter::start(
+    let mut bound = Bound::acquire(config, config.metrics && spec.exporter.is_some())?;
+    let os = spawn::SystemOs::new(
         &spec,
         worker,
-        listeners,
-        metrics_listener,
-        store.clone(),
-        inherited.upgrade_from,
-    )
-    .and_then(|mut a| {
-        a.pidfile = outcome.pidfile.take();
-        let r = a.run();
-        outcome = a.outcome();
-        r
-    });
-    store.cleanup(own_dir || created);
-    if let Some(p) = &outcome.pidfile {
-        p.remove();
+        std::mem::take(&mut bound.listeners),
+        bound.metrics.take(),
+        bound.store.store.clone(),
+    )?;
+    for l in os.listeners() {
+        crate::log_info!("Listening at: {} ({})", l.describe(), std::process::id());
     }
-    // The new master of an upgrade keeps serving on the same unix sockets.
-    if bound_here && !outcome.upgrade_child_alive {
-        for b in &spec.config.binds {
-            if let BindAddr::Unix(path) = b {
-                let _ = std::fs::remove_file(path);
-            }
-        }
+    crate::log_info!("Using worker: {}", config.worker);
+    if let Some(addr) = os.metrics_listener().and_then(|m| m.local_addr().ok()) {
+        crate::log_info!("Metrics at: http://{addr}{}", config.metrics_path);
     }
+    let exporter = os.has_exporter();
+    let mut arbiter = arbiter::Arbiter::new(
+        os,
+        Arc::new(config.clone()),
+        bound.store.store.clone(),
+        exporter,
+        bound.upgrade_from,
+        bound.pidfile.take(),
+    )?;
+    let result = arbiter.run();
+    bound.sockets.keep = arbiter.upgrade_child_alive();
+    // The pid file goes with the arbiter, the store and sockets with `bound`.
+    drop(arbiter);
     result
 }

@@ -1,5 +1,6 @@
 //! The pid file, as in Gunicorn: refused when it names a live process, written
-//! atomically, removed on exit only while it still holds our pid.
+//! atomically, removed when dropped (in the process that wrote it) only while
+//! it still holds our pid.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -50,18 +51,16 @@ impl Pidfile {
     /// `to` names another live process, or the rename fails.
     pub fn promote(&mut self, to: &Path) -> io::Result<()> {
         let fresh = Pidfile::create(to)?;
-        let _ = std::fs::remove_file(&self.path);
-        *self = fresh;
+        drop(std::mem::replace(self, fresh));
         Ok(())
     }
 
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Removes the file if it still holds our pid.
-    pub fn remove(&self) {
+    /// Removes the file if it still holds our pid (and this is the process
+    /// that wrote it, not a forked child).
+    fn remove(&self) {
+        if self.pid != std::process::id() {
+            return;
+        }
         let ours = std::fs::read_to_string(&self.path)
             .ok()
             .and_then(|t| t.trim().parse::<u32>().ok())
@@ -69,6 +68,12 @@ impl Pidfile {
         if ours {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+impl Drop for Pidfile {
+    fn drop(&mut self) {
+        self.remove();
     }
 }
 
@@ -96,7 +101,14 @@ mod tests {
         p.remove();
         assert!(path.exists());
         std::fs::write(&path, format!("{}\n", std::process::id())).unwrap();
-        p.remove();
+        drop(p);
         assert!(!path.exists());
+        // Promoting moves the file.
+        let mut p = Pidfile::create(&path).unwrap();
+        let to = dir.path().join("final.pid");
+        p.promote(&to).unwrap();
+        assert!(!path.exists() && to.exists());
+        drop(p);
+        assert!(!to.exists());
     }
 }

@@ -116,7 +116,7 @@ fn floor_char_boundary(s: &str, mut at: usize) -> usize {
 }
 
 /// Decodes the label values of an index entry.
-pub fn entry_values(entry: &Entry) -> Vec<&str> {
+pub(super) fn entry_values(entry: &Entry) -> Vec<&str> {
     let mut out = Vec::with_capacity(entry.labels as usize);
     let data = &entry.data[..(entry.len as usize).min(LABEL_BYTES)];
     let mut at = 0;

@@ -46,7 +46,7 @@ pub enum FileKind {
 /// Header of a data file (master, retired or worker). Padded to 1 KiB.
 #[repr(C)]
 #[derive(Debug)]
-pub struct Header {
+pub(super) struct Header {
     /// [`MAGIC`] once the file is fully initialised.
     pub magic: AtomicU64,
     /// [`VERSION`].
@@ -106,7 +106,7 @@ pub const HEADER_BYTES: usize = 1024;
 const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_BYTES);
 
 /// One series' cells: counter value in cell 0, or histogram buckets then sum.
-pub type Row = [AtomicU64; CELLS];
+pub(super) type Row = [AtomicU64; CELLS];
 
 /// Total size of a data file.
 pub const DATA_FILE_BYTES: usize = HEADER_BYTES + CAPACITY * std::mem::size_of::<Row>();
@@ -114,7 +114,7 @@ pub const DATA_FILE_BYTES: usize = HEADER_BYTES + CAPACITY * std::mem::size_of::
 /// Header of the series index shared by every process of one server.
 #[repr(C)]
 #[derive(Debug)]
-pub struct IndexHeader {
+pub(super) struct IndexHeader {
     /// [`MAGIC`] once initialised.
     pub magic: AtomicU64,
     /// [`VERSION`].
@@ -140,7 +140,7 @@ const _: () = assert!(std::mem::size_of::<IndexHeader>() <= INDEX_HEADER_BYTES);
 /// One index entry: which family, and the label values in the family's order.
 #[repr(C)]
 #[derive(Debug)]
-pub struct Entry {
+pub(super) struct Entry {
     /// Family code.
     pub family: u8,
     /// Number of label values.
@@ -157,7 +157,7 @@ pub const INDEX_FILE_BYTES: usize = INDEX_HEADER_BYTES + CAPACITY * std::mem::si
 
 /// A store file mapped shared into this process.
 #[derive(Debug)]
-pub struct Mapped {
+pub(super) struct Mapped {
     map: MmapRaw,
 }
 

@@ -2,15 +2,17 @@
 //! index, one data file per worker process (slot + generation), one for the
 //! master and one for the totals of workers that have exited.
 //!
-//! Workers write through a [`Recorder`]; the master folds dead workers with
-//! [`fold`]; the exporter reads a consistent [`Snapshot`]. Layout details live in
-//! `layout`, the catalogue of families in `catalogue`.
+//! Workers write through a [`Recorder`]; the master and the balancer use the
+//! typed views ([`MasterFile`], [`RetiredFile`], [`WorkerFile`]); the exporter
+//! reads a consistent [`Snapshot`]. Layout details (private to the store) live
+//! in `layout`, the catalogue of families in `catalogue`.
 
 pub mod catalogue;
 pub mod index;
 pub mod layout;
 mod recorder;
 mod snapshot;
+mod views;
 
 use std::fs;
 use std::io;
@@ -21,6 +23,7 @@ pub use catalogue::{ExitReason, Family, MasterSignal, WorkerKind, WorkerState};
 pub use index::Index;
 pub use recorder::{ErrorKind, Recorder, RequestRecord};
 pub use snapshot::{MasterView, Series, Snapshot, WorkerView};
+pub use views::{FoldWindow, MasterFile, RetiredFile, WorkerFile};
 
 use layout::{FileKind, Header, Mapped, Row, DATA_FILE_BYTES, MAGIC, VERSION};
 
@@ -150,13 +153,13 @@ impl StoreDir {
 
 /// One mapped data file (master, retired or worker).
 #[derive(Debug)]
-pub struct DataFile {
+struct DataFile {
     map: Mapped,
 }
 
 /// Identity written into a new data file's header.
 #[derive(Debug, Clone, Copy)]
-pub struct FileIdentity {
+struct FileIdentity {
     /// What the file holds.
     pub kind: FileKind,
     /// Worker slot (0 for master and retired).
@@ -203,7 +206,8 @@ impl DataFile {
     /// Opens an existing data file.
     ///
     /// # Safety
-    /// The file must be a gpe data file (see [`Mapped::open`]).
+    /// The file must be a gpe data file (see [`Mapped::open`]); callers go
+    /// through `StoreDir::open_data`, the one place that argues it.
     ///
     /// # Errors
     /// Missing, wrong size, or not initialised.
@@ -251,60 +255,6 @@ impl DataFile {
     }
 }
 
-/// Folds the counters of the exited worker `dead` into `retired` and marks it
-/// folded. `cpu_ns` (from the reaped child's rusage) is added to its slot's CPU
-/// series. The caller (the master, the only writer of `retired`) must bracket
-/// every fold of one reap with [`fold_begin`] and [`fold_end`].
-///
-/// # Errors
-/// Resolving the CPU series failed.
-pub fn fold(
-    index: &Index,
-    mirror: &mut index::Mirror,
-    retired: &DataFile,
-    dead: &DataFile,
-    cpu_ns: u64,
-) -> io::Result<()> {
-    let dh = dead.header();
-    if dh.folded.load(Ordering::Acquire) != 0 {
-        return Ok(());
-    }
-    let used = index.used();
-    for id in 0..used {
-        let src = dead.row(id);
-        let dst = retired.row(id);
-        for (s, d) in src.iter().zip(dst) {
-            let v = s.load(Ordering::Relaxed);
-            if v != 0 {
-                d.fetch_add(v, Ordering::Relaxed);
-            }
-        }
-    }
-    let rh = retired.header();
-    for (s, d) in dh.dropped.iter().zip(&rh.dropped) {
-        d.fetch_add(s.load(Ordering::Relaxed), Ordering::Relaxed);
-    }
-    if cpu_ns > 0 {
-        let slot = dh.slot.load(Ordering::Relaxed).to_string();
-        let key = index::Key::new(Family::WorkerCpuRetired, &[&slot]);
-        let id = mirror.resolve(index, &key)?.id();
-        retired.row(id)[0].fetch_add(cpu_ns, Ordering::Relaxed);
-    }
-    dh.folded.store(1, Ordering::Release);
-    Ok(())
-}
-
-/// Opens the fold window (the retired epoch becomes odd).
-pub fn fold_begin(retired: &DataFile) {
-    retired.header().epoch.fetch_add(1, Ordering::AcqRel);
-    std::sync::atomic::fence(Ordering::Release);
-}
-
-/// Closes the fold window (the retired epoch becomes even).
-pub fn fold_end(retired: &DataFile) {
-    retired.header().epoch.fetch_add(1, Ordering::Release);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,38 +265,24 @@ mod tests {
         let store = StoreDir::new(dir.path().join("m"));
         assert!(store.prepare().unwrap());
         let index = Index::create(&store.index_path(), 100, &[1.0]).unwrap();
-        let retired = DataFile::create(
-            &store.retired_path(),
-            FileIdentity {
-                kind: FileKind::Retired,
-                slot: 0,
-                generation: 0,
-                worker_kind: None,
-            },
-        )
-        .unwrap();
-        let w = DataFile::create(
-            &store.worker_path(1, 7),
-            FileIdentity {
-                kind: FileKind::Worker,
-                slot: 1,
-                generation: 7,
-                worker_kind: Some(WorkerKind::Sync),
-            },
-        )
-        .unwrap();
+        let retired = RetiredFile::create(&store).unwrap();
+        let w = WorkerFile::create(&store, 1, 7, WorkerKind::Sync).unwrap();
+        let raw = store.open_data(&store.worker_path(1, 7)).unwrap();
         let mut m = index::Mirror::default();
         let id = m
             .resolve(&index, &index::Key::new(Family::WorkerRequests, &["1"]))
             .unwrap()
             .id();
-        w.row(id)[0].fetch_add(5, Ordering::Relaxed);
-        fold_begin(&retired);
-        fold(&index, &mut m, &retired, &w, 2_000_000_000).unwrap();
-        fold(&index, &mut m, &retired, &w, 2_000_000_000).unwrap();
-        fold_end(&retired);
-        assert_eq!(retired.row(id)[0].load(Ordering::Relaxed), 5);
-        assert_eq!(retired.header().epoch.load(Ordering::Relaxed), 2);
+        raw.row(id)[0].fetch_add(5, Ordering::Relaxed);
+        let reread = store.open_data(&store.retired_path()).unwrap();
+        {
+            let window = retired.fold_window();
+            assert_eq!(reread.header().epoch.load(Ordering::Relaxed), 1);
+            window.fold(&index, &mut m, &w, 2_000_000_000).unwrap();
+            window.fold(&index, &mut m, &w, 2_000_000_000).unwrap();
+        }
+        assert_eq!(reread.row(id)[0].load(Ordering::Relaxed), 5);
+        assert_eq!(reread.header().epoch.load(Ordering::Relaxed), 2);
         let snap = Snapshot::read(&store).unwrap();
         let reqs: u64 = snap
             .series

@@ -166,14 +166,8 @@ impl Recorder {
         metrics: bool,
         single_writer: bool,
     ) -> io::Result<Self> {
-        // SAFETY: both files were created by this server's master in its store
-        // directory and are only ever accessed through the store's views.
-        let (file, index) = unsafe {
-            (
-                DataFile::open(&store.worker_path(slot, generation))?,
-                Index::open(&store.index_path())?,
-            )
-        };
+        let file = store.open_data(&store.worker_path(slot, generation))?;
+        let index = store.open_index()?;
         let mut mirror = Mirror::default();
         let slot_label = slot.to_string();
         let mut fixed_id = |family: Family, values: &[&str]| -> io::Result<u32> {
@@ -209,8 +203,9 @@ impl Recorder {
         })
     }
 
-    /// The data file (header access for workers: state, heartbeat).
-    pub fn file(&self) -> &DataFile {
+    /// The data file.
+    #[cfg(test)]
+    fn file(&self) -> &DataFile {
         &self.file
     }
 

@@ -108,13 +108,9 @@ impl Snapshot {
         store: &StoreDir,
         mut extra: impl FnMut(&Snapshot) -> T,
     ) -> io::Result<(Snapshot, T)> {
-        // SAFETY: files in a gpe store directory are created by gpe and accessed only
-        // through the store's views.
-        let index = unsafe { Index::open(&store.index_path())? };
-        // SAFETY: as above.
-        let retired = unsafe { DataFile::open(&store.retired_path()) }.ok();
-        // SAFETY: as above.
-        let master = unsafe { DataFile::open(&store.master_path()) }.ok();
+        let index = store.open_index()?;
+        let retired = store.open_data(&store.retired_path()).ok();
+        let master = store.open_data(&store.master_path()).ok();
         for _ in 0..MAX_ATTEMPTS {
             let begin = retired
                 .as_ref()
@@ -137,15 +133,6 @@ impl Snapshot {
             io::ErrorKind::TimedOut,
             "the master kept folding while the store was read",
         ))
-    }
-
-    /// Sum of a counter family's cell 0 over series matching `filter`.
-    pub fn counter_sum(&self, family: Family, filter: impl Fn(&[String]) -> bool) -> u64 {
-        self.series
-            .iter()
-            .filter(|s| s.family == family && filter(&s.labels))
-            .map(|s| s.cells[0])
-            .sum()
     }
 }
 
@@ -175,10 +162,9 @@ fn read_once(
     let mut workers: Vec<WorkerView> = Vec::new();
     let mut in_flight = 0;
     for (slot, generation, path) in store.worker_files()? {
-        // SAFETY: a worker file of this store directory (see Snapshot::read). A file
-        // that vanished or is half-created is skipped: its counts are in `retired`
-        // (folded) or still zero.
-        let Ok(file) = (unsafe { DataFile::open(&path) }) else {
+        // A file that vanished or is half-created is skipped: its counts are in
+        // `retired` (folded) or still zero.
+        let Ok(file) = store.open_data(&path) else {
             continue;
         };
         let h = file.header();

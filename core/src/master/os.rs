@@ -1,0 +1,63 @@
+//! The seam between the arbiter's decisions and the outside world: processes,
+//! signals, clocks, systemd and the settings sources. [`SystemOs`] (in
+//! `spawn`) is the real one; the unit tests drive the arbiter with a fake.
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use crate::config::{Config, ConfigError};
+use crate::store::WorkerKind;
+use crate::sys::Reaped;
+
+/// A state change systemd is told about (when `NOTIFY_SOCKET` is set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Notice {
+    /// `READY=1`: every desired worker has booted.
+    Ready,
+    /// `MAINPID=` this process and `READY=1`: the new half of an upgrade took over.
+    ReadyAsMain,
+    /// `RELOADING=1` with `MONOTONIC_USEC`.
+    Reloading,
+    /// `STOPPING=1`.
+    Stopping,
+}
+
+/// Everything the arbiter does to or learns from the world.
+pub(super) trait Os {
+    /// Now, on the clock of deadlines.
+    fn now(&self) -> Instant;
+    /// Now in monotonic nanoseconds, the clock of the workers' heartbeats.
+    fn mono_ns(&self) -> u64;
+    /// Waits at most `timeout` for signals and returns those that arrived.
+    fn wait(&mut self, timeout: Duration) -> Vec<Signal>;
+    /// Sends `sig` to `pid` (a process that is gone is ignored).
+    fn signal(&mut self, pid: Pid, sig: Signal);
+    /// Whether a child waits to be reaped.
+    fn child_exited(&mut self) -> bool;
+    /// Reaps one exited child, if any.
+    fn reap(&mut self) -> io::Result<Option<Reaped>>;
+    /// Starts a worker for `slot`/`generation`, whose store file exists.
+    fn spawn_worker(&mut self, config: &Arc<Config>, slot: u32, generation: u64)
+        -> io::Result<Pid>;
+    /// Starts the exporter.
+    fn spawn_exporter(&mut self, config: &Config) -> io::Result<Pid>;
+    /// Starts a new master from the current binary, handing it the sockets (USR2).
+    fn spawn_master(&mut self) -> io::Result<Pid>;
+    /// This process's parent (the old master, while this is the new half of an
+    /// upgrade).
+    fn parent(&self) -> Pid;
+    /// Tells systemd about a state change.
+    fn notify(&mut self, notice: Notice);
+    /// Rebuilds the settings from their sources (HUP); `None` keeps them.
+    fn reload(&mut self) -> Option<Result<Config, ConfigError>>;
+    /// Switches to the worker type `name`, for the workers spawned from now on.
+    fn choose_worker(&mut self, name: &str) -> Result<(), String>;
+    /// The type of the workers spawned now.
+    fn worker_kind(&self) -> WorkerKind;
+    /// Reopens the error log (USR1, HUP).
+    fn reopen_errorlog(&mut self, config: &Config);
+}

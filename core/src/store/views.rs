@@ -1,0 +1,336 @@
+//! Typed views over the store's data files for the processes that are not
+//! recorders: the master's own counters ([`MasterFile`]), the retired totals
+//! it folds dead workers into ([`RetiredFile`]), and a worker's file as the
+//! master and the sibling workers see it ([`WorkerFile`]). The raw header stays
+//! inside `store`; opening a mapped file is trusted in one place
+//! (`StoreDir::open_data`).
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{fence, Ordering};
+
+use super::index::{Key, Mirror};
+use super::layout::FileKind;
+use super::{DataFile, ExitReason, Family, FileIdentity, Index, MasterSignal, StoreDir};
+use super::{WorkerKind, WorkerState};
+
+impl StoreDir {
+    /// Opens a data file of this store directory.
+    ///
+    /// # Errors
+    /// Missing, wrong size, or not a data file of this version.
+    pub(super) fn open_data(&self, path: &Path) -> io::Result<DataFile> {
+        debug_assert!(path.starts_with(&self.path));
+        // SAFETY: the one trust boundary for data files. `path` is a name this
+        // StoreDir gave out, inside a gpe store directory. Files under those names
+        // are created by `DataFile::create` and every gpe process maps them and
+        // touches them only through the store's atomic views. A foreign or
+        // half-created file fails the size check (before mapping) or the magic and
+        // version check (an atomic, valid for any bits) before anything else is read.
+        unsafe { DataFile::open(path) }
+    }
+
+    /// Opens the series index of this store directory.
+    ///
+    /// # Errors
+    /// Missing, wrong size, or not an index of this version.
+    pub(super) fn open_index(&self) -> io::Result<Index> {
+        // SAFETY: as for `open_data`: the index is created by `Index::create` in this
+        // gpe store directory and accessed only through the store's views.
+        unsafe { Index::open(&self.index_path()) }
+    }
+}
+
+fn identity(kind: FileKind) -> FileIdentity {
+    FileIdentity {
+        kind,
+        slot: 0,
+        generation: 0,
+        worker_kind: None,
+    }
+}
+
+/// The master's own counters: signals handled, worker exits, reloads, and the
+/// number of workers. Written by the master only.
+#[derive(Debug)]
+pub struct MasterFile(DataFile);
+
+impl MasterFile {
+    /// Creates the master file of `store`, naming this process as its writer.
+    ///
+    /// # Errors
+    /// Creating or mapping the file failed.
+    pub fn create(store: &StoreDir) -> io::Result<MasterFile> {
+        let file = DataFile::create(&store.master_path(), identity(FileKind::Master))?;
+        file.header()
+            .pid
+            .store(std::process::id(), Ordering::Relaxed);
+        Ok(MasterFile(file))
+    }
+
+    /// Opens the master file already in `store` (to see whether another server
+    /// uses the directory).
+    ///
+    /// # Errors
+    /// Missing, or not a master file of this version.
+    pub fn open(store: &StoreDir) -> io::Result<MasterFile> {
+        let file = store.open_data(&store.master_path())?;
+        if file.header().kind.load(Ordering::Relaxed) != FileKind::Master as u32 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not a master file",
+            ));
+        }
+        Ok(MasterFile(file))
+    }
+
+    /// The pid of the master that wrote this file.
+    pub fn pid(&self) -> u32 {
+        self.0.header().pid.load(Ordering::Relaxed)
+    }
+
+    /// Counts one handled signal.
+    pub fn count_signal(&self, sig: MasterSignal) {
+        self.0.header().signals[sig.code() as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one worker exit.
+    pub fn count_exit(&self, reason: ExitReason) {
+        self.0.header().exits[reason.code() as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one completed reload.
+    pub fn count_reload(&self) {
+        self.0.header().reloads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Publishes the number of serving and of desired workers.
+    pub fn publish_workers(&self, serving: u32, desired: u32) {
+        let h = self.0.header();
+        h.workers.store(u64::from(serving), Ordering::Relaxed);
+        h.workers_desired
+            .store(u64::from(desired), Ordering::Relaxed);
+    }
+}
+
+/// The totals of workers that have exited. The master is its only writer and
+/// adds to it only inside a [`FoldWindow`].
+#[derive(Debug)]
+pub struct RetiredFile(DataFile);
+
+impl RetiredFile {
+    /// Creates the retired file of `store`.
+    ///
+    /// # Errors
+    /// Creating or mapping the file failed.
+    pub fn create(store: &StoreDir) -> io::Result<RetiredFile> {
+        DataFile::create(&store.retired_path(), identity(FileKind::Retired)).map(RetiredFile)
+    }
+
+    /// Opens the fold window (the retired epoch becomes odd) until the window
+    /// is dropped, so that readers retry a snapshot that raced a fold.
+    pub fn fold_window(&self) -> FoldWindow<'_> {
+        self.0.header().epoch.fetch_add(1, Ordering::AcqRel);
+        fence(Ordering::Release);
+        FoldWindow { retired: &self.0 }
+    }
+}
+
+/// An open fold window; closing it (on drop) makes the retired epoch even.
+#[derive(Debug)]
+pub struct FoldWindow<'a> {
+    retired: &'a DataFile,
+}
+
+impl FoldWindow<'_> {
+    /// Folds the counters of the exited worker `dead` into the retired totals
+    /// and marks its file folded (a second fold adds nothing). `cpu_ns` (from
+    /// the reaped child's rusage) is added to its slot's CPU series.
+    ///
+    /// # Errors
+    /// Resolving the CPU series failed.
+    pub fn fold(
+        &self,
+        index: &Index,
+        mirror: &mut Mirror,
+        dead: &WorkerFile,
+        cpu_ns: u64,
+    ) -> io::Result<()> {
+        let dh = dead.file.header();
+        if dh.folded.load(Ordering::Acquire) != 0 {
+            return Ok(());
+        }
+        for id in 0..index.used() {
+            for (s, d) in dead.file.row(id).iter().zip(self.retired.row(id)) {
+                let v = s.load(Ordering::Relaxed);
+                if v != 0 {
+                    d.fetch_add(v, Ordering::Relaxed);
+                }
+            }
+        }
+        let rh = self.retired.header();
+        for (s, d) in dh.dropped.iter().zip(&rh.dropped) {
+            d.fetch_add(s.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        if cpu_ns > 0 {
+            let slot = dead.slot.to_string();
+            let key = Key::new(Family::WorkerCpuRetired, &[&slot]);
+            let id = mirror.resolve(index, &key)?.id();
+            self.retired.row(id)[0].fetch_add(cpu_ns, Ordering::Relaxed);
+        }
+        dh.folded.store(1, Ordering::Release);
+        Ok(())
+    }
+}
+
+impl Drop for FoldWindow<'_> {
+    fn drop(&mut self) {
+        self.retired.header().epoch.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// A worker's data file as the master (which creates and folds it) and the
+/// sibling workers (which balance on it) see it.
+#[derive(Debug)]
+pub struct WorkerFile {
+    file: DataFile,
+    path: PathBuf,
+    slot: u32,
+}
+
+impl WorkerFile {
+    /// Creates the file of the worker in `slot`, generation `generation`.
+    ///
+    /// # Errors
+    /// Creating or mapping the file failed.
+    pub fn create(
+        store: &StoreDir,
+        slot: u32,
+        generation: u64,
+        kind: WorkerKind,
+    ) -> io::Result<WorkerFile> {
+        let path = store.worker_path(slot, generation);
+        let file = DataFile::create(
+            &path,
+            FileIdentity {
+                kind: FileKind::Worker,
+                slot,
+                generation,
+                worker_kind: Some(kind),
+            },
+        )?;
+        Ok(WorkerFile { file, path, slot })
+    }
+
+    /// Opens the existing file of the worker in `slot`, generation `generation`.
+    ///
+    /// # Errors
+    /// Missing, or not a data file of this version.
+    pub fn open(store: &StoreDir, slot: u32, generation: u64) -> io::Result<WorkerFile> {
+        let path = store.worker_path(slot, generation);
+        let file = store.open_data(&path)?;
+        Ok(WorkerFile { file, path, slot })
+    }
+
+    /// Records the worker's pid (the master does, right after fork).
+    pub fn set_pid(&self, pid: u32) {
+        self.file.header().pid.store(pid, Ordering::Relaxed);
+    }
+
+    /// Whether the worker has finished booting (left the booting state).
+    pub fn booted(&self) -> bool {
+        self.file.header().state.load(Ordering::Relaxed) != WorkerState::Booting.code()
+    }
+
+    /// The worker's last sign of life, in monotonic nanoseconds.
+    pub fn heartbeat_ns(&self) -> u64 {
+        self.file.header().heartbeat_ns.load(Ordering::Relaxed)
+    }
+
+    /// Whether the worker serves (idle or busy, not folded).
+    pub fn serving(&self) -> bool {
+        let h = self.file.header();
+        h.folded.load(Ordering::Relaxed) == 0
+            && matches!(
+                WorkerState::from_code(h.state.load(Ordering::Relaxed)),
+                Some(WorkerState::Idle | WorkerState::Busy)
+            )
+    }
+
+    /// Connections the worker holds open.
+    pub fn connections(&self) -> i64 {
+        self.file.header().connections.load(Ordering::Relaxed)
+    }
+
+    /// Removes the file from the store directory (after it was folded, or
+    /// when the worker never started).
+    pub fn remove(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+
+    /// Sets the worker state (tests stand in for a worker's recorder).
+    #[cfg(test)]
+    pub(crate) fn set_state(&self, state: WorkerState) {
+        self.file.set_state(state);
+    }
+
+    /// Sets the heartbeat (tests stand in for a worker's recorder).
+    #[cfg(test)]
+    pub(crate) fn set_heartbeat_ns(&self, mono_ns: u64) {
+        self.file
+            .header()
+            .heartbeat_ns
+            .store(mono_ns, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Snapshot;
+
+    #[test]
+    fn master_counts_show_in_the_snapshot_and_a_second_master_sees_the_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StoreDir::new(dir.path().join("m"));
+        store.prepare().unwrap();
+        Index::create(&store.index_path(), 10, &[1.0]).unwrap();
+        let m = MasterFile::create(&store).unwrap();
+        m.count_signal(MasterSignal::Hup);
+        m.count_signal(MasterSignal::Hup);
+        m.count_exit(ExitReason::Crash);
+        m.count_reload();
+        m.publish_workers(3, 4);
+        let view = Snapshot::read(&store).unwrap().master.unwrap();
+        assert_eq!(view.pid, std::process::id());
+        assert_eq!(view.signals[MasterSignal::Hup.code() as usize], 2);
+        assert_eq!(view.exits[ExitReason::Crash.code() as usize], 1);
+        assert_eq!(
+            (view.reloads, view.workers, view.workers_desired),
+            (1, 3, 4)
+        );
+        assert_eq!(MasterFile::open(&store).unwrap().pid(), std::process::id());
+        // A retired file under the master's name is refused.
+        std::fs::remove_file(store.master_path()).unwrap();
+        DataFile::create(&store.master_path(), identity(FileKind::Retired)).unwrap();
+        assert!(MasterFile::open(&store).is_err());
+    }
+
+    #[test]
+    fn a_sibling_sees_state_and_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StoreDir::new(dir.path().join("w"));
+        store.prepare().unwrap();
+        let w = WorkerFile::create(&store, 2, 5, WorkerKind::Thread).unwrap();
+        let sibling = WorkerFile::open(&store, 2, 5).unwrap();
+        assert!(!sibling.booted() && !sibling.serving());
+        w.set_state(WorkerState::Idle);
+        w.file.header().connections.store(3, Ordering::Relaxed);
+        assert!(sibling.booted() && sibling.serving());
+        assert_eq!(sibling.connections(), 3);
+        w.set_heartbeat_ns(42);
+        assert_eq!(sibling.heartbeat_ns(), 42);
+        w.remove();
+        assert!(WorkerFile::open(&store, 2, 5).is_err());
+    }
+}
