@@ -262,7 +262,10 @@ impl Recorder {
     /// A connection was accepted. Always an atomic add: an upgraded
     /// connection may close on a thread the app spawned its task on.
     pub fn connection_opened(&self) {
-        self.file.header().connections.fetch_add(1, Ordering::Relaxed);
+        self.file
+            .header()
+            .connections
+            .fetch_add(1, Ordering::Relaxed);
         if self.metrics {
             self.add(&self.file.row(self.fixed.worker_accepted)[0], 1);
         }
@@ -270,7 +273,10 @@ impl Recorder {
 
     /// A connection was closed.
     pub fn connection_closed(&self) {
-        self.file.header().connections.fetch_sub(1, Ordering::Relaxed);
+        self.file
+            .header()
+            .connections
+            .fetch_sub(1, Ordering::Relaxed);
     }
 
     /// A request started; returns its start time for [`Recorder::finish`].

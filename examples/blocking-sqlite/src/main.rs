@@ -35,7 +35,10 @@ fn open(path: &Path) -> rusqlite::Result<Connection> {
 }
 
 /// Runs `f` with this thread's connection, opening it on first use.
-fn with_conn<T>(path: &Path, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+fn with_conn<T>(
+    path: &Path,
+    f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
     CONN.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
