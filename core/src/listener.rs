@@ -64,6 +64,10 @@ impl Listener {
                 socket.set_nonblocking(true)?;
                 Ok(Listener::Unix(socket.into()))
             }
+            // A host name is looked up here, when bound, not when the settings are read.
+            BindAddr::Host(h) => {
+                Listener::bind(&BindAddr::Tcp(h.resolve()?), backlog as u32, reuse_port)
+            }
         }
     }
 

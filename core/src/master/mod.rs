@@ -263,7 +263,7 @@ pub fn run(spec: ServerSpec) -> Result<(), MasterError> {
     let metrics_listener = if config.metrics && spec.exporter.is_some() {
         match inherited.metrics {
             Some(l) => Some(l),
-            None => Some(TcpListener::bind(config.metrics_bind).map_err(|source| {
+            None => Some(TcpListener::bind(&config.metrics_bind).map_err(|source| {
                 MasterError::Bind {
                     setting: "metrics_bind",
                     addr: config.metrics_bind.to_string(),
