@@ -9,6 +9,11 @@ mod raw;
 mod resolve;
 mod settings;
 
+#[cfg(test)]
+mod props;
+#[cfg(test)]
+mod tests;
+
 use std::path::PathBuf;
 
 pub use raw::{RawSettings, Value};
