@@ -241,6 +241,16 @@ mod tests {
     }
 
     #[test]
+    fn a_host_name_is_looked_up_when_bound() {
+        let at = |s: &str| BindAddr::parse("bind", s).unwrap();
+        let l = Listener::bind(&at("localhost:0"), 16, false).unwrap();
+        let Listener::Tcp(t) = &l else {
+            panic!("{l:?}")
+        };
+        assert!(t.local_addr().unwrap().ip().is_loopback());
+    }
+
+    #[test]
     fn adopts_inherited_fds_and_refuses_others() {
         use std::os::fd::IntoRawFd;
         let l = Listener::bind(&BindAddr::Tcp("127.0.0.1:0".parse().unwrap()), 16, false).unwrap();
