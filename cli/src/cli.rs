@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use gpe_core::config::{BindAddr, Config, RawSettings};
+use gpe_core::config::{Config, RawSettings, TcpAddr};
 use gpe_core::master::{self, MasterError, ServerSpec};
 use gpe_core::store::StoreDir;
 use gpe_core::AppFactory;
@@ -41,7 +41,8 @@ pub struct ServerArgs {
     /// Turn metrics off (no store writes, no exporter)
     #[arg(long)]
     pub no_metrics: bool,
-    /// Server settings.
+    /// Server settings: one flag per setting of the table
+    /// (`gpe_core::config::SETTINGS`).
     #[command(flatten)]
     pub settings: RawSettings,
 }
@@ -58,12 +59,12 @@ impl ServerArgs {
         Top::parse().args
     }
 
-    fn flags(&self) -> RawSettings {
+    fn flags(&self) -> Result<RawSettings, gpe_core::ConfigError> {
         let mut s = self.settings.clone();
         if self.no_metrics {
-            s.metrics = Some(false);
+            s.set("metrics", "false")?;
         }
-        s
+        Ok(s)
     }
 
     /// Loads the settings from all sources.
@@ -71,7 +72,7 @@ impl ServerArgs {
     /// # Errors
     /// A source fails to parse or a setting is invalid.
     pub fn load(&self) -> Result<Config, gpe_core::ConfigError> {
-        Config::load(self.flags(), self.config.clone(), std::env::vars())
+        Config::load(self.flags()?, self.config.clone(), std::env::vars())
     }
 }
 
@@ -184,21 +185,9 @@ pub fn run_server(args: ServerArgs, factory: AppFactory) -> Result<(), Failure> 
 }
 
 fn run_exporter(args: ExporterArgs) -> Result<(), Failure> {
-    let addr =
-        match BindAddr::parse("metrics_bind", &args.metrics_bind).map_err(anyhow::Error::from)? {
-            BindAddr::Tcp(a) => a,
-            BindAddr::Unix(_) => {
-                return Err(anyhow::anyhow!("setting `metrics_bind`: expected HOST:PORT").into())
-            }
-        };
-    if !args.metrics_path.starts_with('/') || args.metrics_path == "/healthz" {
-        return Err(anyhow::anyhow!(
-            "invalid value {:?} for setting `metrics_path`: expected a path starting with / other than /healthz",
-            args.metrics_path
-        )
-        .into());
-    }
-    let listener = std::net::TcpListener::bind(addr).map_err(|e| Failure {
+    let addr = TcpAddr::parse("metrics_bind", &args.metrics_bind).map_err(anyhow::Error::from)?;
+    gpe_core::config::check("metrics_path", &args.metrics_path).map_err(anyhow::Error::from)?;
+    let listener = std::net::TcpListener::bind(&addr).map_err(|e| Failure {
         code: 1,
         error: anyhow::anyhow!("setting `metrics_bind`: cannot listen on {addr}: {e}"),
     })?;

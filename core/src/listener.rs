@@ -64,6 +64,10 @@ impl Listener {
                 socket.set_nonblocking(true)?;
                 Ok(Listener::Unix(socket.into()))
             }
+            // A host name is looked up here, when bound, not when the settings are read.
+            BindAddr::Host(h) => {
+                Listener::bind(&BindAddr::Tcp(h.resolve()?), backlog as u32, reuse_port)
+            }
         }
     }
 
@@ -234,6 +238,16 @@ mod tests {
         drop(u);
         // A stale socket file is replaced.
         let _u2 = Listener::bind(&BindAddr::Unix(path), 16, false).unwrap();
+    }
+
+    #[test]
+    fn a_host_name_is_looked_up_when_bound() {
+        let at = |s: &str| BindAddr::parse("bind", s).unwrap();
+        let l = Listener::bind(&at("localhost:0"), 16, false).unwrap();
+        let Listener::Tcp(t) = &l else {
+            panic!("{l:?}")
+        };
+        assert!(t.local_addr().unwrap().ip().is_loopback());
     }
 
     #[test]

@@ -242,7 +242,7 @@ impl Bound {
         let metrics = match (metrics, inherited.metrics) {
             (false, _) => None,
             (true, Some(l)) => Some(l),
-            (true, None) => Some(TcpListener::bind(config.metrics_bind).map_err(|source| {
+            (true, None) => Some(TcpListener::bind(&config.metrics_bind).map_err(|source| {
                 MasterError::Bind {
                     setting: "metrics_bind",
                     addr: config.metrics_bind.to_string(),

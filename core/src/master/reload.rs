@@ -52,26 +52,10 @@ impl<O: Os> Arbiter<O> {
 
 /// Settings a reload cannot change (sockets, the store, the exporter): keeps
 /// the running values and warns about each one that changed.
-pub(super) fn keep_restart_only(old: &Config, mut new: Config) -> Config {
-    macro_rules! keep {
-        ($($field:ident => $name:literal),* $(,)?) => {$(
-            if new.$field != old.$field {
-                log_warn!("HUP: changed `{}` takes effect only after a restart", $name);
-                new.$field = old.$field.clone();
-            }
-        )*};
+pub(super) fn keep_restart_only(old: &Config, new: Config) -> Config {
+    let (new, kept) = old.keep_restart_only(new);
+    for name in kept {
+        log_warn!("HUP: changed `{}` takes effect only after a restart", name);
     }
-    keep!(
-        binds => "bind",
-        backlog => "backlog",
-        reuse_port => "reuse_port",
-        metrics => "metrics",
-        metrics_bind => "metrics_bind",
-        metrics_path => "metrics_path",
-        metrics_dir => "metrics_dir",
-        histogram_buckets => "histogram_buckets",
-        metrics_max_series => "metrics_max_series",
-        pidfile => "pidfile",
-    );
     new
 }
