@@ -1,6 +1,8 @@
 //! Listening sockets: bound once by the master, inherited by every worker
-//! across fork, always in non-blocking mode. Accepting and serving happen in
-//! the worker crates.
+//! across fork, always in non-blocking mode. Also what to do when accept(2)
+//! fails ([`AcceptFailure`], [`AcceptRetry`]) and a tokio listener that
+//! accepts that way ([`TokioListener`], used by the exporter). Serving happens
+//! in the worker crates and the exporter.
 
 use std::io;
 use std::net::{TcpListener, TcpStream};
@@ -131,17 +133,6 @@ impl Listener {
                 .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
                 .unwrap_or_else(|| "unix:?".to_owned()),
         }
-    }
-
-    /// A second handle to the same socket.
-    ///
-    /// # Errors
-    /// dup(2) failed.
-    pub fn try_clone(&self) -> io::Result<Listener> {
-        Ok(match self {
-            Listener::Tcp(l) => Listener::Tcp(l.try_clone()?),
-            Listener::Unix(l) => Listener::Unix(l.try_clone()?),
-        })
     }
 }
 

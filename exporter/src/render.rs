@@ -3,7 +3,6 @@
 //! format 0.0.4. Every family is written exactly once.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use gpe_core::store::catalogue::{Buckets, Shape, SIZE_BUCKETS};
 use gpe_core::store::layout::CELLS;
@@ -496,22 +495,6 @@ pub fn render(scrape: Scrape, format: Format) -> Result<String, std::fmt::Error>
         }
     }
     Ok(out)
-}
-
-/// Writes a one-line summary of a render, for logs and tests.
-pub fn describe(text: &str) -> String {
-    let mut s = String::new();
-    let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
-    let samples = text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .count();
-    let _ = write!(
-        s,
-        "{families} families, {samples} samples, {} bytes",
-        text.len()
-    );
-    s
 }
 
 #[cfg(test)]
