@@ -208,6 +208,7 @@ fn run_exporter(args: ExporterArgs) -> Result<(), Failure> {
         store,
         args.metrics_path,
         gpe_core::config::LogTarget::Std,
+        gpe_exporter::Limits::default(),
     )
     .context("exporter failed")
     .map_err(Failure::from)

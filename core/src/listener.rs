@@ -1,6 +1,8 @@
 //! Listening sockets: bound once by the master, inherited by every worker
-//! across fork, always in non-blocking mode. Accepting and serving happen in
-//! the worker crates.
+//! across fork, always in non-blocking mode. Also what to do when accept(2)
+//! fails ([`AcceptFailure`], [`AcceptRetry`]) and a tokio listener that
+//! accepts that way ([`TokioListener`], used by the exporter). Serving happens
+//! in the worker crates and the exporter.
 
 use std::io;
 use std::net::{TcpListener, TcpStream};
@@ -136,17 +138,6 @@ impl Listener {
                 .unwrap_or_else(|| "unix:?".to_owned()),
         }
     }
-
-    /// A second handle to the same socket.
-    ///
-    /// # Errors
-    /// dup(2) failed.
-    pub fn try_clone(&self) -> io::Result<Listener> {
-        Ok(match self {
-            Listener::Tcp(l) => Listener::Tcp(l.try_clone()?),
-            Listener::Unix(l) => Listener::Unix(l.try_clone()?),
-        })
-    }
 }
 
 impl AsFd for Listener {
@@ -211,6 +202,162 @@ impl AcceptFailure {
     }
 }
 
+/// One accept loop's memory of its failures: classifies each error through
+/// [`AcceptFailure`] and logs running out of file descriptors once per
+/// episode (not on every retry), and the episode's end once an accept
+/// succeeds. The caller pauses for [`ACCEPT_BACKOFF`] on
+/// [`AcceptFailure::Exhausted`] with its own runtime's timer.
+#[derive(Debug)]
+pub struct AcceptRetry {
+    who: &'static str,
+    /// Pauses in the current exhaustion episode, if one is under way.
+    paused: Option<u64>,
+}
+
+impl AcceptRetry {
+    /// A retry state for the accept loop of `who` (named in its log lines).
+    pub fn new(who: &'static str) -> AcceptRetry {
+        AcceptRetry { who, paused: None }
+    }
+
+    /// Classifies a failed accept, logging the start of an exhaustion episode.
+    pub fn failed(&mut self, e: &io::Error) -> AcceptFailure {
+        let (failure, line) = self.note_failure(e);
+        if let Some(line) = line {
+            crate::log_error!("{line}");
+        }
+        failure
+    }
+
+    /// Records a successful accept, which ends an exhaustion episode.
+    pub fn accepted(&mut self) {
+        if let Some(line) = self.note_success() {
+            crate::log_info!("{line}");
+        }
+    }
+
+    fn note_failure(&mut self, e: &io::Error) -> (AcceptFailure, Option<String>) {
+        let failure = AcceptFailure::of(e);
+        let line = match (failure, &mut self.paused) {
+            (AcceptFailure::Exhausted, Some(n)) => {
+                *n += 1;
+                None
+            }
+            (AcceptFailure::Exhausted, None) => {
+                self.paused = Some(1);
+                Some(format!(
+                    "{}: accept: {e}; pausing {} ms between tries until it succeeds",
+                    self.who,
+                    ACCEPT_BACKOFF.as_millis()
+                ))
+            }
+            (AcceptFailure::Transient | AcceptFailure::Fatal, _) => None,
+        };
+        (failure, line)
+    }
+
+    fn note_success(&mut self) -> Option<String> {
+        self.paused.take().map(|n| {
+            format!(
+                "{}: accepting again after {n} pause{}",
+                self.who,
+                if n == 1 { "" } else { "s" }
+            )
+        })
+    }
+}
+
+/// A TCP listener registered with the current tokio runtime. It can wait
+/// for a client without accepting it, so a server at its connection cap
+/// leaves clients in the kernel backlog, and it accepts through
+/// [`AcceptRetry`].
+#[derive(Debug)]
+pub struct TokioListener {
+    fd: tokio::io::unix::AsyncFd<TcpListener>,
+    retry: AcceptRetry,
+}
+
+impl TokioListener {
+    /// Registers `listener` (made non-blocking) with the current runtime;
+    /// `who` names the accept loop in log lines.
+    ///
+    /// # Errors
+    /// fcntl(2) or the registration failed.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn new(listener: TcpListener, who: &'static str) -> io::Result<TokioListener> {
+        listener.set_nonblocking(true)?;
+        // SAFETY: the AsyncFd owns the listener, so its fd stays open and names
+        // the same socket until the AsyncFd drops it; `as_raw_fd` of a
+        // TcpListener always returns that fd.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                listener,
+                tokio::io::Interest::READABLE,
+            )
+        }?;
+        Ok(TokioListener {
+            fd,
+            retry: AcceptRetry::new(who),
+        })
+    }
+
+    /// Waits until a client waits in the backlog, without accepting it.
+    ///
+    /// # Errors
+    /// The runtime's reactor failed.
+    pub async fn waiting(&self) -> io::Result<()> {
+        loop {
+            let mut ready = self.fd.readable().await?;
+            // Readiness outlives the accept that emptied the backlog, so ask
+            // the kernel whether a client really waits.
+            let mut fds = [nix::poll::PollFd::new(
+                self.fd.get_ref().as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO) {
+                Ok(0) => ready.clear_ready(),
+                Ok(_) => return Ok(()),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Accepts the next client. Transient failures are retried at once;
+    /// running out of file descriptors pauses [`ACCEPT_BACKOFF`] between
+    /// tries, logged once per episode.
+    ///
+    /// # Errors
+    /// A [`AcceptFailure::Fatal`] accept error.
+    pub async fn accept(&mut self) -> io::Result<tokio::net::TcpStream> {
+        loop {
+            let mut ready = self.fd.readable().await?;
+            let Ok(accepted) = ready.try_io(|l| l.get_ref().accept()) else {
+                // Nothing waiting after all; readiness is cleared.
+                continue;
+            };
+            let stream = accepted.and_then(|(s, _)| {
+                s.set_nonblocking(true)?;
+                let _ = s.set_nodelay(true);
+                tokio::net::TcpStream::from_std(s)
+            });
+            match stream {
+                Ok(s) => {
+                    self.retry.accepted();
+                    return Ok(s);
+                }
+                Err(e) => match self.retry.failed(&e) {
+                    AcceptFailure::Transient => {}
+                    AcceptFailure::Exhausted => tokio::time::sleep(ACCEPT_BACKOFF).await,
+                    AcceptFailure::Fatal => return Err(e),
+                },
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,6 +395,60 @@ mod tests {
             panic!("{l:?}")
         };
         assert!(t.local_addr().unwrap().ip().is_loopback());
+    }
+
+    #[test]
+    fn retry_logs_running_out_of_fds_once_per_episode() {
+        let mut r = AcceptRetry::new("exporter");
+        let emfile = io::Error::from_raw_os_error(libc::EMFILE);
+        let (f, line) = r.note_failure(&emfile);
+        assert_eq!(f, AcceptFailure::Exhausted);
+        assert_eq!(
+            line.unwrap(),
+            format!("exporter: accept: {emfile}; pausing 100 ms between tries until it succeeds")
+        );
+        for _ in 0..4 {
+            assert_eq!(r.note_failure(&emfile), (AcceptFailure::Exhausted, None));
+        }
+        let enfile = io::Error::from_raw_os_error(libc::ENFILE);
+        assert_eq!(r.note_failure(&enfile), (AcceptFailure::Exhausted, None));
+        let aborted = io::Error::from(io::ErrorKind::ConnectionAborted);
+        assert_eq!(r.note_failure(&aborted), (AcceptFailure::Transient, None));
+        assert_eq!(
+            r.note_success().unwrap(),
+            "exporter: accepting again after 6 pauses"
+        );
+        assert_eq!(r.note_success(), None);
+        // A new episode is logged again.
+        assert!(r.note_failure(&emfile).1.is_some());
+        assert_eq!(
+            r.note_success().unwrap(),
+            "exporter: accepting again after 1 pause"
+        );
+        let bad = io::Error::from_raw_os_error(libc::EBADF);
+        assert_eq!(r.note_failure(&bad), (AcceptFailure::Fatal, None));
+        assert_eq!(r.note_success(), None);
+    }
+
+    #[test]
+    fn tokio_listener_waits_without_accepting_then_accepts() {
+        let std = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = std.local_addr().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut l = TokioListener::new(std, "test").unwrap();
+            let c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            l.waiting().await.unwrap();
+            // Waiting left the client in the backlog: it is still ready.
+            l.waiting().await.unwrap();
+            let s = l.accept().await.unwrap();
+            assert_eq!(s.peer_addr().unwrap(), c.local_addr().unwrap());
+            let none = tokio::time::timeout(Duration::from_millis(50), l.waiting()).await;
+            assert!(none.is_err(), "nothing else waits");
+        });
     }
 
     #[test]

@@ -5,33 +5,101 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod conns;
 pub mod procstat;
 pub mod render;
 
 use std::io::Write as _;
 use std::net::TcpListener;
-use std::sync::Arc;
+use std::rc::Rc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use gpe_core::config::LogTarget;
 use gpe_core::store::{Snapshot, StoreDir};
 use gpe_core::ExporterContext;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
+use hyper::body::{Body as _, Incoming};
+use hyper_util::rt::{TokioIo, TokioTimer};
 
 pub use render::{render, Format};
 
-/// Answers one exporter request.
-fn answer(req: &Request<Incoming>, store: &StoreDir, path: &str) -> Response<Full<Bytes>> {
-    let reply = |status: StatusCode, ctype: &'static str, body: Bytes| {
-        let mut r = Response::new(Full::new(body));
-        *r.status_mut() = status;
+/// How long a connection may take to deliver a complete request head, and
+/// how long an idle keep-alive connection stays open, by default.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections the exporter keeps open at once by default.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// The largest request body the exporter reads; a larger one gets 413.
+pub const MAX_BODY: u64 = 4096;
+
+/// Bounds on the exporter's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Time allowed for a complete request head, which is also how long an
+    /// idle keep-alive connection stays open. On expiry the connection closes.
+    pub header_timeout: Duration,
+    /// Connections open at once. Further clients wait in the kernel backlog;
+    /// one that waits at the cap gets in by the close of the connection that
+    /// has been quiet longest.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            header_timeout: HEADER_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
+        }
+    }
+}
+
+fn reply(status: StatusCode, ctype: &'static str, body: Bytes) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r
+}
+
+fn too_large() -> Response<Full<Bytes>> {
+    let mut r = reply(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "text/plain",
+        Bytes::from_static(b"request body too large\n"),
+    );
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+/// Answers one exporter request, reading at most [`MAX_BODY`] bytes of its
+/// body first.
+async fn respond(req: Request<Incoming>, store: &StoreDir, path: &str) -> Response<Full<Bytes>> {
+    if req.body().size_hint().lower() > MAX_BODY {
+        return too_large();
+    }
+    let (head, body) = req.into_parts();
+    if let Err(e) = Limited::new(body, MAX_BODY as usize).collect().await {
+        if e.is::<LengthLimitError>() {
+            return too_large();
+        }
+        let mut r = reply(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            Bytes::from_static(b"unreadable request body\n"),
+        );
         r.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
-        r
-    };
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return r;
+    }
+    answer(&Request::from_parts(head, ()), store, path)
+}
+
+/// Answers one exporter request whose body has been read.
+fn answer(req: &Request<()>, store: &StoreDir, path: &str) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -109,21 +177,25 @@ fn answer(req: &Request<Incoming>, store: &StoreDir, path: &str) -> Response<Ful
     resp
 }
 
-/// Serves the store at `store` on `listener` until the process is killed. On
-/// USR1 the error log (if a file) is reopened.
+/// Serves the store at `store` on `listener` within `limits` until the
+/// process is killed. On USR1 the error log (if a file) is reopened.
 ///
 /// # Errors
-/// The runtime cannot start or the listener fails.
+/// The runtime cannot start, or accepting fails with an error other than a
+/// transient one or running out of file descriptors (which pauses accepting
+/// for [`gpe_core::listener::ACCEPT_BACKOFF`] and is logged once per episode).
 pub fn serve(
     listener: TcpListener,
     store: StoreDir,
     path: String,
     errorlog: LogTarget,
+    limits: Limits,
 ) -> std::io::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
         let mut usr1 =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
         // The master forks the exporter with USR1 blocked, so one sent before
@@ -138,33 +210,49 @@ pub fn serve(
                 }
             }
         });
-        listener.set_nonblocking(true)?;
-        let listener = tokio::net::TcpListener::from_std(listener)?;
-        let shared = Arc::new((store, path));
-        loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(c) => c,
-                Err(_) => continue,
-            };
+        let mut listener = gpe_core::listener::TokioListener::new(listener, "exporter")?;
+        let conns = conns::Conns::new(limits.max_connections);
+        let shared = Rc::new((store, path));
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout);
+        let builder = Rc::new(builder);
+        let e = conns::accept_loop(&mut listener, &conns, |stream, slot| {
             let shared = shared.clone();
-            tokio::spawn(async move {
+            let builder = builder.clone();
+            tokio::task::spawn_local(async move {
                 let service = hyper::service::service_fn(|req| {
                     let shared = shared.clone();
                     async move {
-                        Ok::<_, std::convert::Infallible>(answer(&req, &shared.0, &shared.1))
+                        Ok::<_, std::convert::Infallible>(respond(req, &shared.0, &shared.1).await)
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                let conn = builder.serve_connection(TokioIo::new(stream), service);
+                tokio::select! {
+                    _ = conn => {}
+                    () = slot.close.notified() => {}
+                }
+                drop(slot);
             });
-        }
+        })
+        .await;
+        Err(e)
     })
 }
 
 /// The exporter process' entry point when forked by the master.
 pub fn exporter_main(ctx: ExporterContext) -> i32 {
-    match serve(ctx.listener, ctx.store, ctx.path, ctx.errorlog) {
+    match serve(
+        ctx.listener,
+        ctx.store,
+        ctx.path,
+        ctx.errorlog,
+        Limits {
+            header_timeout: ctx.header_timeout,
+            max_connections: ctx.max_connections,
+        },
+    ) {
         Ok(()) => 0,
         Err(e) => {
             gpe_core::log_error!("exporter failed: {e}");

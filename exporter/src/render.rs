@@ -3,7 +3,6 @@
 //! format 0.0.4. Every family is written exactly once.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use gpe_core::store::catalogue::{Buckets, Shape, SIZE_BUCKETS};
 use gpe_core::store::layout::CELLS;
@@ -498,18 +497,319 @@ pub fn render(scrape: Scrape, format: Format) -> Result<String, std::fmt::Error>
     Ok(out)
 }
 
-/// Writes a one-line summary of a render, for logs and tests.
-pub fn describe(text: &str) -> String {
-    let mut s = String::new();
-    let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
-    let samples = text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .count();
-    let _ = write!(
-        s,
-        "{families} families, {samples} samples, {} bytes",
-        text.len()
-    );
-    s
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpe_core::store::index::OTHER;
+    use gpe_core::store::{MasterView, WorkerKind, WorkerView};
+
+    fn series(family: Family, labels: &[&str], cells: &[u64]) -> Series {
+        let mut c = [0; CELLS];
+        c[..cells.len()].copy_from_slice(cells);
+        Series {
+            family,
+            labels: labels.iter().map(|l| (*l).to_owned()).collect(),
+            cells: c,
+        }
+    }
+
+    /// One sync worker in slot 0 (pid 4242) that answered 7 `GET /` and two
+    /// requests folded into `other`, a master, and fixed `/proc` figures.
+    fn scrape() -> Scrape {
+        let mut duration = [0; CELLS];
+        // 3 requests under 0.1 s, 1 under 1 s, 1 above; 2.5 s in total.
+        duration[..3].copy_from_slice(&[3, 1, 1]);
+        duration[CELLS - 1] = 2_500_000_000;
+        let mut size = [0; CELLS];
+        size[0] = 2; // two bodies of at most 64 bytes
+        size[9] = 1; // one above the largest bucket
+        size[CELLS - 1] = 100_070;
+        let mut dropped = [0; gpe_core::store::layout::MAX_FAMILIES];
+        dropped[Family::HttpRequests.code() as usize] = 2;
+        let mut master = MasterView {
+            pid: 4200,
+            workers: 1,
+            workers_desired: 2,
+            reloads: 3,
+            ..MasterView::default()
+        };
+        master.signals[MasterSignal::Hup.code() as usize] = 3;
+        master.exits[ExitReason::Crash.code() as usize] = 1;
+        let snap = Snapshot {
+            series: vec![
+                series(Family::HttpRequests, &["GET", "/", "200"], &[7]),
+                series(Family::HttpRequests, &[OTHER, OTHER, OTHER], &[2]),
+                Series {
+                    family: Family::HttpDuration,
+                    labels: vec!["GET".into(), "/".into()],
+                    cells: duration,
+                },
+                Series {
+                    family: Family::HttpRequestSize,
+                    labels: vec![],
+                    cells: size,
+                },
+                series(Family::HttpErrors, &["GET", "/", "app_error"], &[1]),
+                series(Family::WorkerRequests, &["0"], &[9]),
+                series(Family::WorkerAccepted, &["0"], &[4]),
+                series(Family::WorkerCpuRetired, &["0"], &[500_000_000]),
+            ],
+            workers: vec![WorkerView {
+                slot: 0,
+                generation: 1,
+                pid: 4242,
+                kind: Some(WorkerKind::Sync),
+                state: WorkerState::Busy,
+                state_since: 1_000.5,
+                start_time: 990.0,
+                connections: 1,
+                in_flight: 1,
+                pids: vec![4242],
+            }],
+            master: Some(master),
+            dropped,
+            in_flight: 1,
+            duration_buckets: vec![0.1, 1.0],
+            family_cap: 100,
+        };
+        let worker = ProcStat {
+            resident_bytes: 8_388_608,
+            virtual_bytes: 1 << 30,
+            cpu_seconds: 0.75,
+            open_fds: 9,
+            max_fds: 1024,
+            start_time: 995.0,
+        };
+        let procs = Procs {
+            newest: BTreeMap::from([(0, worker)]),
+            // Retired 0.5 s plus the live process' 0.75 s.
+            cpu: BTreeMap::from([(0, 1.25)]),
+            master: Some(ProcStat {
+                resident_bytes: 4_194_304,
+                cpu_seconds: 0.5,
+                open_fds: 12,
+                start_time: 980.0,
+                ..worker
+            }),
+        };
+        Scrape {
+            snap,
+            procs,
+            now: 1_001.0,
+        }
+    }
+
+    /// The lines of family `name` in `text`: its HELP and TYPE lines and its
+    /// samples, up to the next family.
+    fn family<'t>(text: &'t str, name: &str) -> Vec<&'t str> {
+        let help = format!("# HELP {name} ");
+        let mut lines = text.lines().skip_while(|l| !l.starts_with(&help));
+        let first = lines
+            .next()
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"));
+        std::iter::once(first)
+            .chain(lines.take_while(|l| !l.starts_with("# HELP") && *l != "# EOF"))
+            .collect()
+    }
+
+    #[test]
+    fn counters_and_the_other_series_in_both_encodings() {
+        let text = render(scrape(), Format::Text004).unwrap();
+        assert_eq!(
+            family(&text, "gpe_http_requests_total"),
+            [
+                "# HELP gpe_http_requests_total HTTP requests answered, by method, route and status",
+                "# TYPE gpe_http_requests_total counter",
+                r#"gpe_http_requests_total{method="GET",route="/",status="200"} 7"#,
+                r#"gpe_http_requests_total{method="other",route="other",status="other"} 2"#,
+            ]
+        );
+        let om = render(scrape(), Format::OpenMetrics).unwrap();
+        assert_eq!(
+            family(&om, "gpe_http_requests"),
+            [
+                "# HELP gpe_http_requests HTTP requests answered, by method, route and status",
+                "# TYPE gpe_http_requests counter",
+                r#"gpe_http_requests_total{method="GET",route="/",status="200"} 7"#,
+                r#"gpe_http_requests_total{method="other",route="other",status="other"} 2"#,
+            ]
+        );
+        for (t, name) in [
+            (&text, "gpe_metrics_series_dropped_total"),
+            (&om, "gpe_metrics_series_dropped"),
+        ] {
+            assert_eq!(
+                family(t, name)[2..4],
+                [
+                    r#"gpe_metrics_series_dropped_total{family="gpe_http_requests_total"} 2"#,
+                    r#"gpe_metrics_series_dropped_total{family="gpe_http_request_duration_seconds"} 0"#,
+                ]
+            );
+            // One sample per family except the CPU one.
+            assert_eq!(family(t, name).len(), 2 + Family::ALL.len() - 1);
+        }
+        assert_eq!(
+            family(&text, "gpe_worker_cpu_seconds_total")[2..],
+            [r#"gpe_worker_cpu_seconds_total{worker="0"} 1.25"#]
+        );
+        assert_eq!(
+            family(&om, "gpe_master_signals")[2..4],
+            [
+                r#"gpe_master_signals_total{signal="HUP"} 3"#,
+                r#"gpe_master_signals_total{signal="USR1"} 0"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn per_worker_gauges_come_from_the_store_and_proc() {
+        for format in [Format::Text004, Format::OpenMetrics] {
+            let text = render(scrape(), format).unwrap();
+            let samples = |name| family(&text, name)[2..].to_vec();
+            assert_eq!(
+                samples("gpe_worker_connections"),
+                [r#"gpe_worker_connections{worker="0"} 1.0"#]
+            );
+            assert_eq!(
+                samples("gpe_worker_resident_memory_bytes"),
+                [r#"gpe_worker_resident_memory_bytes{worker="0"} 8388608.0"#]
+            );
+            assert_eq!(
+                samples("gpe_worker_open_fds"),
+                [r#"gpe_worker_open_fds{worker="0"} 9.0"#]
+            );
+            // From /proc, not the store's 990.
+            assert_eq!(
+                samples("gpe_worker_start_time_seconds"),
+                [r#"gpe_worker_start_time_seconds{worker="0"} 995.0"#]
+            );
+            assert_eq!(
+                samples("gpe_worker_uptime_seconds"),
+                [r#"gpe_worker_uptime_seconds{worker="0"} 6.0"#]
+            );
+            assert_eq!(
+                samples("gpe_worker_state"),
+                [
+                    r#"gpe_worker_state{worker="0",state="booting"} 0"#,
+                    r#"gpe_worker_state{worker="0",state="idle"} 0"#,
+                    r#"gpe_worker_state{worker="0",state="busy"} 1"#,
+                    r#"gpe_worker_state{worker="0",state="draining"} 0"#,
+                ]
+            );
+            assert_eq!(
+                samples("gpe_worker_info"),
+                [r#"gpe_worker_info{worker="0",pid="4242",kind="sync"} 1"#]
+            );
+            assert_eq!(
+                family(&text, "gpe_worker_info")[1],
+                "# TYPE gpe_worker_info gauge"
+            );
+            assert_eq!(
+                samples("gpe_http_requests_in_flight"),
+                ["gpe_http_requests_in_flight 1"]
+            );
+        }
+    }
+
+    #[test]
+    fn histograms_are_cumulative_in_both_encodings() {
+        let text = render(scrape(), Format::Text004).unwrap();
+        assert_eq!(
+            family(&text, "gpe_http_request_duration_seconds"),
+            [
+                "# HELP gpe_http_request_duration_seconds Time from request head to response, by method and route",
+                "# TYPE gpe_http_request_duration_seconds histogram",
+                r#"gpe_http_request_duration_seconds_bucket{method="GET",route="/",le="0.1"} 3"#,
+                r#"gpe_http_request_duration_seconds_bucket{method="GET",route="/",le="1"} 4"#,
+                r#"gpe_http_request_duration_seconds_bucket{method="GET",route="/",le="+Inf"} 5"#,
+                r#"gpe_http_request_duration_seconds_sum{method="GET",route="/"} 2.5"#,
+                r#"gpe_http_request_duration_seconds_count{method="GET",route="/"} 5"#,
+            ]
+        );
+        let om = render(scrape(), Format::OpenMetrics).unwrap();
+        assert_eq!(
+            family(&om, "gpe_http_request_duration_seconds")[2..],
+            [
+                r#"gpe_http_request_duration_seconds_sum{method="GET",route="/"} 2.5"#,
+                r#"gpe_http_request_duration_seconds_count{method="GET",route="/"} 5"#,
+                r#"gpe_http_request_duration_seconds_bucket{le="0.1",method="GET",route="/"} 3"#,
+                r#"gpe_http_request_duration_seconds_bucket{le="1.0",method="GET",route="/"} 4"#,
+                r#"gpe_http_request_duration_seconds_bucket{le="+Inf",method="GET",route="/"} 5"#,
+            ]
+        );
+        // Size buckets are fixed; the last cell before the sum is +Inf.
+        let size = family(&om, "gpe_http_request_size_bytes");
+        assert_eq!(size.len(), 2 + 2 + SIZE_BUCKETS.len() + 1);
+        assert_eq!(
+            size[2..5],
+            [
+                "gpe_http_request_size_bytes_sum 100070.0",
+                "gpe_http_request_size_bytes_count 3",
+                r#"gpe_http_request_size_bytes_bucket{le="64.0"} 2"#,
+            ]
+        );
+        assert_eq!(
+            size[size.len() - 2..],
+            [
+                r#"gpe_http_request_size_bytes_bucket{le="4194304.0"} 2"#,
+                r#"gpe_http_request_size_bytes_bucket{le="+Inf"} 3"#,
+            ]
+        );
+        // A family without series is still described.
+        assert_eq!(
+            family(&text, "gpe_http_response_size_bytes"),
+            [
+                "# HELP gpe_http_response_size_bytes Response body sizes in bytes",
+                "# TYPE gpe_http_response_size_bytes histogram",
+            ]
+        );
+    }
+
+    #[test]
+    fn both_encodings_describe_the_same_families_in_the_same_order() {
+        let text = render(scrape(), Format::Text004).unwrap();
+        let om = render(scrape(), Format::OpenMetrics).unwrap();
+        let types = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter_map(|l| l.strip_prefix("# TYPE "))
+                .map(|l| l.replace("_total ", " "))
+                .collect()
+        };
+        assert_eq!(types(&text), types(&om));
+        // 6 HTTP, 11 worker, 5 master, 6 process and 2 store families.
+        assert_eq!(types(&text).len(), 30);
+        assert!(om.ends_with("# EOF\n"));
+        assert!(!text.contains("# EOF"));
+        assert_eq!(
+            Format::OpenMetrics.content_type(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        );
+        assert_eq!(
+            Format::Text004.content_type(),
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
+        assert_eq!(
+            Format::from_accept(Some("application/openmetrics-text;version=1.0.0,*/*;q=0.1")),
+            Format::OpenMetrics
+        );
+        assert_eq!(Format::from_accept(Some("text/plain")), Format::Text004);
+        assert_eq!(Format::from_accept(None), Format::Text004);
+    }
+
+    #[test]
+    fn without_a_master_its_families_are_left_out() {
+        let mut s = scrape();
+        s.snap.master = None;
+        s.procs.master = None;
+        let text = render(s, Format::Text004).unwrap();
+        assert!(!text.contains("gpe_master_"), "{text}");
+        assert!(!text.contains("process_"), "{text}");
+        assert_eq!(
+            family(&text, "gpe_build_info")[2..],
+            [format!(
+                r#"gpe_build_info{{version="{}"}} 1"#,
+                env!("CARGO_PKG_VERSION")
+            )]
+        );
+    }
 }

@@ -41,6 +41,10 @@ pub struct ExporterContext {
     pub path: String,
     /// The error log, reopened on USR1.
     pub errorlog: crate::config::LogTarget,
+    /// Time a connection has for a complete request head (`header_timeout`).
+    pub header_timeout: std::time::Duration,
+    /// Connections served at once (`metrics_max_connections`).
+    pub max_connections: usize,
 }
 
 /// Runs the exporter in its own process; returns its exit code.

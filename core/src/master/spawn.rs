@@ -192,6 +192,8 @@ impl Os for SystemOs<'_> {
                     store: self.store.clone(),
                     path: config.metrics_path.clone(),
                     errorlog: config.errorlog.clone(),
+                    header_timeout: config.header_timeout,
+                    max_connections: config.metrics_max_connections as usize,
                 });
                 std::process::exit(code);
             }
