@@ -30,7 +30,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 pub use gpe_core::config::{Config, RawSettings};
-pub use gpe_core::http::app::{Blocking, Handler};
+pub use gpe_core::http::app::Handler;
 pub use gpe_core::http::body::Body;
 pub use gpe_core::{
     blocking, handler, text, with_route, BoxError, FullRequest, FullResponse, IntoApp, Request,

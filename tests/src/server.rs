@@ -69,6 +69,29 @@ impl Server {
     /// Starts gpe-testapp (path given by the test binary) and waits until all
     /// workers are idle and `/metrics` answers.
     pub fn start(testapp: &str, opts: Opts) -> Server {
+        // A port found free can be taken by another test before the server
+        // binds it: start again on new ports (a bounded number of times).
+        for _ in 0..5 {
+            let mut server = Server::spawn(testapp, &opts);
+            let exited = wait_until(Duration::from_secs(20), || {
+                server.is_ready(opts.workers)
+                    || server
+                        .child
+                        .as_mut()
+                        .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+            });
+            let lost_port = exited
+                && !server.is_ready(opts.workers)
+                && server.log().contains("Address already in use");
+            if !lost_port {
+                server.wait_ready(opts.workers);
+                return server;
+            }
+        }
+        panic!("no free pair of ports in 5 tries");
+    }
+
+    fn spawn(testapp: &str, opts: &Opts) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mport = free_port();
@@ -94,15 +117,13 @@ impl Server {
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         let child = cmd.spawn().unwrap();
-        let server = Server {
+        Server {
             child: Some(child),
             addr,
             metrics,
             dir,
             workers: opts.workers,
-        };
-        server.wait_ready(opts.workers);
-        server
+        }
     }
 
     pub fn pid(&self) -> Pid {
@@ -117,21 +138,22 @@ impl Server {
         self.dir.path().join("metrics")
     }
 
+    /// Whether `n` workers serve, all idle, and `/metrics` answers.
+    fn is_ready(&self, n: u32) -> bool {
+        let Ok(m) = self.try_scrape() else {
+            return false;
+        };
+        m.one("gpe_master_workers", &[]) == f64::from(n)
+            && m.samples("gpe_worker_state")
+                .iter()
+                .filter(|(l, v)| l.get("state").map(String::as_str) == Some("idle") && *v == 1.0)
+                .count()
+                == n as usize
+    }
+
     /// Waits until `n` workers serve, all idle, and `/metrics` answers.
     pub fn wait_ready(&self, n: u32) {
-        let ok = wait_until(Duration::from_secs(20), || {
-            let Ok(m) = self.try_scrape() else {
-                return false;
-            };
-            m.one("gpe_master_workers", &[]) == f64::from(n)
-                && m.samples("gpe_worker_state")
-                    .iter()
-                    .filter(|(l, v)| {
-                        l.get("state").map(String::as_str) == Some("idle") && *v == 1.0
-                    })
-                    .count()
-                    == n as usize
-        });
+        let ok = wait_until(Duration::from_secs(20), || self.is_ready(n));
         assert!(
             ok,
             "server not ready with {n} workers; log:\n{}",

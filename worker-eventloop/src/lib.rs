@@ -14,18 +14,14 @@ use std::io;
 use std::rc::Rc;
 
 use futures_util::future::{select_all, FutureExt};
-use futures_util::{stream, StreamExt};
-use gpe_core::async_worker::{
-    accept_retrying, supervise, take_listeners, Admission, Event, Gate, TICK,
-};
+use gpe_core::async_worker::{supervise, take_listeners, Admission, Gate};
 use gpe_core::http::conn::{builder, serve_io};
 use gpe_core::http::instrument::Instrumented;
 use gpe_core::http::run::Inline;
-use gpe_core::rt::tokio::{signal_events, Acceptor, Conn};
+use gpe_core::rt::tokio::{accept_loop, worker_events, Acceptor, Conn};
 use gpe_core::store::WorkerKind;
 use gpe_core::{Worker, WorkerContext, WorkerExit};
 use hyper_util::rt::TokioTimer;
-use tokio::time::MissedTickBehavior;
 
 /// The eventloop worker.
 #[derive(Debug, Default, Clone, Copy)]
@@ -74,24 +70,6 @@ impl Connections {
     }
 }
 
-/// Accepts on `listener` for as long as it can; returns only a fatal error.
-/// At the cap it stops accepting, leaving clients in the kernel backlog.
-async fn accept_loop<F>(listener: &Acceptor, gate: &Gate, mut spawn: F) -> io::Error
-where
-    F: FnMut(Conn, String, Admission),
-{
-    loop {
-        let admission = gate.admit_balanced(tokio::time::sleep).await;
-        let (conn, peer) = match accept_retrying(|| listener.accept(), tokio::time::sleep).await {
-            Ok(accepted) => accepted,
-            Err(e) => return e,
-        };
-        spawn(conn, peer, admission);
-        // Let the new connection run and other workers reach the backlog.
-        tokio::task::yield_now().await;
-    }
-}
-
 async fn serve(ctx: &mut WorkerContext) -> io::Result<WorkerExit> {
     let listeners = take_listeners(ctx, Acceptor::register)?;
     let ctx = &*ctx;
@@ -101,22 +79,20 @@ async fn serve(ctx: &mut WorkerContext) -> io::Result<WorkerExit> {
         builder: builder(&ctx.config, true, TokioTimer::new()),
     });
 
-    let signals = signal_events(ctx.signal_fd())?.map(|()| Event::Signal);
-    let mut interval = tokio::time::interval(TICK);
-    interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let ticks = stream::unfold(interval, |mut i| async move {
-        i.tick().await;
-        Some((Event::Tick, i))
-    });
-    let events = std::pin::pin!(stream::select(signals, ticks));
+    let events = std::pin::pin!(worker_events(ctx)?);
 
     let accepting = select_all(listeners.iter().map(|listener| {
-        accept_loop(listener, &gate, |conn, peer, admission| {
-            let connections = connections.clone();
-            tokio::task::spawn_local(async move {
-                connections.serve(conn, peer, admission).await;
-            });
-        })
+        accept_loop(
+            listener,
+            &gate,
+            || std::future::ready(()),
+            |conn, peer, admission| {
+                let connections = connections.clone();
+                tokio::task::spawn_local(async move {
+                    connections.serve(conn, peer, admission).await;
+                });
+            },
+        )
         .boxed_local()
     }))
     .map(|(e, _, _)| e);
@@ -153,9 +129,12 @@ mod tests {
             let clients: Vec<_> = (0..3)
                 .map(|_| std::net::TcpStream::connect(addr).unwrap())
                 .collect();
-            let accepting = accept_loop(&listener, &gate, |s, _, a| {
-                accepted.borrow_mut().push((s, a))
-            });
+            let accepting = accept_loop(
+                &listener,
+                &gate,
+                || std::future::ready(()),
+                |s, _, a| accepted.borrow_mut().push((s, a)),
+            );
             let mut accepting = std::pin::pin!(accepting);
             // Polls the accept loop until `n` connections are held (bounded).
             async fn settle(

@@ -18,19 +18,15 @@ use std::io;
 use std::rc::Rc;
 
 use futures_util::future::{select_all, FutureExt};
-use futures_util::{stream, StreamExt};
-use gpe_core::async_worker::{
-    accept_retrying, supervise, take_listeners, Admission, Event, Gate, TICK,
-};
+use gpe_core::async_worker::{supervise, take_listeners, Admission, Gate};
 use gpe_core::http::conn::{builder, serve_io};
 use gpe_core::http::instrument::Instrumented;
-use gpe_core::rt::tokio::{signal_events, Acceptor, Conn};
+use gpe_core::rt::tokio::{accept_loop, worker_events, Acceptor, Conn};
 use gpe_core::store::WorkerKind;
 use gpe_core::{Worker, WorkerContext, WorkerExit};
 use hyper_util::rt::TokioTimer;
-use tokio::time::MissedTickBehavior;
 
-use crate::pool::{Load, Pool, PoolRunner};
+use crate::pool::{Pool, PoolRunner};
 
 /// The thread worker.
 #[derive(Debug, Default, Clone, Copy)]
@@ -73,24 +69,6 @@ impl Connections {
     }
 }
 
-/// Accepts on `listener` while there is a place under the connection cap
-/// and a free pool thread; returns only a fatal error.
-async fn accept_loop<F>(listener: &Acceptor, gate: &Gate, load: &Load, mut spawn: F) -> io::Error
-where
-    F: FnMut(Conn, String, Admission),
-{
-    loop {
-        let admission = gate.admit_balanced(tokio::time::sleep).await;
-        load.room().await;
-        let (conn, peer) = match accept_retrying(|| listener.accept(), tokio::time::sleep).await {
-            Ok(accepted) => accepted,
-            Err(e) => return e,
-        };
-        spawn(conn, peer, admission);
-        tokio::task::yield_now().await;
-    }
-}
-
 async fn serve(ctx: &mut WorkerContext, pool: &Pool) -> io::Result<WorkerExit> {
     let listeners = take_listeners(ctx, Acceptor::register)?;
     let ctx = &*ctx;
@@ -101,22 +79,20 @@ async fn serve(ctx: &mut WorkerContext, pool: &Pool) -> io::Result<WorkerExit> {
         runner: pool.runner(),
     });
 
-    let signals = signal_events(ctx.signal_fd())?.map(|()| Event::Signal);
-    let mut interval = tokio::time::interval(TICK);
-    interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let ticks = stream::unfold(interval, |mut i| async move {
-        i.tick().await;
-        Some((Event::Tick, i))
-    });
-    let events = std::pin::pin!(stream::select(signals, ticks));
+    let events = std::pin::pin!(worker_events(ctx)?);
 
     let accepting = select_all(listeners.iter().map(|listener| {
-        accept_loop(listener, &gate, pool.load(), |conn, peer, admission| {
-            let connections = connections.clone();
-            tokio::task::spawn_local(async move {
-                connections.serve(conn, peer, admission).await;
-            });
-        })
+        accept_loop(
+            listener,
+            &gate,
+            || pool.load().room(),
+            |conn, peer, admission| {
+                let connections = connections.clone();
+                tokio::task::spawn_local(async move {
+                    connections.serve(conn, peer, admission).await;
+                });
+            },
+        )
         .boxed_local()
     }))
     .map(|(e, _, _)| e);

@@ -160,57 +160,7 @@ async fn buffered(req: Request) -> Result<FullRequest, FullResponse> {
     }
 }
 
-/// The service behind [`blocking`].
-#[derive(Debug)]
-pub struct Blocking<F>(Arc<F>);
-
-impl<F> Clone for Blocking<F> {
-    fn clone(&self) -> Self {
-        Blocking(self.0.clone())
-    }
-}
-
-impl<F> Service<Request> for Blocking<F>
-where
-    F: Fn(FullRequest) -> FullResponse + Send + Sync + 'static,
-{
-    type Response = http::Response<Full<Bytes>>;
-    type Error = std::convert::Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(
-        &mut self,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request) -> Self::Future {
-        let f = self.0.clone();
-        Box::pin(async move {
-            let req = match buffered(req).await {
-                Ok(req) => req,
-                Err(resp) => return Ok(resp.map(Full::new)),
-            };
-            Ok(super::run::run_blocking(move || f(req))
-                .await
-                .map(Full::new))
-        })
-    }
-}
-
-/// An app from a blocking closure over a buffered request. The closure runs
-/// where blocking is allowed: inline on the sync worker and on the thread
-/// worker's pool threads, on a blocking thread pool under eventloop and
-/// greenlet, so it never stalls an event loop.
-pub fn blocking<F>(f: F) -> Blocking<F>
-where
-    F: Fn(FullRequest) -> FullResponse + Send + Sync + 'static,
-{
-    Blocking(Arc::new(f))
-}
-
-/// The service behind [`handler`].
+/// The service behind [`handler`] and [`blocking`].
 #[derive(Debug)]
 pub struct Handler<F>(Arc<F>);
 
@@ -239,10 +189,11 @@ where
     fn call(&mut self, req: Request) -> Self::Future {
         let f = self.0.clone();
         Box::pin(async move {
-            match buffered(req).await {
-                Ok(req) => Ok(f(req).await.map(Full::new)),
-                Err(resp) => Ok(resp.map(Full::new)),
-            }
+            let resp = match buffered(req).await {
+                Ok(req) => f(req).await,
+                Err(resp) => resp,
+            };
+            Ok(resp.map(Full::new))
         })
     }
 }
@@ -255,6 +206,25 @@ where
     Fut: Future<Output = FullResponse> + Send + 'static,
 {
     Handler(Arc::new(f))
+}
+
+/// An app from a blocking closure over a buffered request. The closure runs
+/// where blocking is allowed: inline on the sync worker and on the thread
+/// worker's pool threads, on a blocking thread pool under eventloop and
+/// greenlet, so it never stalls an event loop.
+pub fn blocking<F>(
+    f: F,
+) -> Handler<impl Fn(FullRequest) -> Pin<Box<dyn Future<Output = FullResponse> + Send>> + Send + Sync>
+where
+    F: Fn(FullRequest) -> FullResponse + Send + Sync + 'static,
+{
+    let f = Arc::new(f);
+    handler(
+        move |req: FullRequest| -> Pin<Box<dyn Future<Output = FullResponse> + Send>> {
+            let f = f.clone();
+            Box::pin(super::run::run_blocking(move || f(req)))
+        },
+    )
 }
 
 /// The route template of a response, as the app names it with

@@ -8,7 +8,9 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
+use crate::async_worker::{accept_retrying, Admission, Event, Gate, TICK};
 use crate::listener::{Listener, Stream};
+use crate::worker::WorkerContext;
 
 pub use super::idle::tokio_runtime as runtime;
 
@@ -139,6 +141,52 @@ impl AsyncWrite for Conn {
             Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Conn::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
+    }
+}
+
+/// The events of a tokio-based worker's [`supervise`](crate::async_worker::supervise)
+/// loop: the signal pipe's readiness and a tick every [`TICK`].
+///
+/// # Errors
+/// The signal fd cannot be duplicated or registered.
+pub fn worker_events(ctx: &WorkerContext) -> io::Result<impl futures_util::Stream<Item = Event>> {
+    use futures_util::StreamExt;
+    let signals = signal_events(ctx.signal_fd())?.map(|()| Event::Signal);
+    let mut interval = tokio::time::interval(TICK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ticks = futures_util::stream::unfold(interval, |mut i| async move {
+        i.tick().await;
+        Some((Event::Tick, i))
+    });
+    Ok(futures_util::stream::select(signals, ticks))
+}
+
+/// Accepts on `listener` for as long as it can and hands each connection,
+/// with its admission, to `spawn`; returns only a fatal error. It takes a
+/// connection only when `gate` admits one (under the cap, balanced with the
+/// siblings) and `room` has completed (the thread worker waits there for a
+/// free pool thread), so further clients wait in the kernel backlog.
+pub async fn accept_loop<F, R, RF>(
+    listener: &Acceptor,
+    gate: &Gate,
+    room: R,
+    mut spawn: F,
+) -> io::Error
+where
+    F: FnMut(Conn, String, Admission),
+    R: Fn() -> RF,
+    RF: std::future::Future<Output = ()>,
+{
+    loop {
+        let admission = gate.admit_balanced(tokio::time::sleep).await;
+        room().await;
+        let (conn, peer) = match accept_retrying(|| listener.accept(), tokio::time::sleep).await {
+            Ok(accepted) => accepted,
+            Err(e) => return e,
+        };
+        spawn(conn, peer, admission);
+        // Let the new connection run and other workers reach the backlog.
+        tokio::task::yield_now().await;
     }
 }
 
