@@ -130,12 +130,12 @@ mod tests {
     use super::*;
 
     fn call(app: &SharedApp, method: Method, path: &str, body: &'static str) -> Response {
-        use gpe_core::http::run::Runner;
+        use gpe_core::Runner;
         use http_body_util::BodyExt;
         let mut req = gpe_core::Request::new(body.into());
         *req.method_mut() = method;
         *req.uri_mut() = path.parse().unwrap();
-        let resp = futures_executor::block_on(gpe_core::http::run::Inline.run(app, req)).unwrap();
+        let resp = futures_executor::block_on(gpe_core::Inline.run(app, req)).unwrap();
         let (parts, body) = resp.into_parts();
         let body = futures_executor::block_on(body.collect())
             .unwrap()

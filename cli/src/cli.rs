@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use gpe_core::config::{Config, RawSettings, TcpAddr};
-use gpe_core::master::{self, MasterError, ServerSpec};
-use gpe_core::store::StoreDir;
 use gpe_core::AppFactory;
+use gpe_core::StoreDir;
+use gpe_core::{Config, RawSettings, TcpAddr};
+use gpe_core::{MasterError, ServerSpec};
 
 /// gpe: a pre-fork HTTP application server with Prometheus metrics built in.
 #[derive(Debug, Parser)]
@@ -42,7 +42,7 @@ pub struct ServerArgs {
     #[arg(long)]
     pub no_metrics: bool,
     /// Server settings: one flag per setting of the table
-    /// (`gpe_core::config::SETTINGS`).
+    /// (`gpe_core::SETTINGS`).
     #[command(flatten)]
     pub settings: RawSettings,
 }
@@ -181,12 +181,12 @@ pub fn run_server(args: ServerArgs, factory: AppFactory) -> Result<(), Failure> 
         exporter: Some(Arc::new(gpe_exporter::exporter_main)),
         reload: Some(Arc::new(move || reload_args.load())),
     };
-    master::run(spec).map_err(Failure::from)
+    gpe_core::run(spec).map_err(Failure::from)
 }
 
 fn run_exporter(args: ExporterArgs) -> Result<(), Failure> {
     let addr = TcpAddr::parse("metrics_bind", &args.metrics_bind).map_err(anyhow::Error::from)?;
-    gpe_core::config::check("metrics_path", &args.metrics_path).map_err(anyhow::Error::from)?;
+    gpe_core::check_setting("metrics_path", &args.metrics_path).map_err(anyhow::Error::from)?;
     let listener = std::net::TcpListener::bind(&addr).map_err(|e| Failure {
         code: 1,
         error: anyhow::anyhow!("setting `metrics_bind`: cannot listen on {addr}: {e}"),
@@ -207,7 +207,7 @@ fn run_exporter(args: ExporterArgs) -> Result<(), Failure> {
         listener,
         store,
         args.metrics_path,
-        gpe_core::config::LogTarget::Std,
+        gpe_core::LogTarget::Std,
         gpe_exporter::Limits::default(),
     )
     .context("exporter failed")

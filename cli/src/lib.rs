@@ -29,13 +29,13 @@ pub use route_layer::{MatchedPathLayer, MatchedPathService};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-pub use gpe_core::config::{Config, RawSettings};
-pub use gpe_core::http::app::Handler;
-pub use gpe_core::http::body::Body;
+pub use gpe_core::Body;
+pub use gpe_core::Handler;
 pub use gpe_core::{
     blocking, handler, text, with_route, BoxError, FullRequest, FullResponse, IntoApp, Request,
     Response, Route,
 };
+pub use gpe_core::{Config, RawSettings};
 pub use http::StatusCode;
 
 /// Runs a server for the app built by `factory` (called once in every worker

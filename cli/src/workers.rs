@@ -19,19 +19,19 @@ pub fn select(name: &str) -> Result<Arc<dyn Worker>, String> {
         "eventloop" => Ok(Arc::new(gpe_worker_eventloop::EventloopWorker)),
         #[cfg(feature = "greenlet")]
         "greenlet" => Ok(Arc::new(gpe_worker_greenlet::GreenletWorker)),
-        known if gpe_core::config::WORKER_TYPES.contains(&known) => Err(format!(
+        known if gpe_core::WORKER_TYPES.contains(&known) => Err(format!(
             "worker type `{known}` is not built into this binary; rebuild gpe with cargo feature `{known}` (for example `cargo build -p gpe --features {known}`)"
         )),
         other => Err(format!(
             "unknown worker type {other:?}; expected one of {}",
-            gpe_core::config::WORKER_TYPES.join(", ")
+            gpe_core::WORKER_TYPES.join(", ")
         )),
     }
 }
 
 /// Worker types built into this binary.
 pub fn available() -> Vec<&'static str> {
-    gpe_core::config::WORKER_TYPES
+    gpe_core::WORKER_TYPES
         .iter()
         .copied()
         .filter(|w| select(w).is_ok())

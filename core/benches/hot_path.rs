@@ -27,8 +27,8 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use gpe_core::store::catalogue::DEFAULT_DURATION_BUCKETS;
-use gpe_core::store::{Index, Recorder, RequestRecord, StoreDir, WorkerFile, WorkerKind};
+use gpe_core::DEFAULT_DURATION_BUCKETS;
+use gpe_core::{Index, Recorder, RequestRecord, StoreDir, WorkerFile, WorkerKind};
 
 /// A store in a temporary directory with one worker file (slot 0, generation 1)
 /// and its recorder, set up the way the master and a worker do.

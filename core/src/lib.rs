@@ -1,31 +1,65 @@
-//! gpe core: the vocabulary every gpe crate shares.
+//! gpe core: the vocabulary every gpe crate shares. Its modules are private;
+//! this is the whole surface the worker crates, the exporter and the `gpe`
+//! crate use, grouped by job:
 //!
-//! - [`http`]: the app interface (a tower service over streaming bodies), the
-//!   layer between hyper and the app, one connection;
-//! - [`worker`]: the [`Worker`] trait the worker crates implement;
-//! - [`config`]: settings from file, environment and flags;
-//! - [`store`]: the shared-memory metric store;
-//! - [`async_worker`]: the lifecycle the async workers share;
-//! - [`rt`]: the tokio edge and the idle-yield hook;
-//! - [`master`]: the supervising master process.
+//! - the app interface and the HTTP layer (`http/`): a tower service over
+//!   streaming bodies, one request, one connection, where the app runs;
+//! - workers (`worker.rs`, `async_worker.rs`, `rt/`, `listener.rs`): the
+//!   [`Worker`] trait, the shared lifecycle, the tokio edge, sockets;
+//! - settings (`config/`);
+//! - the shared-memory metric store (`store/`);
+//! - the master (`master/`).
 #![deny(missing_docs)]
 
-pub mod async_worker;
-pub mod balance;
-pub mod config;
-pub mod http;
-pub mod listener;
-pub mod log;
-pub mod master;
-pub mod rt;
-pub mod store;
-pub mod sys;
-pub mod worker;
+mod async_worker;
+mod balance;
+mod config;
+mod http;
+mod listener;
+mod log;
+mod master;
+mod rt;
+mod store;
+mod sys;
+mod worker;
 
-pub use config::{Config, ConfigError, RawSettings};
+// The app interface.
 pub use http::app::{
-    blocking, handler, text, with_route, App, AppFactory, BoxError, FullRequest, FullResponse,
-    IntoApp, Request, Response, Route, SharedApp,
+    blocking, box_body, full, handler, service, text, with_route, App, AppFactory, AppFuture,
+    BoxError, FullRequest, FullResponse, Handler, IntoApp, Request, Response, ResponseBody, Route,
+    SharedApp,
 };
-pub use master::{run, ExporterContext, ExporterMain, MasterError, ServerSpec, WorkerSelector};
+pub use http::body::Body;
+
+// The HTTP layer the workers share.
+pub use http::conn::{builder as http1_builder, serve_io};
+pub use http::instrument::Instrumented;
+pub use http::run::{allow_blocking, catching, start as start_call, Failure, Inline, Runner};
+
+// Workers: the trait, the shared lifecycle, the tokio edge, sockets.
+pub use async_worker::{accept_retrying, supervise, take_listeners, Admission, Event, Gate, TICK};
+pub use listener::{AcceptFailure, Listener, Stream, TokioListener, ACCEPT_BACKOFF};
+pub use rt::idle::yield_when_idle;
+pub use rt::tokio::{accept_loop, runtime as tokio_runtime, worker_events, Acceptor, Conn};
 pub use worker::{Control, Worker, WorkerContext, WorkerExit};
+
+// Settings.
+pub use config::{
+    check as check_setting, setting, BindAddr, Config, ConfigError, Flag, HostPort, Kind,
+    LogTarget, RawSettings, Setting, TcpAddr, Value, SETTINGS, WORKER_TYPES,
+};
+
+// The metric store.
+pub use store::catalogue::{Buckets, Shape, DEFAULT_DURATION_BUCKETS, SIZE_BUCKETS};
+pub use store::index::OTHER;
+pub use store::layout::{CELLS, DATA_FILE_BYTES, MAX_FAMILIES};
+pub use store::{
+    unix_now_ns, ErrorKind, ExitReason, Family, Index, MasterSignal, MasterView, Recorder,
+    RequestRecord, Series, Snapshot, StoreDir, WorkerFile, WorkerKind, WorkerState, WorkerView,
+};
+
+// The master and the logs.
+pub use log::open_errorlog;
+#[doc(hidden)]
+pub use log::write_line;
+pub use master::{run, ExporterContext, ExporterMain, MasterError, ServerSpec, WorkerSelector};

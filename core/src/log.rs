@@ -18,19 +18,19 @@ pub fn write_line(level: &str, args: std::fmt::Arguments<'_>) {
 /// Logs an informational line to the error log.
 #[macro_export]
 macro_rules! log_info {
-    ($($t:tt)*) => { $crate::log::write_line("INFO", format_args!($($t)*)) };
+    ($($t:tt)*) => { $crate::write_line("INFO", format_args!($($t)*)) };
 }
 
 /// Logs a warning to the error log.
 #[macro_export]
 macro_rules! log_warn {
-    ($($t:tt)*) => { $crate::log::write_line("WARNING", format_args!($($t)*)) };
+    ($($t:tt)*) => { $crate::write_line("WARNING", format_args!($($t)*)) };
 }
 
 /// Logs an error to the error log.
 #[macro_export]
 macro_rules! log_error {
-    ($($t:tt)*) => { $crate::log::write_line("ERROR", format_args!($($t)*)) };
+    ($($t:tt)*) => { $crate::write_line("ERROR", format_args!($($t)*)) };
 }
 
 fn open_append(path: &std::path::Path) -> io::Result<File> {

@@ -15,9 +15,9 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use gpe_core::config::LogTarget;
-use gpe_core::store::{Snapshot, StoreDir};
 use gpe_core::ExporterContext;
+use gpe_core::LogTarget;
+use gpe_core::{Snapshot, StoreDir};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
 use hyper::body::{Body as _, Incoming};
@@ -183,7 +183,7 @@ fn answer(req: &Request<()>, store: &StoreDir, path: &str) -> Response<Full<Byte
 /// # Errors
 /// The runtime cannot start, or accepting fails with an error other than a
 /// transient one or running out of file descriptors (which pauses accepting
-/// for [`gpe_core::listener::ACCEPT_BACKOFF`] and is logged once per episode).
+/// for [`gpe_core::ACCEPT_BACKOFF`] and is logged once per episode).
 pub fn serve(
     listener: TcpListener,
     store: StoreDir,
@@ -205,12 +205,12 @@ pub fn serve(
         set.thread_unblock().map_err(std::io::Error::from)?;
         tokio::spawn(async move {
             while usr1.recv().await.is_some() {
-                if let Err(e) = gpe_core::log::open_errorlog(&errorlog) {
+                if let Err(e) = gpe_core::open_errorlog(&errorlog) {
                     gpe_core::log_error!("exporter: cannot reopen the error log: {e}");
                 }
             }
         });
-        let mut listener = gpe_core::listener::TokioListener::new(listener, "exporter")?;
+        let mut listener = gpe_core::TokioListener::new(listener, "exporter")?;
         let conns = conns::Conns::new(limits.max_connections);
         let shared = Rc::new((store, path));
         let mut builder = hyper::server::conn::http1::Builder::new();

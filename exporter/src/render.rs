@@ -4,9 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use gpe_core::store::catalogue::{Buckets, Shape, SIZE_BUCKETS};
-use gpe_core::store::layout::CELLS;
-use gpe_core::store::{ExitReason, Family, MasterSignal, Series, Snapshot, StoreDir, WorkerState};
+use gpe_core::CELLS;
+use gpe_core::{Buckets, Shape, SIZE_BUCKETS};
+use gpe_core::{ExitReason, Family, MasterSignal, Series, Snapshot, StoreDir, WorkerState};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::exemplar::Exemplar;
@@ -97,7 +97,7 @@ impl Scrape {
         Ok(Scrape {
             snap,
             procs,
-            now: gpe_core::store::unix_now_ns() as f64 / 1e9,
+            now: gpe_core::unix_now_ns() as f64 / 1e9,
         })
     }
 }
@@ -160,7 +160,7 @@ fn labels_of<'a>(family: Family, s: &'a Series) -> Labels<'a> {
 impl Scrape {
     /// Start time of a slot's newest process: from `/proc`, else from its store
     /// file (written by the master at fork).
-    fn start_time(&self, w: &gpe_core::store::WorkerView) -> f64 {
+    fn start_time(&self, w: &gpe_core::WorkerView) -> f64 {
         self.procs
             .newest
             .get(&w.slot)
@@ -239,7 +239,7 @@ impl Scrape {
             .iter()
             .map(|w| w.slot.to_string())
             .collect();
-        let per_worker = |f: &dyn Fn(&gpe_core::store::WorkerView) -> Option<f64>| {
+        let per_worker = |f: &dyn Fn(&gpe_core::WorkerView) -> Option<f64>| {
             self.snap
                 .workers
                 .iter()
@@ -500,8 +500,8 @@ pub fn render(scrape: Scrape, format: Format) -> Result<String, std::fmt::Error>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gpe_core::store::index::OTHER;
-    use gpe_core::store::{MasterView, WorkerKind, WorkerView};
+    use gpe_core::OTHER;
+    use gpe_core::{MasterView, WorkerKind, WorkerView};
 
     fn series(family: Family, labels: &[&str], cells: &[u64]) -> Series {
         let mut c = [0; CELLS];
@@ -524,7 +524,7 @@ mod tests {
         size[0] = 2; // two bodies of at most 64 bytes
         size[9] = 1; // one above the largest bucket
         size[CELLS - 1] = 100_070;
-        let mut dropped = [0; gpe_core::store::layout::MAX_FAMILIES];
+        let mut dropped = [0; gpe_core::MAX_FAMILIES];
         dropped[Family::HttpRequests.code() as usize] = 2;
         let mut master = MasterView {
             pid: 4200,

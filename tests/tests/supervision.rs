@@ -299,6 +299,7 @@ fn chaos_kills_keep_counters_monotonic(worker: &str) {
         })
     };
     let mut kills = 0u64;
+    let mut killed = std::collections::HashSet::new();
     let mut progress = Vec::new();
     let end = Instant::now() + Duration::from_secs(20);
     let mut last_ok = 0;
@@ -315,9 +316,12 @@ fn chaos_kills_keep_counters_monotonic(worker: &str) {
             })
             .unwrap_or_default();
         if let Some(pid) = pids.get(rand::random_range(0..pids.len().max(1))) {
-            // A worker killed a moment ago may still be listed (a zombie not yet
-            // reaped); killing it again would count a death twice.
-            if alive(*pid) && nix::sys::signal::kill(Pid::from_raw(*pid), Signal::SIGKILL).is_ok() {
+            // A worker killed a moment ago may still be listed (exiting, or a
+            // zombie not yet reaped); killing it again would count a death twice.
+            if alive(*pid)
+                && killed.insert(*pid)
+                && nix::sys::signal::kill(Pid::from_raw(*pid), Signal::SIGKILL).is_ok()
+            {
                 kills += 1;
             }
         }

@@ -14,12 +14,12 @@ use std::io;
 use std::rc::Rc;
 
 use futures_util::future::{select_all, FutureExt};
-use gpe_core::async_worker::{supervise, take_listeners, Admission, Gate};
-use gpe_core::http::conn::{builder, serve_io};
-use gpe_core::http::instrument::Instrumented;
-use gpe_core::http::run::Inline;
-use gpe_core::rt::tokio::{accept_loop, worker_events, Acceptor, Conn};
-use gpe_core::store::WorkerKind;
+use gpe_core::Inline;
+use gpe_core::Instrumented;
+use gpe_core::WorkerKind;
+use gpe_core::{accept_loop, worker_events, Acceptor, Conn};
+use gpe_core::{http1_builder as builder, serve_io};
+use gpe_core::{supervise, take_listeners, Admission, Gate};
 use gpe_core::{Worker, WorkerContext, WorkerExit};
 use hyper_util::rt::TokioTimer;
 
@@ -39,7 +39,7 @@ impl Worker for EventloopWorker {
 
     fn run(&self, mut ctx: WorkerContext) -> io::Result<WorkerExit> {
         // Built here, after fork, never in the master.
-        let rt = gpe_core::rt::tokio::runtime(ctx.config.idle_yield)?;
+        let rt = gpe_core::tokio_runtime(ctx.config.idle_yield)?;
         let exit = tokio::task::LocalSet::new().block_on(&rt, serve(&mut ctx));
         // Blocking calls still running on a pool must not delay the exit.
         rt.shutdown_background();
@@ -107,8 +107,8 @@ mod tests {
     use std::cell::RefCell;
     use std::time::Duration;
 
-    use gpe_core::config::BindAddr;
-    use gpe_core::listener::Listener;
+    use gpe_core::BindAddr;
+    use gpe_core::Listener;
 
     #[test]
     fn accept_pauses_at_the_cap_and_resumes_when_a_place_frees() {

@@ -4,8 +4,8 @@
 
 use std::io;
 
-use gpe_core::async_worker::{accept_retrying, Admission, Gate};
-use gpe_core::listener::{Listener, Stream};
+use gpe_core::{accept_retrying, Admission, Gate};
+use gpe_core::{Listener, Stream};
 use smol::{Async, Timer};
 
 /// Accepts on `listener` for as long as it can; returns only a fatal error.
@@ -53,7 +53,7 @@ mod tests {
     use std::time::Duration;
 
     use futures_util::future::{select, Either};
-    use gpe_core::config::BindAddr;
+    use gpe_core::BindAddr;
 
     /// Lets `accepting` run for a while; it must not fail.
     async fn settle<F: std::future::Future>(accepting: std::pin::Pin<&mut F>) {

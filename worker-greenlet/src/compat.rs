@@ -15,8 +15,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use gpe_core::http::app::{box_body, BoxError};
-use gpe_core::http::run::{catching, start, Failure, Runner};
+use gpe_core::{box_body, BoxError};
+use gpe_core::{catching, start_call as start, Failure, Runner};
 use gpe_core::{Request, Response, SharedApp};
 use http_body::Frame;
 use tokio::runtime::Handle;

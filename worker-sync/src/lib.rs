@@ -12,11 +12,11 @@ use std::io;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-use gpe_core::http::conn::{builder, serve_io};
-use gpe_core::http::run::{allow_blocking, Inline};
-use gpe_core::listener::{AcceptFailure, ACCEPT_BACKOFF};
-use gpe_core::rt::tokio::Conn;
-use gpe_core::store::WorkerKind;
+use gpe_core::Conn;
+use gpe_core::WorkerKind;
+use gpe_core::{allow_blocking, Inline};
+use gpe_core::{http1_builder as builder, serve_io};
+use gpe_core::{AcceptFailure, ACCEPT_BACKOFF};
 use gpe_core::{Control, Worker, WorkerContext, WorkerExit};
 use hyper_util::rt::TokioTimer;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};

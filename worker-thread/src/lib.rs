@@ -18,11 +18,11 @@ use std::io;
 use std::rc::Rc;
 
 use futures_util::future::{select_all, FutureExt};
-use gpe_core::async_worker::{supervise, take_listeners, Admission, Gate};
-use gpe_core::http::conn::{builder, serve_io};
-use gpe_core::http::instrument::Instrumented;
-use gpe_core::rt::tokio::{accept_loop, worker_events, Acceptor, Conn};
-use gpe_core::store::WorkerKind;
+use gpe_core::Instrumented;
+use gpe_core::WorkerKind;
+use gpe_core::{accept_loop, worker_events, Acceptor, Conn};
+use gpe_core::{http1_builder as builder, serve_io};
+use gpe_core::{supervise, take_listeners, Admission, Gate};
 use gpe_core::{Worker, WorkerContext, WorkerExit};
 use hyper_util::rt::TokioTimer;
 
@@ -44,7 +44,7 @@ impl Worker for ThreadWorker {
 
     fn run(&self, mut ctx: WorkerContext) -> io::Result<WorkerExit> {
         // Runtime and threads are created here, after fork.
-        let rt = gpe_core::rt::tokio::runtime(ctx.config.idle_yield)?;
+        let rt = gpe_core::tokio_runtime(ctx.config.idle_yield)?;
         let pool = Pool::start(ctx.config.threads as usize, rt.handle())?;
         let exit = tokio::task::LocalSet::new().block_on(&rt, serve(&mut ctx, &pool));
         // After a drain the pool is idle; after a quick stop its threads may

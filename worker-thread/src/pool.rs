@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
-use gpe_core::http::app::AppFuture;
-use gpe_core::http::run::{allow_blocking, catching, start, Failure, Runner};
+use gpe_core::AppFuture;
+use gpe_core::{allow_blocking, catching, start_call as start, Failure, Runner};
 use gpe_core::{Request, Response, SharedApp};
 use tokio::sync::{oneshot, Notify};
 
@@ -182,7 +182,7 @@ mod tests {
     fn req(path: &str) -> Request {
         http::Request::builder()
             .uri(path)
-            .body(gpe_core::http::body::Body::empty())
+            .body(gpe_core::Body::empty())
             .unwrap()
     }
 

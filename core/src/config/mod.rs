@@ -18,9 +18,7 @@ use std::path::PathBuf;
 
 pub use raw::{RawSettings, Value};
 pub use resolve::{BindAddr, Config, HostPort, LogTarget, TcpAddr};
-pub use settings::{
-    setting, Flag, Kind, Setting, ENV_NOT_SETTINGS, MAX_WORKERS, SETTINGS, WORKER_TYPES,
-};
+pub use settings::{setting, Flag, Kind, Setting, MAX_WORKERS, SETTINGS, WORKER_TYPES};
 
 /// An invalid setting or an unreadable config file. The message always names
 /// the setting (or the file) at fault.

@@ -2,6 +2,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use super::settings::ENV_NOT_SETTINGS;
 use super::*;
 use crate::store::catalogue::DEFAULT_DURATION_BUCKETS;
 

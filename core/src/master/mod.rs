@@ -28,7 +28,6 @@ use crate::store::StoreDir;
 use crate::worker::Worker;
 
 pub use pidfile::Pidfile;
-pub use upgrade::{ENV_LISTEN_FDS, ENV_METRICS_FD, ENV_UPGRADE_FROM};
 
 /// What the exporter process receives after fork.
 #[derive(Debug)]

@@ -23,7 +23,7 @@ pub use catalogue::{ExitReason, Family, MasterSignal, WorkerKind, WorkerState};
 pub use index::Index;
 pub use recorder::{ErrorKind, Recorder, RequestRecord};
 pub use snapshot::{MasterView, Series, Snapshot, WorkerView};
-pub use views::{FoldWindow, MasterFile, RetiredFile, WorkerFile};
+pub use views::{MasterFile, RetiredFile, WorkerFile};
 
 use layout::{FileKind, Header, Mapped, Row, DATA_FILE_BYTES, MAGIC, VERSION};
 
