@@ -1,14 +1,17 @@
 //! The built-in apps of `gpe serve --app`: `hello`, `echo` and `static`.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use gpe_core::{
-    blocking, handler, text, with_route, AppFactory, BoxError, FullRequest as Request,
-    FullResponse as Response, IntoApp, SharedApp,
+    handler, text, with_route, AppFactory, FullRequest as Request, FullResponse as Response,
+    IntoApp, SharedApp,
 };
 use http::{header, HeaderValue, Method, StatusCode};
+
+mod static_files;
+
+pub use static_files::{static_files, StaticFiles};
 
 /// `hello`: `GET /` answers `Hello, World!`; other paths 404. It never
 /// blocks, so it is an async handler: every worker type runs it on its IO
@@ -43,68 +46,6 @@ fn echo_body(req: Request) -> Response {
     let mut resp = Response::new(req.into_body());
     resp.headers_mut().insert(header::CONTENT_TYPE, ctype);
     with_route(resp, "/{path}")
-}
-
-/// `static`: serves files under `root`. Paths with `..`, and files whose real
-/// location (after symlinks) is outside `root`, are refused with 403.
-///
-/// # Errors
-/// `root` does not exist or is not a directory.
-pub fn static_files(root: &Path) -> Result<SharedApp, BoxError> {
-    let root = root
-        .canonicalize()
-        .map_err(|e| format!("setting `root`: {}: {e}", root.display()))?;
-    if !root.is_dir() {
-        return Err(format!("setting `root`: {} is not a directory", root.display()).into());
-    }
-    let root = Arc::new(root);
-    Ok(blocking(move |req: Request| serve_file(&root, &req)).into_app())
-}
-
-fn serve_file(root: &Path, req: &Request) -> Response {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n");
-    }
-    let rel = PathBuf::from(req.uri().path().trim_start_matches('/'));
-    if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
-        return text(StatusCode::FORBIDDEN, "Forbidden\n");
-    }
-    let mut path = root.join(&rel);
-    if path.is_dir() {
-        path.push("index.html");
-    }
-    let real = match path.canonicalize() {
-        Ok(p) => p,
-        Err(_) => return text(StatusCode::NOT_FOUND, "Not Found\n"),
-    };
-    if !real.starts_with(root) {
-        return text(StatusCode::FORBIDDEN, "Forbidden\n");
-    }
-    match std::fs::read(&real) {
-        Ok(body) => {
-            let mut resp = Response::new(Bytes::from(body));
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(content_type(&real)),
-            );
-            resp
-        }
-        Err(_) => text(StatusCode::NOT_FOUND, "Not Found\n"),
-    }
-}
-
-fn content_type(p: &Path) -> &'static str {
-    match p.extension().and_then(|e| e.to_str()).unwrap_or("") {
-        "html" | "htm" => "text/html; charset=utf-8",
-        "css" => "text/css",
-        "js" => "text/javascript",
-        "json" => "application/json",
-        "txt" => "text/plain; charset=utf-8",
-        "png" => "image/png",
-        "jpg" | "jpeg" => "image/jpeg",
-        "svg" => "image/svg+xml",
-        _ => "application/octet-stream",
-    }
 }
 
 /// The factory for built-in app `name` (`root` for `static`).
@@ -156,23 +97,5 @@ mod tests {
             call(&e, Method::PUT, "/a/b", "payload").body().as_ref(),
             b"payload"
         );
-    }
-
-    #[test]
-    fn static_refuses_escapes() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("root");
-        std::fs::create_dir(&root).unwrap();
-        std::fs::write(root.join("a.txt"), "inside").unwrap();
-        std::fs::write(dir.path().join("secret"), "outside").unwrap();
-        std::os::unix::fs::symlink(dir.path().join("secret"), root.join("link")).unwrap();
-        let app = static_files(&root).unwrap();
-        let r = call(&app, Method::GET, "/a.txt", "");
-        assert_eq!(r.status(), 200);
-        assert_eq!(r.body().as_ref(), b"inside");
-        assert_eq!(call(&app, Method::GET, "/../secret", "").status(), 403);
-        assert_eq!(call(&app, Method::GET, "/link", "").status(), 403);
-        assert_eq!(call(&app, Method::GET, "/missing", "").status(), 404);
-        assert!(static_files(&dir.path().join("nope")).is_err());
     }
 }

@@ -25,16 +25,18 @@ mod worker;
 
 // The app interface.
 pub use http::app::{
-    blocking, box_body, full, handler, service, text, with_route, App, AppFactory, AppFuture,
-    BoxError, FullRequest, FullResponse, Handler, IntoApp, Request, Response, ResponseBody, Route,
-    SharedApp,
+    blocking, box_body, empty_body, full, handler, service, text, with_route, App, AppFactory,
+    AppFuture, BoxError, FullRequest, FullResponse, Handler, IntoApp, Request, Response,
+    ResponseBody, Route, SharedApp,
 };
 pub use http::body::Body;
 
 // The HTTP layer the workers share.
 pub use http::conn::{builder as http1_builder, serve_io};
 pub use http::instrument::Instrumented;
-pub use http::run::{allow_blocking, catching, start as start_call, Failure, Inline, Runner};
+pub use http::run::{
+    allow_blocking, catching, run_blocking, start as start_call, Failure, Inline, Runner,
+};
 
 // Workers: the trait, the shared lifecycle, the tokio edge, sockets.
 pub use async_worker::{accept_retrying, supervise, take_listeners, Admission, Event, Gate, TICK};
