@@ -27,8 +27,10 @@ per_worker!(
     download_of_1_gib_streams,
     declared_body_over_the_limit_gets_413_unread,
     chunked_body_over_the_limit_is_cut,
+    chunked_flood_is_cut_and_closed,
     tokio_sleep_and_spawn_answer,
     streamed_response_metrics,
+    unmatched_route_path_keeps_raw_paths,
 );
 
 per_async_worker!(sse_streams_while_other_requests_are_served, websocket_echo);
@@ -363,6 +365,22 @@ fn sse_streams_while_other_requests_are_served(worker: &str) {
     let m = s.scrape();
     assert_eq!(m.sum("gpe_worker_requests_total", &[]), 1001.0);
     assert_eq!(m.sum("gpe_http_errors_total", &[]), 0.0);
+    // The duration runs to the end of the stream: at least the 100 waits.
+    let sse = [("method", "GET"), ("route", "/sse")];
+    assert_eq!(m.one("gpe_http_request_duration_seconds_count", &sse), 1.0);
+    assert!(
+        m.one("gpe_http_request_duration_seconds_sum", &sse) >= 1.0,
+        "{worker}: {}",
+        m.one("gpe_http_request_duration_seconds_sum", &sse)
+    );
+    assert_eq!(
+        m.one(
+            "gpe_http_request_duration_seconds_bucket",
+            &[sse[0], sse[1], ("le", "0.5")]
+        ),
+        0.0,
+        "{worker}"
+    );
 }
 
 fn ws_connect(addr: SocketAddr) -> tungstenite::WebSocket<std::net::TcpStream> {
@@ -525,4 +543,98 @@ fn streamed_response_metrics(worker: &str) {
     s.wait_for("gpe_http_requests_in_flight", &[], 0.0);
     let m = s.scrape();
     assert_eq!(m.sum("gpe_http_errors_total", &[]), 1.0, "{worker}");
+}
+
+fn unmatched_route_path_keeps_raw_paths(worker: &str) {
+    let s = start(worker, 1, &["--unmatched-route", "path"]);
+    assert_eq!(get(s.addr, "/missing/a?q=1").status, 404, "{worker}");
+    assert_eq!(get(s.addr, "/missing/b").status, 404, "{worker}");
+    assert_eq!(get(s.addr, "/users/7").status, 200, "{worker}");
+    s.wait_for("gpe_worker_requests_total", &[], 3.0);
+    let m = s.scrape();
+    let mut series: Vec<(String, String, f64)> = m
+        .samples("gpe_http_requests_total")
+        .into_iter()
+        .map(|(l, v)| (l["route"].clone(), l["status"].clone(), v))
+        .collect();
+    series.sort_by(|a, b| a.0.cmp(&b.0));
+    let want = [
+        ("/missing/a", "404", 1.0),
+        ("/missing/b", "404", 1.0),
+        ("/users/{id}", "200", 1.0),
+    ]
+    .map(|(r, st, v)| (r.to_owned(), st.to_owned(), v));
+    assert_eq!(series, want, "{worker}");
+}
+
+/// A client that keeps sending a chunked body past the limit: the server
+/// stops reading, answers, and closes, so the client's writes fail long
+/// before its 64 MiB are out.
+fn chunked_flood_is_cut_and_closed(worker: &str) {
+    const LIMIT: usize = 1 << 20;
+    const CHUNK: usize = 64 << 10;
+    let s = start(worker, 1, &["--max-body-size", &LIMIT.to_string()]);
+    let mut c = connect(s.addr);
+    c.write_all(b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .unwrap();
+    let mut w = c.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let chunk = [0u8; CHUNK];
+        for i in 0..1024 {
+            let sent = write!(w, "{CHUNK:x}\r\n")
+                .and_then(|()| w.write_all(&chunk))
+                .and_then(|()| w.write_all(b"\r\n"));
+            if let Err(e) = sent {
+                return Some((i * CHUNK, e.kind()));
+            }
+        }
+        None
+    });
+    let mut answer = Vec::new();
+    let read = c.read_to_end(&mut answer);
+    let stopped = writer.join().unwrap();
+    let (sent, why) = stopped.unwrap_or_else(|| panic!("{worker}: all 64 MiB were accepted"));
+    println!("{worker}: writes failed ({why:?}) after {sent} bytes; read {read:?}");
+    assert!(
+        matches!(
+            why,
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        ),
+        "{worker}: {why:?}"
+    );
+    // The answer, unless the reset of the closed socket overtook it.
+    match read {
+        Ok(_) => {
+            let text = String::from_utf8_lossy(&answer);
+            assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{worker}: {text}");
+            assert!(
+                text.contains("\r\nconnection: close\r\n"),
+                "{worker}: {text}"
+            );
+            assert!(
+                text.ends_with(&format!(
+                    "\r\n\r\nerror after {LIMIT} bytes: length limit exceeded"
+                )),
+                "{worker}: {text}"
+            );
+        }
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{worker}"),
+    }
+    s.wait_for(
+        "gpe_http_errors_total",
+        &[
+            ("method", "POST"),
+            ("route", "/upload"),
+            ("kind", "bad_request"),
+        ],
+        1.0,
+    );
+    let m = s.scrape();
+    assert_eq!(m.sum("gpe_http_errors_total", &[]), 1.0, "{worker}");
+    assert_eq!(m.sum("gpe_http_requests_total", &[]), 1.0, "{worker}");
+    assert_eq!(
+        m.one("gpe_http_request_size_bytes_sum", &[]),
+        LIMIT as f64,
+        "{worker}"
+    );
 }
