@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use crate::http::{http, Resp};
 use crate::metrics::Metrics;
+use crate::server::Server;
+use crate::wait::wait_until;
 
 /// The worker types that keep connections open while a request runs
 /// (SSE, WebSocket).
@@ -333,4 +335,20 @@ pub fn read_sse(
         "an incomplete event at the end: {pending:?}"
     );
     (head, events)
+}
+
+/// Waits (up to 20 s) until the sum of the samples of `name` matching
+/// `labels` equals `want`; unlike [`Server::wait_for`] it also waits while no
+/// such series exists yet. Panics with the last sum seen otherwise.
+pub fn wait_sum(s: &Server, name: &str, labels: &[(&str, &str)], want: f64) {
+    let mut last = None;
+    let ok = wait_until(Duration::from_secs(20), || {
+        last = s.try_scrape().ok().map(|m| m.sum(name, labels));
+        last == Some(want)
+    });
+    assert!(
+        ok,
+        "{name}{labels:?} sums to {last:?}, expected {want}; log:\n{}",
+        s.log()
+    );
 }

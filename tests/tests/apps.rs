@@ -142,7 +142,8 @@ fn upload_of_1_gib_streams(worker: &str) {
             "{worker}"
         );
     });
-    s.wait_for(
+    wait_sum(
+        &s,
         "gpe_http_requests_total",
         &[("method", "POST"), ("route", "/upload"), ("status", "200")],
         1.0,
@@ -162,7 +163,8 @@ fn download_of_1_gib_streams(worker: &str) {
         assert_eq!(head.status, 200, "{worker}");
         assert_eq!(n, GIB, "{worker}");
     });
-    s.wait_for(
+    wait_sum(
+        &s,
         "gpe_http_requests_total",
         &[
             ("method", "GET"),
@@ -201,12 +203,14 @@ fn declared_body_over_the_limit_gets_413_unread(worker: &str) {
     let r = upload(s.addr, "/upload", 1024);
     assert_eq!((r.status, &r.body[..]), (200, &b"1024"[..]), "{worker}");
     let labels = [("method", "POST"), ("route", "unmatched")];
-    s.wait_for(
+    wait_sum(
+        &s,
         "gpe_http_errors_total",
         &[labels[0], labels[1], ("kind", "bad_request")],
         1.0,
     );
-    s.wait_for(
+    wait_sum(
+        &s,
         "gpe_http_requests_total",
         &[("method", "POST"), ("route", "/upload"), ("status", "200")],
         1.0,
@@ -270,7 +274,8 @@ fn chunked_body_over_the_limit_is_cut(worker: &str) {
         0,
         "{worker}: the server closes the connection"
     );
-    s.wait_for(
+    wait_sum(
+        &s,
         "gpe_http_errors_total",
         &[
             ("method", "POST"),
@@ -357,7 +362,8 @@ fn sse_streams_while_other_requests_are_served(worker: &str) {
         ),
         1000.0
     );
-    s.wait_for(
+    wait_sum(
+        &s,
         "gpe_http_requests_total",
         &[("method", "GET"), ("route", "/sse"), ("status", "200")],
         1.0,
@@ -394,7 +400,8 @@ fn websocket_echo(worker: &str) {
     let s = start(worker, 1, &[]);
     let mut ws = ws_connect(s.addr);
     s.wait_for("gpe_worker_connections", &[], 1.0);
-    s.wait_for(
+    wait_sum(
+        &s,
         "gpe_http_requests_total",
         &[("method", "GET"), ("route", "/ws"), ("status", "101")],
         1.0,
@@ -448,7 +455,8 @@ fn websocket_upgrade_gets_501_on_sync() {
         }
         other => panic!("expected a 501 answer, got {other:?}"),
     }
-    s.wait_for(
+    wait_sum(
+        &s,
         "gpe_http_requests_total",
         &[("method", "GET"), ("route", "unmatched"), ("status", "501")],
         1.0,
@@ -472,7 +480,8 @@ fn tokio_sleep_and_spawn_answer(worker: &str) {
         (200, &b"spawned 42"[..]),
         "{worker}"
     );
-    s.wait_for(
+    wait_sum(
+        &s,
         "gpe_http_requests_total",
         &[("method", "GET"), ("route", "/spawn"), ("status", "200")],
         1.0,
@@ -531,7 +540,8 @@ fn streamed_response_metrics(worker: &str) {
     }
     s.wait_for("gpe_http_requests_in_flight", &[], 1.0);
     drop(r);
-    s.wait_for(
+    wait_sum(
+        &s,
         "gpe_http_errors_total",
         &[
             ("method", "GET"),
@@ -620,7 +630,8 @@ fn chunked_flood_is_cut_and_closed(worker: &str) {
         }
         Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{worker}"),
     }
-    s.wait_for(
+    wait_sum(
+        &s,
         "gpe_http_errors_total",
         &[
             ("method", "POST"),
