@@ -4,6 +4,7 @@
 //! One module per job; this file only re-exports them.
 #![allow(missing_docs, clippy::unwrap_used)]
 
+mod apps;
 mod http;
 mod load;
 mod metrics;
@@ -12,6 +13,10 @@ mod server;
 mod wait;
 mod workers;
 
+pub use apps::{
+    axum_app_bin, connect, download, read_body, read_head, read_sse, upload, wait_sum, Head,
+    RssSampler, SseEvent, ASYNC_WORKERS, MIB,
+};
 pub use http::{get, http, KeepAlive, Resp};
 pub use load::{parallel, Load};
 pub use metrics::{promtool_check, Metrics};

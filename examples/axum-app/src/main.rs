@@ -102,8 +102,8 @@ async fn echo(mut socket: WebSocket) {
     while let Some(Ok(msg)) = socket.recv().await {
         let reply = match msg {
             Message::Text(_) | Message::Binary(_) => msg,
-            Message::Close(_) => break,
-            Message::Ping(_) | Message::Pong(_) => continue,
+            // The close reply is sent by the next `recv`, which then ends the loop.
+            Message::Close(_) | Message::Ping(_) | Message::Pong(_) => continue,
         };
         if socket.send(reply).await.is_err() {
             break;
