@@ -36,22 +36,30 @@ macro_rules! per_async_worker {
     };
 }
 
-/// The `gpe-axum-app` binary (examples/axum-app), a sibling of the target
-/// directory of the running test executable (`target/<profile>/deps/..`).
+/// The `gpe-axum-app` binary (examples/axum-app).
 ///
 /// # Panics
 /// If it has not been built.
 pub fn axum_app_bin() -> String {
+    example_bin("gpe-axum-app", "gpe-example-axum-app")
+}
+
+/// The binary `name` of the example package `package`, a sibling of the
+/// target directory of the running test executable (`target/<profile>/deps/..`).
+///
+/// # Panics
+/// If it has not been built.
+pub fn example_bin(name: &str, package: &str) -> String {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .map(PathBuf::from)
         .unwrap();
-    let bin = profile_dir.join("gpe-axum-app");
+    let bin = profile_dir.join(name);
     assert!(
         bin.is_file(),
-        "{} is missing: build the example first (`cargo build -p gpe-example-axum-app`, \
+        "{} is missing: build the example first (`cargo build -p {package}`, \
          or run the tests with `--workspace`)",
         bin.display()
     );

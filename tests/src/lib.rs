@@ -14,8 +14,8 @@ mod wait;
 mod workers;
 
 pub use apps::{
-    axum_app_bin, connect, download, read_body, read_head, read_sse, upload, wait_sum, Head,
-    RssSampler, SseEvent, ASYNC_WORKERS, MIB,
+    axum_app_bin, connect, download, example_bin, read_body, read_head, read_sse, upload, wait_sum,
+    Head, RssSampler, SseEvent, ASYNC_WORKERS, MIB,
 };
 pub use http::{get, http, KeepAlive, Resp};
 pub use load::{parallel, Load};
