@@ -17,7 +17,7 @@ use crate::worker::{Control, WorkerContext, WorkerExit};
 /// How often an async worker beats and checks `max_requests`.
 pub const TICK: Duration = Duration::from_millis(500);
 
-pub use crate::listener::{AcceptFailure, ACCEPT_BACKOFF};
+pub use crate::listener::{AcceptFailure, AcceptRetry, ACCEPT_BACKOFF};
 
 /// Admits at most `cap` connections at once and tells them when to drain.
 ///
@@ -151,11 +151,11 @@ impl Admission {
     }
 }
 
-/// Accepts one connection through `accept`, retrying what can be retried:
-/// a transient failure (another worker took the client, or it gave up) at
-/// once, fd exhaustion (EMFILE, ENFILE) after [`ACCEPT_BACKOFF`] through the
-/// runtime's `sleep`, logged once per run of failures. Every accept loop of
-/// every worker goes through here.
+/// Accepts one connection through `accept`, retrying what can be retried
+/// ([`AcceptRetry`]): a transient failure (another worker took the client,
+/// or it gave up) at once, fd exhaustion (EMFILE, ENFILE) after
+/// [`ACCEPT_BACKOFF`] through the runtime's `sleep`, logged once per episode.
+/// Every async accept loop of every worker goes through here.
 ///
 /// # Errors
 /// A fatal accept error (the listener is unusable).
@@ -166,21 +166,18 @@ where
     S: Fn(Duration) -> SF,
     SF: Future<Output = ()>,
 {
-    let mut exhausted = false;
+    let mut retry = AcceptRetry::new("worker");
     loop {
         let e = match accept().await {
-            Ok(conn) => return Ok(conn),
+            Ok(conn) => {
+                retry.accepted();
+                return Ok(conn);
+            }
             Err(e) => e,
         };
-        match AcceptFailure::of(&e) {
+        match retry.failed(&e) {
             AcceptFailure::Transient => {}
-            AcceptFailure::Exhausted => {
-                if !exhausted {
-                    crate::log_error!("accept: {e}; backing off until descriptors free up");
-                    exhausted = true;
-                }
-                sleep(ACCEPT_BACKOFF).await;
-            }
+            AcceptFailure::Exhausted => sleep(ACCEPT_BACKOFF).await,
             AcceptFailure::Fatal => return Err(e),
         }
     }
