@@ -20,6 +20,7 @@ use super::app::{BoxError, ResponseBody};
 pub(crate) struct BodyState {
     read: AtomicU64,
     overflowed: AtomicBool,
+    malformed: AtomicBool,
 }
 
 impl BodyState {
@@ -31,6 +32,12 @@ impl BodyState {
     /// Whether the body ran past `max_body_size` (the connection must close).
     pub(crate) fn overflowed(&self) -> bool {
         self.overflowed.load(Ordering::Relaxed)
+    }
+
+    /// Whether the body's framing was bad (a malformed chunk, a trailer
+    /// field RFC 9110 §6.5.1 forbids): the client's error, `bad_request`.
+    pub(crate) fn malformed(&self) -> bool {
+        self.malformed.load(Ordering::Relaxed)
     }
 }
 
@@ -139,9 +146,18 @@ impl http_body::Body for Body {
                         if let Some(data) = frame.data_ref() {
                             state.read.fetch_add(data.len() as u64, Ordering::Relaxed);
                         }
+                        if frame.trailers_ref().is_some_and(forbidden_trailer) {
+                            state.malformed.store(true, Ordering::Relaxed);
+                            return Poll::Ready(Some(Err(
+                                "a trailer field that RFC 9110 forbids".into()
+                            )));
+                        }
                     }
                     Poll::Ready(Some(Err(e))) if e.is::<http_body_util::LengthLimitError>() => {
                         state.overflowed.store(true, Ordering::Relaxed);
+                    }
+                    Poll::Ready(Some(Err(e))) if bad_framing(e) => {
+                        state.malformed.store(true, Ordering::Relaxed);
                     }
                     _ => {}
                 }
@@ -167,6 +183,31 @@ impl http_body::Body for Body {
             Kind::Incoming { inner, .. } => inner.size_hint(),
         }
     }
+}
+
+/// Whether `trailers` holds a field RFC 9110 §6.5.1 forbids in a trailer:
+/// framing (Content-Length, Transfer-Encoding) and routing (Host).
+fn forbidden_trailer(trailers: &http::HeaderMap) -> bool {
+    [
+        http::header::CONTENT_LENGTH,
+        http::header::TRANSFER_ENCODING,
+        http::header::HOST,
+    ]
+    .iter()
+    .any(|name| trailers.contains_key(name))
+}
+
+/// Whether a body error is bad framing from the client (hyper's chunk
+/// decoder reports `InvalidData`), not a connection that ended early.
+fn bad_framing(e: &BoxError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::InvalidData;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Called once when a response body has been written to its end, or dropped
