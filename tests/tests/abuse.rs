@@ -59,7 +59,11 @@ fn host_is_validated(worker: &str) {
     );
     assert_eq!(status_of(&resp), Some(400), "invalid Host: {resp:?}");
     let (resp, _) = exchange(s.addr, b"GET / HTTP/1.0\r\n\r\n", Duration::from_secs(5));
-    assert_eq!(status_of(&resp), Some(200), "HTTP/1.0 without Host: {resp:?}");
+    assert_eq!(
+        status_of(&resp),
+        Some(200),
+        "HTTP/1.0 without Host: {resp:?}"
+    );
     let (resp, _) = exchange(
         s.addr,
         b"GET http://a.example/ HTTP/1.1\r\nConnection: close\r\n\r\n",
@@ -77,7 +81,10 @@ fn host_is_validated(worker: &str) {
         3.0
     );
     assert_eq!(
-        m.sum("gpe_http_requests_total", &[("route", "/"), ("status", "200")]),
+        m.sum(
+            "gpe_http_requests_total",
+            &[("route", "/"), ("status", "200")]
+        ),
         2.0
     );
     assert_eq!(m.sum("gpe_http_errors_total", &[]), 3.0);
@@ -128,7 +135,10 @@ fn term_refuses_new_connections_and_finishes_the_request(worker: &str) {
         refused_after <= Duration::from_millis(100),
         "refused after {refused_after:?}"
     );
-    let resp = inflight.join().unwrap().expect("the in-flight request is answered");
+    let resp = inflight
+        .join()
+        .unwrap()
+        .expect("the in-flight request is answered");
     assert_eq!(resp.status, 200);
     assert_eq!(resp.body, b"slept");
     assert!(s.stop_or_exited().success(), "log:\n{}", s.log());
@@ -223,4 +233,112 @@ fn framing_and_limit_defects_are_refused(worker: &str) {
         ),
         1.0
     );
+}
+
+/// Generates one `#[test]` per listed worker type calling `$body(worker)`.
+macro_rules! on_workers {
+    ($name:ident: $($worker:ident),+) => {
+        mod $name {
+            $(
+                #[test]
+                fn $worker() { super::$name(stringify!($worker)) }
+            )+
+        }
+    };
+}
+
+on_workers!(trickled_body_keeps_the_worker: thread, eventloop, greenlet);
+on_workers!(blocked_loop_is_killed_after_timeout: sync, eventloop, greenlet);
+on_workers!(blocked_pool_thread_keeps_the_worker: thread);
+
+/// `--timeout` of the heartbeat tests, in seconds.
+const TIMEOUT: u64 = 2;
+
+fn timeouts(s: &Server) -> f64 {
+    s.scrape()
+        .one("gpe_master_worker_exits_total", &[("reason", "timeout")])
+}
+
+fn trickled_body_keeps_the_worker(worker: &str) {
+    let s = Server::start(
+        TESTAPP,
+        Opts::new(worker, 1).args(&["--timeout", &TIMEOUT.to_string()]),
+    );
+    let pid = s.worker_pids()["0"];
+    let addr = s.addr;
+    // One byte a second for 2 × timeout.
+    let len = 2 * TIMEOUT;
+    let slow = std::thread::spawn(move || {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let head = format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {len}\r\n\r\n"
+        );
+        c.write_all(head.as_bytes()).unwrap();
+        for _ in 0..len {
+            std::thread::sleep(Duration::from_secs(1));
+            c.write_all(b"a").unwrap();
+        }
+        let mut out = Vec::new();
+        let _ = c.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    // A keep-alive client of the same (only) worker, served throughout.
+    let mut ka = KeepAlive::connect(addr).unwrap();
+    let (mut last, mut longest_gap) = (Instant::now(), Duration::ZERO);
+    while !slow.is_finished() {
+        let r = ka.request("GET", "/", b"").unwrap();
+        assert_eq!(r.status, 200);
+        longest_gap = longest_gap.max(last.elapsed());
+        last = Instant::now();
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let resp = slow.join().unwrap();
+    assert_eq!(status_of(&resp), Some(200), "{resp:?}");
+    assert!(
+        longest_gap < Duration::from_secs(1),
+        "the keep-alive client waited {longest_gap:?} between answers"
+    );
+    assert_eq!(s.worker_pids()["0"], pid, "the worker was not replaced");
+    assert_eq!(timeouts(&s), 0.0);
+}
+
+fn blocked_loop_is_killed_after_timeout(worker: &str) {
+    let s = Server::start(
+        TESTAPP,
+        Opts::new(worker, 1).args(&["--timeout", &TIMEOUT.to_string()]),
+    );
+    let victim = s.worker_pids()["0"];
+    let addr = s.addr;
+    let sent = Instant::now();
+    // An async handler that blocks its thread: the event loop stops.
+    let stuck = std::thread::spawn(move || http(addr, "GET", "/spin/60000", &[], b"").ok());
+    let killed = wait_until(Duration::from_secs(15), || {
+        s.try_scrape()
+            .is_ok_and(|m| m.one("gpe_master_worker_exits_total", &[("reason", "timeout")]) == 1.0)
+    });
+    let took = sent.elapsed();
+    assert!(killed, "the blocked worker is killed; log:\n{}", s.log());
+    assert!(
+        took <= Duration::from_secs(TIMEOUT + 2),
+        "killed within timeout + 2 s, took {took:?}"
+    );
+    assert!(stuck.join().unwrap().is_none(), "the stuck request failed");
+    s.wait_ready(1);
+    assert_ne!(s.worker_pids()["0"], victim);
+    assert_eq!(get(s.addr, "/").status, 200);
+}
+
+fn blocked_pool_thread_keeps_the_worker(worker: &str) {
+    let s = Server::start(
+        TESTAPP,
+        Opts::new(worker, 1).args(&["--timeout", &TIMEOUT.to_string()]),
+    );
+    let pid = s.worker_pids()["0"];
+    // A request on a pool thread for 2 × timeout: the IO loop still beats.
+    let ms = (2 * TIMEOUT * 1000).to_string();
+    let r = get(s.addr, &format!("/sleep/{ms}"));
+    assert_eq!(r.status, 200);
+    assert_eq!(s.worker_pids()["0"], pid, "the worker was not replaced");
+    assert_eq!(timeouts(&s), 0.0);
 }

@@ -198,12 +198,16 @@ fn forbidden_trailer(trailers: &http::HeaderMap) -> bool {
 }
 
 /// Whether a body error is bad framing from the client (hyper's chunk
-/// decoder reports `InvalidData`), not a connection that ended early.
+/// decoder reports `InvalidInput` or `InvalidData`), not a connection that
+/// ended early (`UnexpectedEof`).
 fn bad_framing(e: &BoxError) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
     while let Some(err) = source {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return io.kind() == std::io::ErrorKind::InvalidData;
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
+            );
         }
         source = err.source();
     }

@@ -315,19 +315,17 @@ fn host_is_valid(parts: &http::request::Parts) -> bool {
 fn valid_host_value(v: &[u8]) -> bool {
     v.is_empty()
         || (!v.contains(&b'@')
-            && std::str::from_utf8(v)
-                .ok()
-                .is_some_and(|s| {
-                    s.parse::<http::uri::Authority>().is_ok_and(|a| {
-                        // Only digits after the host (the host may be `[v6]`).
-                        s.strip_prefix(a.host()).is_some_and(|rest| {
-                            rest.is_empty()
-                                || rest
-                                    .strip_prefix(':')
-                                    .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()))
-                        })
+            && std::str::from_utf8(v).ok().is_some_and(|s| {
+                s.parse::<http::uri::Authority>().is_ok_and(|a| {
+                    // Only digits after the host (the host may be `[v6]`).
+                    s.strip_prefix(a.host()).is_some_and(|rest| {
+                        rest.is_empty()
+                            || rest
+                                .strip_prefix(':')
+                                .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()))
                     })
-                }))
+                })
+            }))
 }
 
 /// Whether `chunked` is applied more than once (nginx answers 501; hyper
@@ -466,7 +464,11 @@ mod tests {
         assert!(!ok(Version::HTTP_11, "/", &[("host", "a b")]));
         // Absolute-form: the target's authority wins; two Host lines never pass.
         assert!(ok(Version::HTTP_11, "http://a.example/", &[]));
-        assert!(ok(Version::HTTP_11, "http://a.example/", &[("host", "b:x")]));
+        assert!(ok(
+            Version::HTTP_11,
+            "http://a.example/",
+            &[("host", "b:x")]
+        ));
         assert!(!ok(
             Version::HTTP_11,
             "http://a.example/",
@@ -478,7 +480,8 @@ mod tests {
 
     #[test]
     fn chunked_counts_across_lines_and_lists() {
-        let twice = |h: &[(&str, &str)]| chunked_twice(&parts(http::Version::HTTP_11, "/", h).headers);
+        let twice =
+            |h: &[(&str, &str)]| chunked_twice(&parts(http::Version::HTTP_11, "/", h).headers);
         assert!(!twice(&[("transfer-encoding", "chunked")]));
         assert!(!twice(&[("transfer-encoding", "gzip, chunked")]));
         assert!(twice(&[("transfer-encoding", "chunked, chunked")]));

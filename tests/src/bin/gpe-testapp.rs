@@ -18,7 +18,9 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use gpe::{handler, text, with_route, FullRequest as Request, FullResponse as Response, StatusCode};
+use gpe::{
+    handler, text, with_route, FullRequest as Request, FullResponse as Response, StatusCode,
+};
 
 fn route(req: Request) -> Response {
     let path = req.uri().path().to_owned();
@@ -74,7 +76,12 @@ fn main() -> ExitCode {
             return Err("TESTAPP_BOOT_FAIL is set".into());
         }
         Ok(handler(|req: Request| async move {
-            match req.uri().path().strip_prefix("/spin/").map(str::parse::<u64>) {
+            match req
+                .uri()
+                .path()
+                .strip_prefix("/spin/")
+                .map(str::parse::<u64>)
+            {
                 Some(Ok(ms)) if ms <= 60_000 => {
                     std::thread::sleep(Duration::from_millis(ms));
                     with_route(text(StatusCode::OK, "spun"), "/spin/{ms}")
