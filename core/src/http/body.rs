@@ -292,3 +292,47 @@ impl<E: OnEnd + Unpin> http_body::Body for Recorded<E> {
         http_body::Body::size_hint(&self.inner)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trailers_that_frame_or_route_are_forbidden() {
+        for name in ["content-length", "transfer-encoding", "host"] {
+            let mut t = http::HeaderMap::new();
+            t.insert(name, http::HeaderValue::from_static("1"));
+            assert!(forbidden_trailer(&t), "{name}");
+        }
+        let mut t = http::HeaderMap::new();
+        t.insert("x-checksum", http::HeaderValue::from_static("1"));
+        assert!(!forbidden_trailer(&t));
+    }
+
+    #[test]
+    fn bad_framing_is_told_from_an_early_end() {
+        let io = |k| -> BoxError { Box::new(std::io::Error::new(k, "x")) };
+        assert!(bad_framing(&io(std::io::ErrorKind::InvalidInput)));
+        assert!(bad_framing(&io(std::io::ErrorKind::InvalidData)));
+        assert!(!bad_framing(&io(std::io::ErrorKind::UnexpectedEof)));
+        // Found through a wrapping error's source, as hyper wraps it.
+        #[derive(Debug)]
+        struct Wrap(std::io::Error);
+        impl std::fmt::Display for Wrap {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("wrapped")
+            }
+        }
+        impl std::error::Error for Wrap {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let wrapped: BoxError = Box::new(Wrap(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "bad chunk",
+        )));
+        assert!(bad_framing(&wrapped));
+        assert!(!bad_framing(&"not io".into()));
+    }
+}
