@@ -21,6 +21,7 @@ pub(crate) struct BodyState {
     read: AtomicU64,
     overflowed: AtomicBool,
     malformed: AtomicBool,
+    cut: AtomicBool,
 }
 
 impl BodyState {
@@ -38,6 +39,12 @@ impl BodyState {
     /// field RFC 9110 §6.5.1 forbids): the client's error, `bad_request`.
     pub(crate) fn malformed(&self) -> bool {
         self.malformed.load(Ordering::Relaxed)
+    }
+
+    /// Whether the client went away before the end of the body
+    /// (`client_disconnect`).
+    pub(crate) fn cut(&self) -> bool {
+        self.cut.load(Ordering::Relaxed)
     }
 }
 
@@ -159,6 +166,7 @@ impl http_body::Body for Body {
                     Poll::Ready(Some(Err(e))) if bad_framing(e) => {
                         state.malformed.store(true, Ordering::Relaxed);
                     }
+                    Poll::Ready(Some(Err(_))) => state.cut.store(true, Ordering::Relaxed),
                     _ => {}
                 }
                 polled

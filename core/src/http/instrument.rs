@@ -238,6 +238,8 @@ impl Instrumented {
             .is_some_and(|s| s.overflowed() || s.malformed());
         if overflowed {
             error = Some(ErrorKind::BadRequest);
+        } else if state.as_ref().is_some_and(|s| s.cut()) {
+            error = Some(ErrorKind::ClientDisconnect);
         }
         let route = match resp.extensions_mut().remove::<Route>() {
             Some(r) => r,
