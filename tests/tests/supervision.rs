@@ -17,7 +17,6 @@ const TESTAPP: &str = env!("CARGO_BIN_EXE_gpe-testapp");
 const GPE: &str = env!("CARGO_BIN_EXE_gpe-bin");
 
 per_worker!(
-    stuck_worker_is_killed_after_timeout,
     max_requests_recycles_without_failures,
     hup_storm_drops_nothing,
     usr2_upgrade_then_quit_drops_nothing,
@@ -27,41 +26,6 @@ per_worker!(
     sd_notify_reports_ready_reloading_stopping,
     failing_app_factory_stops_the_server,
 );
-
-fn stuck_worker_is_killed_after_timeout(worker: &str) {
-    let timeout = 2;
-    let s = Server::start(
-        TESTAPP,
-        Opts::new(worker, 1).args(&["--timeout", &timeout.to_string()]),
-    );
-    let victim = s.worker_pids()["0"];
-    let addr = s.addr;
-    let sent = Instant::now();
-    let stuck = std::thread::spawn(move || http(addr, "GET", "/sleep/60000", &[], b"").ok());
-    let replaced = wait_until(Duration::from_secs(15), || {
-        s.try_scrape()
-            .is_ok_and(|m| m.one("gpe_master_worker_exits_total", &[("reason", "timeout")]) == 1.0)
-    });
-    let took = sent.elapsed();
-    assert!(replaced, "the stuck worker is killed; log:\n{}", s.log());
-    assert!(
-        took <= Duration::from_secs(timeout + 2),
-        "killed within timeout + 2 s, took {took:?}"
-    );
-    assert!(stuck.join().unwrap().is_none(), "the stuck request failed");
-    s.wait_ready(1);
-    assert_ne!(s.worker_pids()["0"], victim);
-    assert_eq!(get(s.addr, "/").status, 200);
-    let m = s.scrape();
-    assert_eq!(
-        m.one("gpe_master_worker_exits_total", &[("reason", "timeout")]),
-        1.0
-    );
-    assert_eq!(
-        m.one("gpe_master_worker_exits_total", &[("reason", "crash")]),
-        0.0
-    );
-}
 
 fn max_requests_recycles_without_failures(worker: &str) {
     let s = Server::start(

@@ -81,21 +81,31 @@ async fn serve(ctx: &mut WorkerContext) -> io::Result<WorkerExit> {
 
     let events = std::pin::pin!(worker_events(ctx)?);
 
-    let accepting = select_all(listeners.iter().map(|listener| {
-        accept_loop(
-            listener,
-            &gate,
-            || std::future::ready(()),
-            |conn, peer, admission| {
-                let connections = connections.clone();
-                tokio::task::spawn_local(async move {
-                    connections.serve(conn, peer, admission).await;
-                });
-            },
-        )
-        .boxed_local()
-    }))
-    .map(|(e, _, _)| e);
+    // The accept loops own the listeners: when `supervise` drops them (TERM,
+    // INT, QUIT, `max_requests`) this process's listening sockets close at
+    // once, before the drain.
+    let accepting = {
+        let (gate, connections) = (&gate, &connections);
+        async move {
+            let listeners = listeners;
+            let (e, _, _) = select_all(listeners.iter().map(|listener| {
+                accept_loop(
+                    listener,
+                    gate,
+                    || std::future::ready(()),
+                    |conn, peer, admission| {
+                        let connections = connections.clone();
+                        tokio::task::spawn_local(async move {
+                            connections.serve(conn, peer, admission).await;
+                        });
+                    },
+                )
+                .boxed_local()
+            }))
+            .await;
+            e
+        }
+    };
 
     supervise(ctx, &gate, events, accepting).await
 }

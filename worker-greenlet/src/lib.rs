@@ -126,22 +126,30 @@ async fn serve(
     // async-io's `read_with` takes any poll after a wake-up as readiness: in
     // a `select_all` every wake-up would cost each listener a failed accept
     // and an epoll re-arm.
-    let mut accept_loops: FuturesUnordered<_> = listeners
-        .iter()
-        .map(|listener| {
-            accept::accept_loop(listener, &gate, |stream, peer, admission| {
-                let connections = connections.clone();
-                executor
-                    .spawn(async move { connections.serve(stream, peer, admission).await })
-                    .detach();
-            })
-        })
-        .collect();
-    let accepting = async move {
-        accept_loops
-            .next()
-            .await
-            .unwrap_or_else(|| io::Error::other("no accept loop"))
+    //
+    // The accept loops own the listeners: when `supervise` drops them (TERM,
+    // INT, QUIT, `max_requests`) this process's listening sockets close at
+    // once, before the drain.
+    let accepting = {
+        let (gate, connections) = (&gate, &connections);
+        async move {
+            let listeners = listeners;
+            let mut accept_loops: FuturesUnordered<_> = listeners
+                .iter()
+                .map(|listener| {
+                    accept::accept_loop(listener, gate, |stream, peer, admission| {
+                        let connections = connections.clone();
+                        executor
+                            .spawn(async move { connections.serve(stream, peer, admission).await })
+                            .detach();
+                    })
+                })
+                .collect();
+            accept_loops
+                .next()
+                .await
+                .unwrap_or_else(|| io::Error::other("no accept loop"))
+        }
     };
 
     supervise(ctx, &gate, events, accepting).await

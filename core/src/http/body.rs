@@ -20,6 +20,8 @@ use super::app::{BoxError, ResponseBody};
 pub(crate) struct BodyState {
     read: AtomicU64,
     overflowed: AtomicBool,
+    malformed: AtomicBool,
+    cut: AtomicBool,
 }
 
 impl BodyState {
@@ -31,6 +33,18 @@ impl BodyState {
     /// Whether the body ran past `max_body_size` (the connection must close).
     pub(crate) fn overflowed(&self) -> bool {
         self.overflowed.load(Ordering::Relaxed)
+    }
+
+    /// Whether the body's framing was bad (a malformed chunk, a trailer
+    /// field RFC 9110 §6.5.1 forbids): the client's error, `bad_request`.
+    pub(crate) fn malformed(&self) -> bool {
+        self.malformed.load(Ordering::Relaxed)
+    }
+
+    /// Whether the client went away before the end of the body
+    /// (`client_disconnect`).
+    pub(crate) fn cut(&self) -> bool {
+        self.cut.load(Ordering::Relaxed)
     }
 }
 
@@ -139,10 +153,20 @@ impl http_body::Body for Body {
                         if let Some(data) = frame.data_ref() {
                             state.read.fetch_add(data.len() as u64, Ordering::Relaxed);
                         }
+                        if frame.trailers_ref().is_some_and(forbidden_trailer) {
+                            state.malformed.store(true, Ordering::Relaxed);
+                            return Poll::Ready(Some(Err(
+                                "a trailer field that RFC 9110 forbids".into()
+                            )));
+                        }
                     }
                     Poll::Ready(Some(Err(e))) if e.is::<http_body_util::LengthLimitError>() => {
                         state.overflowed.store(true, Ordering::Relaxed);
                     }
+                    Poll::Ready(Some(Err(e))) if bad_framing(e) => {
+                        state.malformed.store(true, Ordering::Relaxed);
+                    }
+                    Poll::Ready(Some(Err(_))) => state.cut.store(true, Ordering::Relaxed),
                     _ => {}
                 }
                 polled
@@ -167,6 +191,35 @@ impl http_body::Body for Body {
             Kind::Incoming { inner, .. } => inner.size_hint(),
         }
     }
+}
+
+/// Whether `trailers` holds a field RFC 9110 §6.5.1 forbids in a trailer:
+/// framing (Content-Length, Transfer-Encoding) and routing (Host).
+fn forbidden_trailer(trailers: &http::HeaderMap) -> bool {
+    [
+        http::header::CONTENT_LENGTH,
+        http::header::TRANSFER_ENCODING,
+        http::header::HOST,
+    ]
+    .iter()
+    .any(|name| trailers.contains_key(name))
+}
+
+/// Whether a body error is bad framing from the client (hyper's chunk
+/// decoder reports `InvalidInput` or `InvalidData`), not a connection that
+/// ended early (`UnexpectedEof`).
+fn bad_framing(e: &BoxError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
+            );
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Called once when a response body has been written to its end, or dropped
@@ -245,5 +298,49 @@ impl<E: OnEnd + Unpin> http_body::Body for Recorded<E> {
 
     fn size_hint(&self) -> SizeHint {
         http_body::Body::size_hint(&self.inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trailers_that_frame_or_route_are_forbidden() {
+        for name in ["content-length", "transfer-encoding", "host"] {
+            let mut t = http::HeaderMap::new();
+            t.insert(name, http::HeaderValue::from_static("1"));
+            assert!(forbidden_trailer(&t), "{name}");
+        }
+        let mut t = http::HeaderMap::new();
+        t.insert("x-checksum", http::HeaderValue::from_static("1"));
+        assert!(!forbidden_trailer(&t));
+    }
+
+    #[test]
+    fn bad_framing_is_told_from_an_early_end() {
+        let io = |k| -> BoxError { Box::new(std::io::Error::new(k, "x")) };
+        assert!(bad_framing(&io(std::io::ErrorKind::InvalidInput)));
+        assert!(bad_framing(&io(std::io::ErrorKind::InvalidData)));
+        assert!(!bad_framing(&io(std::io::ErrorKind::UnexpectedEof)));
+        // Found through a wrapping error's source, as hyper wraps it.
+        #[derive(Debug)]
+        struct Wrap(std::io::Error);
+        impl std::fmt::Display for Wrap {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("wrapped")
+            }
+        }
+        impl std::error::Error for Wrap {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let wrapped: BoxError = Box::new(Wrap(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "bad chunk",
+        )));
+        assert!(bad_framing(&wrapped));
+        assert!(!bad_framing(&"not io".into()));
     }
 }

@@ -23,6 +23,7 @@ pub const HEADER_TIMEOUT_WITHOUT_KEEPALIVE: Duration = Duration::from_secs(2);
 
 /// The http/1 builder of every worker type: the configured head limits;
 /// keep-alive as configured unless `keep_alive` is false (the sync worker);
+/// half-closed connections answered;
 /// an idle keep-alive connection closes after `keepalive`, and a head must
 /// arrive within `keepalive` (2 s without keep-alive). `timer` is the
 /// runtime's hyper timer.
@@ -35,7 +36,9 @@ where
     b.keep_alive(on)
         .max_buf_size(config.max_head_bytes())
         .max_headers(config.limit_request_fields)
-        .half_close(false)
+        // A client that sends its request and then shuts its write side
+        // (FIN) still gets its answer, as Gunicorn and nginx give it.
+        .half_close(true)
         .timer(timer)
         .header_read_timeout(if on {
             config.keepalive

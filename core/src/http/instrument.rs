@@ -169,10 +169,20 @@ impl Instrumented {
             .is_some_and(|n| n > self.settings.max_body);
         let over_limit = self.settings.limits.check(&parts);
         let wants_upgrade = !self.settings.upgrades && parts.headers.contains_key(header::UPGRADE);
+        // Refused before the body is read: the connection cannot be reused.
+        let framing = if !host_is_valid(&parts) {
+            Some(StatusCode::BAD_REQUEST)
+        } else if chunked_twice(&parts.headers) {
+            Some(StatusCode::NOT_IMPLEMENTED)
+        } else {
+            None
+        };
         let mut state = None;
         let refused = if let Some(status) = over_limit {
             // An oversized line's path is no label: count it as `unknown`.
             Some((status, ErrorKind::BadRequest, Some(Route::new("unknown"))))
+        } else if let Some(status) = framing {
+            Some((status, ErrorKind::BadRequest, None))
         } else if declared_too_long {
             Some((StatusCode::PAYLOAD_TOO_LARGE, ErrorKind::BadRequest, None))
         } else if wants_upgrade {
@@ -223,9 +233,13 @@ impl Instrumented {
                 (full(resp), Some(kind))
             }
         };
-        let overflowed = state.as_ref().is_some_and(|s| s.overflowed());
+        let overflowed = state
+            .as_ref()
+            .is_some_and(|s| s.overflowed() || s.malformed());
         if overflowed {
             error = Some(ErrorKind::BadRequest);
+        } else if state.as_ref().is_some_and(|s| s.cut()) {
+            error = Some(ErrorKind::ClientDisconnect);
         }
         let route = match resp.extensions_mut().remove::<Route>() {
             Some(r) => r,
@@ -239,7 +253,7 @@ impl Instrumented {
         headers
             .entry(header::SERVER)
             .or_insert(HeaderValue::from_static("gpe"));
-        if over_limit.is_some() || overflowed {
+        if over_limit.is_some() || framing.is_some() || overflowed {
             // Like Gunicorn: a client that breaks the limits is not kept.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -280,6 +294,54 @@ impl Instrumented {
     }
 }
 
+/// Whether the request's Host is as RFC 9112 §3.2 requires: never more than
+/// one Host line; an HTTP/1.1 request without a target authority (absolute-
+/// or authority-form, which takes precedence) carries exactly one, with a
+/// valid value (empty, or `host[:port]` without userinfo). HTTP/1.0 may omit it.
+fn host_is_valid(parts: &http::request::Parts) -> bool {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let (first, second) = (hosts.next(), hosts.next());
+    if second.is_some() {
+        return false;
+    }
+    if parts.uri.authority().is_some() {
+        return true;
+    }
+    match first {
+        Some(v) => valid_host_value(v.as_bytes()),
+        None => parts.version < http::Version::HTTP_11,
+    }
+}
+
+/// `uri-host [ ":" port ]` (RFC 9110 §7.2), or empty.
+fn valid_host_value(v: &[u8]) -> bool {
+    v.is_empty()
+        || (!v.contains(&b'@')
+            && std::str::from_utf8(v).ok().is_some_and(|s| {
+                s.parse::<http::uri::Authority>().is_ok_and(|a| {
+                    // Only digits after the host (the host may be `[v6]`).
+                    s.strip_prefix(a.host()).is_some_and(|rest| {
+                        rest.is_empty()
+                            || rest
+                                .strip_prefix(':')
+                                .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()))
+                    })
+                })
+            }))
+}
+
+/// Whether `chunked` is applied more than once (nginx answers 501; hyper
+/// refuses only a coding after `chunked`).
+fn chunked_twice(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+        .count()
+        > 1
+}
+
 fn log_app_error(e: &BoxError) {
     crate::log_error!("the app returned an error: {e}");
 }
@@ -309,7 +371,12 @@ impl OnEnd for Finish {
     fn ended(self, written: u64, complete: bool) {
         let request_bytes = self.state.as_ref().map_or(0, |s| s.read());
         let overflowed = self.state.as_ref().is_some_and(|s| s.overflowed());
-        let error = if !complete {
+        let malformed = self.state.as_ref().is_some_and(|s| s.malformed());
+        // A body with bad framing is the client's error even though the
+        // connection then breaks under the response.
+        let error = if malformed {
+            Some(ErrorKind::BadRequest)
+        } else if !complete {
             Some(ErrorKind::ClientDisconnect)
         } else if overflowed {
             Some(ErrorKind::BadRequest)
@@ -375,6 +442,57 @@ impl Drop for Abandoned<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parts(version: http::Version, uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut b = http::Request::builder().version(version).uri(uri);
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn host_rules_follow_rfc_9112() {
+        use http::Version;
+        let ok = |v, uri, h: &[(&str, &str)]| host_is_valid(&parts(v, uri, h));
+        assert!(ok(Version::HTTP_11, "/", &[("host", "a.example")]));
+        assert!(ok(Version::HTTP_11, "/", &[("host", "a.example:8080")]));
+        assert!(ok(Version::HTTP_11, "/", &[("host", "[::1]:80")]));
+        assert!(ok(Version::HTTP_11, "/", &[("host", "")]));
+        assert!(!ok(Version::HTTP_11, "/", &[]), "HTTP/1.1 needs a Host");
+        assert!(!ok(Version::HTTP_11, "/", &[("host", "a"), ("host", "a")]));
+        assert!(!ok(Version::HTTP_11, "/", &[("host", "u@a.example")]));
+        assert!(!ok(Version::HTTP_11, "/", &[("host", "a.example:port")]));
+        assert!(!ok(Version::HTTP_11, "/", &[("host", "a b")]));
+        // Absolute-form: the target's authority wins; two Host lines never pass.
+        assert!(ok(Version::HTTP_11, "http://a.example/", &[]));
+        assert!(ok(
+            Version::HTTP_11,
+            "http://a.example/",
+            &[("host", "b:x")]
+        ));
+        assert!(!ok(
+            Version::HTTP_11,
+            "http://a.example/",
+            &[("host", "a"), ("host", "b")]
+        ));
+        assert!(ok(Version::HTTP_10, "/", &[]), "HTTP/1.0 may omit Host");
+        assert!(!ok(Version::HTTP_10, "/", &[("host", "a b")]));
+    }
+
+    #[test]
+    fn chunked_counts_across_lines_and_lists() {
+        let twice =
+            |h: &[(&str, &str)]| chunked_twice(&parts(http::Version::HTTP_11, "/", h).headers);
+        assert!(!twice(&[("transfer-encoding", "chunked")]));
+        assert!(!twice(&[("transfer-encoding", "gzip, chunked")]));
+        assert!(twice(&[("transfer-encoding", "chunked, chunked")]));
+        assert!(twice(&[("transfer-encoding", "Chunked ,CHUNKED")]));
+        assert!(twice(&[
+            ("transfer-encoding", "chunked"),
+            ("transfer-encoding", "chunked")
+        ]));
+    }
 
     #[test]
     fn truncation_keeps_whole_characters() {

@@ -13,7 +13,8 @@ use crate::config::Config;
 pub struct HeadLimits {
     /// Longest request line (`METHOD SP target SP HTTP/x.y`), without CRLF.
     pub line: usize,
-    /// Longest header field (`name: value`), without CRLF.
+    /// Longest header line (`name: value` and its CRLF), as Gunicorn counts
+    /// `limit_request_field_size`.
     pub field: usize,
 }
 
@@ -37,9 +38,9 @@ impl HeadLimits {
         if parts.method.as_str().len() + target + 10 > self.line {
             return Some(StatusCode::URI_TOO_LONG);
         }
-        // "name: value".
+        // "name: value" and CRLF, the whole line as Gunicorn counts it.
         let too_large = |(name, value): (&header::HeaderName, &HeaderValue)| {
-            name.as_str().len() + 2 + value.len() > self.field
+            name.as_str().len() + 2 + value.len() + 2 > self.field
         };
         parts
             .headers
@@ -104,9 +105,9 @@ mod tests {
     }
 
     #[test]
-    fn the_field_limit_counts_name_separator_and_value() {
-        // "x-a: " is 5 bytes.
-        let at = "v".repeat(50 - 5);
+    fn the_field_limit_counts_name_separator_value_and_crlf() {
+        // "x-a: " is 5 bytes, CRLF 2.
+        let at = "v".repeat(50 - 5 - 2);
         assert_eq!(LIMITS.check(&parts("GET", "/", &[("x-a", &at)])), None);
         let over = format!("{at}v");
         assert_eq!(

@@ -58,6 +58,9 @@ pub(super) trait Os {
     fn choose_worker(&mut self, name: &str) -> Result<(), String>;
     /// The type of the workers spawned now.
     fn worker_kind(&self) -> WorkerKind;
+    /// Closes this process's copies of the listening sockets (a stop: new
+    /// clients are refused once the workers have closed theirs too).
+    fn close_listeners(&mut self);
     /// Reopens the error log (USR1, HUP).
     fn reopen_errorlog(&mut self, config: &Config);
 }

@@ -242,6 +242,10 @@ impl Os for SystemOs<'_> {
         self.worker.kind()
     }
 
+    fn close_listeners(&mut self) {
+        self.listeners.clear();
+    }
+
     fn reopen_errorlog(&mut self, config: &Config) {
         if let Err(e) = crate::log::open_errorlog(&config.errorlog) {
             log_error!("cannot reopen the error log: {e}");

@@ -41,6 +41,9 @@ impl<O: Os> Arbiter<O> {
             failure,
         };
         self.os.notify(Notice::Stopping);
+        // Listeners close first (the workers close theirs on the signal), so
+        // new clients are refused at once rather than accepted and dropped.
+        self.os.close_listeners();
         for p in &mut self.procs {
             p.retire(&mut self.os, ExitReason::Shutdown, deadline, sig);
         }

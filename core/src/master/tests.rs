@@ -110,6 +110,7 @@ impl Os for FakeOs {
     fn worker_kind(&self) -> WorkerKind {
         WorkerKind::Sync
     }
+    fn close_listeners(&mut self) {}
     fn reopen_errorlog(&mut self, _: &Config) {}
 }
 

@@ -225,14 +225,13 @@ impl Recorder {
         self.file.set_state(WorkerState::Draining);
     }
 
-    /// Records a sign of life from the worker's loop. It counts only while no
-    /// request is in progress: a finished request refreshes the heartbeat
-    /// itself, so a worker whose requests stop finishing (an app that blocks
-    /// forever) goes stale and is replaced after `timeout`.
+    /// Records a sign of life from the worker's loop, whatever requests are
+    /// in flight: the heartbeat says the loop responds. A loop that an app
+    /// blocks beats no more and is replaced after `timeout`; the sync
+    /// worker's loop runs only between connections, so there `timeout` also
+    /// caps a request.
     pub fn beat(&self) {
-        if self.file.header().in_flight.load(Ordering::Relaxed) <= 0 {
-            self.file.beat();
-        }
+        self.file.beat();
     }
 
     #[inline]

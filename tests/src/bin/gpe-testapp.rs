@@ -2,7 +2,10 @@
 //! command line as `gpe serve`. Routes:
 //!
 //! - `/` answers `ok`;
-//! - `/sleep/{ms}` blocks for `ms` milliseconds, then answers `slept`;
+//! - `/sleep/{ms}` blocks for `ms` milliseconds (where blocking is allowed),
+//!   then answers `slept`;
+//! - `/spin/{ms}` blocks its thread for `ms` milliseconds inside the async
+//!   handler (so it stalls an event loop), then answers `spun`;
 //! - `/status/{code}` answers with that status;
 //! - `/panic` panics (gpe answers 500);
 //! - `/bytes/{n}` answers `n` bytes;
@@ -16,7 +19,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use gpe::{
-    blocking, text, with_route, FullRequest as Request, FullResponse as Response, StatusCode,
+    handler, text, with_route, FullRequest as Request, FullResponse as Response, StatusCode,
 };
 
 fn route(req: Request) -> Response {
@@ -72,6 +75,20 @@ fn main() -> ExitCode {
         if std::env::var_os("TESTAPP_BOOT_FAIL").is_some() {
             return Err("TESTAPP_BOOT_FAIL is set".into());
         }
-        Ok(blocking(route))
+        Ok(handler(|req: Request| async move {
+            match req
+                .uri()
+                .path()
+                .strip_prefix("/spin/")
+                .map(str::parse::<u64>)
+            {
+                Some(Ok(ms)) if ms <= 60_000 => {
+                    std::thread::sleep(Duration::from_millis(ms));
+                    with_route(text(StatusCode::OK, "spun"), "/spin/{ms}")
+                }
+                Some(_) => with_route(text(StatusCode::BAD_REQUEST, "bad ms"), "/spin/{ms}"),
+                None => gpe_core::run_blocking(move || route(req)).await,
+            }
+        }))
     })
 }
