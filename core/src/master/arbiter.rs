@@ -38,6 +38,26 @@ const TICK: Duration = Duration::from_millis(250);
 pub(super) const FOLD_INTERVAL: Duration = Duration::from_millis(10);
 /// Shortest time between two starts of the exporter.
 pub(super) const EXPORTER_RESTART: Duration = Duration::from_secs(1);
+/// A worker that dies on its own sooner than this after its start crashed
+/// fast.
+pub(super) const FAST_CRASH: Duration = Duration::from_secs(1);
+/// Fast crashes in a row after which respawns back off.
+pub(super) const BACKOFF_AFTER: u32 = 3;
+/// The first back-off; each further fast crash doubles it.
+pub(super) const BACKOFF_BASE: Duration = Duration::from_millis(250);
+/// The longest back-off.
+pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The wait before the next respawn after `fast_crashes` fast crashes in a
+/// row (none below [`BACKOFF_AFTER`]).
+pub(super) fn backoff(fast_crashes: u32) -> Option<Duration> {
+    let n = fast_crashes.checked_sub(BACKOFF_AFTER)?;
+    Some(
+        BACKOFF_BASE
+            .saturating_mul(1u32.checked_shl(n.min(16)).unwrap_or(u32::MAX))
+            .min(BACKOFF_MAX),
+    )
+}
 
 /// The master's phase.
 #[derive(Debug)]
@@ -100,6 +120,11 @@ pub(super) struct Arbiter<O: Os> {
     pub(super) pidfile: Option<Pidfile>,
     /// When the last fold window closed.
     last_fold: Instant,
+    /// Workers in a row that died (or could not start) within
+    /// [`FAST_CRASH`] of their start.
+    fast_crashes: u32,
+    /// No worker starts before this (the back-off after fast crashes).
+    respawn_at: Option<Instant>,
 }
 
 impl<O: Os> Arbiter<O> {
@@ -152,6 +177,8 @@ impl<O: Os> Arbiter<O> {
             upgrade: upgrading_from.map_or(Upgrade::Idle, |old| Upgrade::TakingOver { old }),
             pidfile,
             last_fold,
+            fast_crashes: 0,
+            respawn_at: None,
         })
     }
 
@@ -194,6 +221,9 @@ impl<O: Os> Arbiter<O> {
         }
         self.reap();
         if self.running() {
+            self.check_store();
+        }
+        if self.running() {
             self.check_workers();
             self.manage();
             self.check_old_master();
@@ -218,6 +248,9 @@ impl<O: Os> Arbiter<O> {
             .for_each(&mut consider);
         if self.os.child_exited() {
             consider(self.last_fold + FOLD_INTERVAL);
+        }
+        if let Some(t) = self.respawn_at {
+            consider(t);
         }
         wake.max(Duration::from_millis(1))
     }
@@ -329,6 +362,10 @@ impl<O: Os> Arbiter<O> {
             self.vacated.push(p.slot);
         }
         let (slot, pid) = (p.slot, p.pid);
+        if matches!(p.life, Life::Serving) {
+            let lived = self.os.now().saturating_duration_since(p.started);
+            self.note_start_outcome(lived < FAST_CRASH);
+        }
         p.file.remove();
         match reason {
             ExitReason::Crash | ExitReason::Timeout => log_warn!(
@@ -347,6 +384,87 @@ impl<O: Os> Arbiter<O> {
             if n >= BOOT_FAILURE_LIMIT {
                 log_error!("workers failed to boot {n} times in a row");
                 self.fail(MasterError::BootFailed(n));
+            }
+        }
+    }
+
+    /// Counts a worker that died on its own (`fast`: soon after its start, or
+    /// it could not be started) and sets the back-off of the next start.
+    fn note_start_outcome(&mut self, fast: bool) {
+        if !fast {
+            self.fast_crashes = 0;
+            return;
+        }
+        self.fast_crashes = self.fast_crashes.saturating_add(1);
+        if let Some(wait) = backoff(self.fast_crashes) {
+            log_warn!(
+                "{} workers in a row died within {FAST_CRASH:?} of their start; next start in {wait:?}",
+                self.fast_crashes
+            );
+            self.respawn_at = Some(self.os.now() + wait);
+        }
+    }
+
+    /// Checks the store files this master holds mapped: repairs what a
+    /// foreign write broke in them, replaces a worker whose file was cut
+    /// short, deleted or replaced, and stops the server when the directory,
+    /// the index, the master or the retired file is gone (no new worker could
+    /// open the store).
+    fn check_store(&mut self) {
+        let store = &self.store;
+        let lost = if !store.path().is_dir() {
+            Some(store.path().to_owned())
+        } else if !self.index.intact() {
+            Some(store.index_path())
+        } else if !self.master_file.intact(store) {
+            Some(store.master_path())
+        } else if !self.retired.intact(store) {
+            Some(store.retired_path())
+        } else {
+            None
+        };
+        if let Some(path) = lost {
+            log_error!(
+                "the metric store's {} was deleted, cut short or replaced by another program; \
+                 stopping (a new worker could not open the store)",
+                path.display()
+            );
+            self.fail(MasterError::StoreLost(path));
+            return;
+        }
+        match self.index.repair() {
+            Ok(fixed) if !fixed.is_empty() => log_warn!(
+                "repaired the metric store's {} (a foreign write): {}",
+                self.store.index_path().display(),
+                fixed.join(", ")
+            ),
+            Ok(_) => {}
+            Err(e) => log_warn!("cannot check the metric store's index: {e}"),
+        }
+        let fixed = self.retired.repair();
+        if !fixed.is_empty() {
+            log_warn!(
+                "repaired the metric store's {} (a foreign write): {}",
+                self.store.retired_path().display(),
+                fixed.join(", ")
+            );
+        }
+        if self.master_file.repair() {
+            log_warn!(
+                "repaired the metric store's {} (a foreign write): its header",
+                self.store.master_path().display()
+            );
+        }
+        let deadline = self.os.now() + self.config.graceful_timeout;
+        for p in self.procs.iter_mut().filter(|p| p.serving()) {
+            if !p.file.intact() {
+                log_warn!(
+                    "worker {} (pid {}): its store file was cut short, deleted or replaced; replacing the worker",
+                    p.slot,
+                    p.pid
+                );
+                p.retire(&mut self.os, ExitReason::Crash, deadline, Signal::SIGTERM);
+                self.vacated.push(p.slot);
             }
         }
     }
@@ -380,7 +498,12 @@ impl<O: Os> Arbiter<O> {
             return;
         }
         let taken = |procs: &[Proc], s: u32| procs.iter().any(|p| p.slot == s && p.serving());
-        while self.serving() < self.desired as usize {
+        let now = self.os.now();
+        let backing_off = self.respawn_at.is_some_and(|t| now < t);
+        if !backing_off {
+            self.respawn_at = None;
+        }
+        while !backing_off && self.serving() < self.desired as usize {
             let slot = loop {
                 match self.vacated.pop() {
                     Some(s) if !taken(&self.procs, s) => break s,
@@ -390,10 +513,16 @@ impl<O: Os> Arbiter<O> {
             };
             if let Err(e) = self.spawn_worker(slot) {
                 log_error!("cannot start worker {slot}: {e}");
+                self.note_start_outcome(true);
+                if self.respawn_at.is_none() {
+                    self.respawn_at = Some(now + BACKOFF_BASE);
+                }
                 break;
             }
         }
-        self.vacated.clear();
+        if !backing_off {
+            self.vacated.clear();
+        }
         while self.serving() > self.desired as usize {
             let deadline = self.os.now() + self.config.graceful_timeout;
             let Some(oldest) = self
@@ -433,7 +562,9 @@ impl<O: Os> Arbiter<O> {
         match self.os.spawn_worker(&self.config, slot, generation) {
             Ok(pid) => {
                 file.set_pid(pid.as_raw() as u32);
-                self.procs.push(Proc::new(pid, slot, generation, file));
+                let started = self.os.now();
+                self.procs
+                    .push(Proc::new(pid, slot, generation, file, started));
                 Ok(())
             }
             Err(e) => {

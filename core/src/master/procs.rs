@@ -37,11 +37,13 @@ pub(super) struct Proc {
     pub file: WorkerFile,
     pub life: Life,
     pub booted: bool,
+    /// When it was forked.
+    pub started: Instant,
 }
 
 impl Proc {
     /// A freshly forked worker.
-    pub fn new(pid: Pid, slot: u32, generation: u64, file: WorkerFile) -> Proc {
+    pub fn new(pid: Pid, slot: u32, generation: u64, file: WorkerFile, started: Instant) -> Proc {
         Proc {
             pid,
             slot,
@@ -49,6 +51,7 @@ impl Proc {
             file,
             life: Life::Serving,
             booted: false,
+            started,
         }
     }
 

@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use super::arbiter::{Arbiter, Phase, Upgrade, EXPORTER_RESTART, FOLD_INTERVAL, QUICK_STOP};
+use super::arbiter::{
+    backoff, Arbiter, Phase, Upgrade, BACKOFF_AFTER, BACKOFF_BASE, BACKOFF_MAX, EXPORTER_RESTART,
+    FAST_CRASH, FOLD_INTERVAL, QUICK_STOP,
+};
 use super::os::{Notice, Os};
 use super::MasterError;
 use crate::config::{Config, ConfigError, RawSettings};
@@ -327,9 +330,53 @@ fn a_booted_worker_resets_the_boot_error_count() {
     h.boot_all();
     for _ in 0..2 {
         let w = h.workers()[0].0;
+        // Each worker lives past a fast crash, so no back-off delays the next.
+        h.step_after(FAST_CRASH);
         assert!(!h.exit(w, Ended::Exited(EXIT_BOOT_ERROR)));
     }
     assert!(h.arbiter.running());
+}
+
+#[test]
+fn respawns_back_off_exponentially_after_fast_crashes_and_reset_after_a_long_life() {
+    assert_eq!(backoff(BACKOFF_AFTER - 1), None);
+    assert_eq!(backoff(BACKOFF_AFTER), Some(BACKOFF_BASE));
+    assert_eq!(backoff(BACKOFF_AFTER + 2), Some(BACKOFF_BASE * 4));
+    assert_eq!(backoff(u32::MAX), Some(BACKOFF_MAX));
+    let mut h = Harness::new(config(1, |_| {}), false, None);
+    h.boot_all();
+    let spawned = |h: &Harness| {
+        h.events()
+            .iter()
+            .filter(|e| matches!(e, Event::Spawned(_, Child::Worker { .. })))
+            .count()
+    };
+    h.events();
+    // Fast crashes 1 and 2 are respawned at once.
+    for _ in 0..BACKOFF_AFTER - 1 {
+        let w = h.workers()[0].0;
+        h.exit(w, Ended::Signaled(11));
+        assert_eq!(spawned(&h), 1);
+    }
+    // From the third on, each waits twice as long as the one before.
+    let mut wait = BACKOFF_BASE;
+    for _ in 0..4 {
+        let w = h.workers()[0].0;
+        h.exit(w, Ended::Signaled(11));
+        assert_eq!(spawned(&h), 0, "no respawn during the back-off");
+        h.step_after(wait - Duration::from_millis(1));
+        assert_eq!(spawned(&h), 0, "no respawn before {wait:?}");
+        h.step_after(Duration::from_millis(1));
+        assert_eq!(spawned(&h), 1, "a respawn at {wait:?}");
+        wait *= 2;
+    }
+    assert!(h.arbiter.running());
+    // A worker that lived past FAST_CRASH resets the count.
+    h.step_after(FAST_CRASH);
+    let w = h.workers()[0].0;
+    h.exit(w, Ended::Signaled(11));
+    assert_eq!(spawned(&h), 1);
+    assert_eq!(h.exits(ExitReason::Crash), 7);
 }
 
 #[test]

@@ -113,7 +113,8 @@ impl StoreDir {
     /// store files left by an earlier run. Returns whether it was created.
     ///
     /// # Errors
-    /// The directory cannot be created or cleaned.
+    /// The directory cannot be created or cleaned, or it holds anything that
+    /// is not a gpe store file (then nothing is removed; the error names it).
     pub fn prepare(&self) -> io::Result<bool> {
         let created = match fs::create_dir(&self.path) {
             Ok(()) => true,
@@ -121,18 +122,36 @@ impl StoreDir {
             Err(e) => return Err(e),
         };
         if !created {
-            for (_, _, p) in self.worker_files()? {
+            for p in self.proven_files()? {
                 fs::remove_file(p)?;
-            }
-            for p in [self.index_path(), self.master_path(), self.retired_path()] {
-                match fs::remove_file(&p) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
             }
         }
         Ok(created)
+    }
+
+    /// Every entry of the directory, each proven by its header to be a gpe
+    /// store file.
+    ///
+    /// # Errors
+    /// The directory cannot be read, or an entry is not a gpe store file
+    /// (`InvalidData`, naming it).
+    pub fn proven_files(&self) -> io::Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.path)? {
+            let path = entry?.path();
+            if prove(&path).is_none() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{} is not a gpe store file (gpe removes only files whose header it wrote); \
+                         move it away or choose another directory",
+                        path.display()
+                    ),
+                ));
+            }
+            out.push(path);
+        }
+        Ok(out)
     }
 
     /// Removes every store file, and the directory itself when `remove_dir`.
@@ -149,6 +168,49 @@ impl StoreDir {
             let _ = fs::remove_dir(&self.path);
         }
     }
+}
+
+/// What the header of a store file proves about it, read without mapping it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Proof {
+    /// The writer's pid (data files; 0 for the index).
+    pub pid: u32,
+    /// Wall-clock start time of the writer, Unix nanoseconds (data files).
+    pub start_time_ns: u64,
+    /// The file kind code (data files; 0 for the index).
+    pub kind: u32,
+}
+
+/// Reads the header of the regular file at `path`: `Some` when it starts
+/// with the store's magic and has the size of a store file of this version.
+pub fn prove(path: &Path) -> Option<Proof> {
+    use std::io::Read;
+    let meta = fs::symlink_metadata(path).ok()?;
+    let len = meta.len();
+    if !meta.file_type().is_file()
+        || (len != DATA_FILE_BYTES as u64 && len != layout::INDEX_FILE_BYTES as u64)
+    {
+        return None;
+    }
+    let mut head = [0u8; 72];
+    fs::File::open(path).ok()?.read_exact(&mut head).ok()?;
+    let u64_at = |o: usize| u64::from_ne_bytes(head[o..o + 8].try_into().unwrap_or([0; 8]));
+    let u32_at = |o: usize| u32::from_ne_bytes(head[o..o + 4].try_into().unwrap_or([0; 4]));
+    if u64_at(0) != MAGIC {
+        return None;
+    }
+    if len == layout::INDEX_FILE_BYTES as u64 {
+        return Some(Proof {
+            pid: 0,
+            start_time_ns: 0,
+            kind: 0,
+        });
+    }
+    Some(Proof {
+        pid: u32_at(std::mem::offset_of!(Header, pid)),
+        start_time_ns: u64_at(std::mem::offset_of!(Header, start_time_ns)),
+        kind: u32_at(std::mem::offset_of!(Header, kind)),
+    })
 }
 
 /// One mapped data file (master, retired or worker).
@@ -230,6 +292,21 @@ impl DataFile {
         self.map.header()
     }
 
+    /// Puts back the magic, version and kind of a file this process created,
+    /// if a foreign write changed them. Returns whether it had to.
+    fn repair_identity(&self, kind: FileKind) -> bool {
+        let h = self.header();
+        let whole = h.magic.load(Ordering::Relaxed) == MAGIC
+            && h.version.load(Ordering::Relaxed) == VERSION
+            && h.kind.load(Ordering::Relaxed) == kind as u32;
+        if !whole {
+            h.version.store(VERSION, Ordering::Relaxed);
+            h.kind.store(kind as u32, Ordering::Relaxed);
+            h.magic.store(MAGIC, Ordering::Release);
+        }
+        !whole
+    }
+
     /// The value row of series `id`.
     pub fn row(&self, id: u32) -> &Row {
         self.map.row(id)
@@ -258,6 +335,36 @@ impl DataFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_foreign_file_stops_prepare_and_is_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StoreDir::new(dir.path().join("m"));
+        assert!(store.prepare().unwrap());
+        let index = Index::create(&store.index_path(), 10, &[1.0]).unwrap();
+        drop(index);
+        MasterFile::create(&store).unwrap();
+        std::fs::write(store.path().join("worker-0-1"), b"mine").unwrap();
+        let err = store.prepare().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("worker-0-1"), "{err}");
+        assert_eq!(
+            std::fs::read(store.path().join("worker-0-1")).unwrap(),
+            b"mine"
+        );
+        assert!(store.index_path().exists() && store.master_path().exists());
+        // A file of the right size without the magic is not proven either.
+        std::fs::remove_file(store.path().join("worker-0-1")).unwrap();
+        let p = store.path().join("index2");
+        std::fs::write(&p, vec![0u8; DATA_FILE_BYTES]).unwrap();
+        assert!(store.prepare().is_err());
+        std::fs::remove_file(&p).unwrap();
+        let proof = prove(&store.master_path()).unwrap();
+        assert_eq!(proof.pid, std::process::id());
+        assert_eq!(proof.kind, FileKind::Master as u32);
+        assert!(!store.prepare().unwrap());
+        assert_eq!(std::fs::read_dir(store.path()).unwrap().count(), 0);
+    }
 
     #[test]
     fn fold_moves_counts_once() {

@@ -89,6 +89,22 @@ impl MasterFile {
         self.0.header().pid.load(Ordering::Relaxed)
     }
 
+    /// Whether the file is still whole and still at its path.
+    pub fn intact(&self, store: &StoreDir) -> bool {
+        self.0.map.intact(&store.master_path())
+    }
+
+    /// Puts back what a foreign write changed in the header this master
+    /// wrote (its identity and pid). Returns whether it had to.
+    pub fn repair(&self) -> bool {
+        let h = self.0.header();
+        let pid_ok = h.pid.load(Ordering::Relaxed) == std::process::id();
+        if !pid_ok {
+            h.pid.store(std::process::id(), Ordering::Relaxed);
+        }
+        self.0.repair_identity(FileKind::Master) | !pid_ok
+    }
+
     /// Counts one handled signal.
     pub fn count_signal(&self, sig: MasterSignal) {
         self.0.header().signals[sig.code() as usize].fetch_add(1, Ordering::Relaxed);
@@ -128,11 +144,41 @@ impl RetiredFile {
     }
 
     /// Opens the fold window (the retired epoch becomes odd) until the window
-    /// is dropped, so that readers retry a snapshot that raced a fold.
+    /// is dropped, so that readers retry a snapshot that raced a fold. An
+    /// epoch found odd (no window of this master is open: a foreign write) is
+    /// first moved on to the next even value.
     pub fn fold_window(&self) -> FoldWindow<'_> {
-        self.0.header().epoch.fetch_add(1, Ordering::AcqRel);
+        let epoch = &self.0.header().epoch;
+        let begin = epoch.load(Ordering::Relaxed);
+        let begin = begin.wrapping_add(begin % 2);
+        epoch.store(begin.wrapping_add(1), Ordering::Relaxed);
         fence(Ordering::Release);
-        FoldWindow { retired: &self.0 }
+        FoldWindow {
+            retired: &self.0,
+            begin,
+        }
+    }
+
+    /// Whether the file is still whole and still at its path.
+    pub fn intact(&self, store: &StoreDir) -> bool {
+        self.0.map.intact(&store.retired_path())
+    }
+
+    /// Puts back what a foreign write changed: the identity, and an epoch
+    /// left odd while no fold window is open (call it outside one). Returns
+    /// what was repaired.
+    pub fn repair(&self) -> Vec<&'static str> {
+        let mut fixed = Vec::new();
+        if self.0.repair_identity(FileKind::Retired) {
+            fixed.push("its magic, version and kind");
+        }
+        let epoch = &self.0.header().epoch;
+        let e = epoch.load(Ordering::Relaxed);
+        if e % 2 == 1 {
+            epoch.store(e.wrapping_add(1), Ordering::Release);
+            fixed.push("an odd fold epoch");
+        }
+        fixed
     }
 }
 
@@ -140,6 +186,7 @@ impl RetiredFile {
 #[derive(Debug)]
 pub struct FoldWindow<'a> {
     retired: &'a DataFile,
+    begin: u64,
 }
 
 impl FoldWindow<'_> {
@@ -185,7 +232,10 @@ impl FoldWindow<'_> {
 
 impl Drop for FoldWindow<'_> {
     fn drop(&mut self) {
-        self.retired.header().epoch.fetch_add(1, Ordering::Release);
+        self.retired
+            .header()
+            .epoch
+            .store(self.begin.wrapping_add(2), Ordering::Release);
     }
 }
 
@@ -257,6 +307,12 @@ impl WorkerFile {
             )
     }
 
+    /// Whether the file is still whole and still at its path (not cut short,
+    /// deleted or replaced by another program).
+    pub fn intact(&self) -> bool {
+        self.file.map.intact(&self.path)
+    }
+
     /// Connections the worker holds open.
     pub fn connections(&self) -> i64 {
         self.file.header().connections.load(Ordering::Relaxed)
@@ -264,8 +320,12 @@ impl WorkerFile {
 
     /// Removes the file from the store directory (after it was folded, or
     /// when the worker never started).
+    /// A file that is no longer the one this process mapped (another program
+    /// replaced it) is left alone.
     pub fn remove(self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.file.map.is_at(&self.path) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 
     /// Sets the worker state (tests stand in for a worker's recorder).
