@@ -14,6 +14,9 @@ mod recorder;
 mod snapshot;
 mod views;
 
+#[cfg(test)]
+mod fuzz;
+
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
