@@ -405,28 +405,18 @@ impl<O: Os> Arbiter<O> {
         }
     }
 
-    /// Checks the store files this master holds mapped: repairs what a
-    /// foreign write broke in them, replaces a worker whose file was cut
-    /// short, deleted or replaced, and stops the server when the directory,
-    /// the index, the master or the retired file is gone (no new worker could
-    /// open the store).
+    /// Checks the store files this master holds mapped: recreates the
+    /// directory and the index, master and retired files when they were
+    /// deleted (from its own mappings; the workers are then replaced, since
+    /// they map the old index), repairs what a foreign write broke in them,
+    /// replaces a worker whose file was cut short, deleted or replaced, and
+    /// stops the server when a file it needs was cut short or replaced by
+    /// another file (its contents are gone).
     fn check_store(&mut self) {
-        let store = &self.store;
-        let lost = if !store.path().is_dir() {
-            Some(store.path().to_owned())
-        } else if !self.index.intact() {
-            Some(store.index_path())
-        } else if !self.master_file.intact(store) {
-            Some(store.master_path())
-        } else if !self.retired.intact(store) {
-            Some(store.retired_path())
-        } else {
-            None
-        };
-        if let Some(path) = lost {
+        if let Err(path) = self.recreate_deleted() {
             log_error!(
-                "the metric store's {} was deleted, cut short or replaced by another program; \
-                 stopping (a new worker could not open the store)",
+                "the metric store's {} was cut short or replaced by another program, or cannot be \
+                 written again; stopping (a new worker could not open the store)",
                 path.display()
             );
             self.fail(MasterError::StoreLost(path));
@@ -467,6 +457,64 @@ impl<O: Os> Arbiter<O> {
                 self.vacated.push(p.slot);
             }
         }
+    }
+
+    /// Recreates a deleted store directory and the deleted files among the
+    /// index, master and retired files. Returns the path that is beyond
+    /// repair, if any.
+    fn recreate_deleted(&mut self) -> Result<(), std::path::PathBuf> {
+        let store = self.store.clone();
+        if !store.path().is_dir() {
+            std::fs::create_dir(store.path()).map_err(|_| store.path().to_owned())?;
+            log_warn!(
+                "the metric store directory {} was deleted; recreated it",
+                store.path().display()
+            );
+        }
+        let recreate = |path: std::path::PathBuf,
+                        intact: bool,
+                        f: &mut dyn FnMut() -> std::io::Result<()>|
+         -> Result<bool, std::path::PathBuf> {
+            if intact {
+                return Ok(false);
+            }
+            if path.symlink_metadata().is_ok() {
+                return Err(path);
+            }
+            match f() {
+                Ok(()) => {
+                    log_warn!(
+                        "the metric store's {} was deleted; wrote it again from this master's copy",
+                        path.display()
+                    );
+                    Ok(true)
+                }
+                Err(e) => {
+                    log_error!("cannot write {} again: {e}", path.display());
+                    Err(path)
+                }
+            }
+        };
+        let index = &mut self.index;
+        let index_intact = index.intact();
+        let index_new = recreate(store.index_path(), index_intact, &mut || index.recreate())?;
+        let master = &mut self.master_file;
+        let master_intact = master.intact(&store);
+        recreate(store.master_path(), master_intact, &mut || {
+            master.recreate(&store)
+        })?;
+        let retired_intact = self.retired.intact(&store);
+        let retired = &mut self.retired;
+        recreate(store.retired_path(), retired_intact, &mut || {
+            Rc::get_mut(retired)
+                .ok_or_else(|| std::io::Error::other("the retired file is in use"))?
+                .recreate(&store)
+        })?;
+        if index_new {
+            log_warn!("replacing every worker: they map the index that was deleted");
+            self.retire_serving(ExitReason::Reload);
+        }
+        Ok(())
     }
 
     /// Notes booted workers and enforces the heartbeat timeout.

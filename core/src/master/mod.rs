@@ -139,9 +139,9 @@ pub enum MasterError {
     /// The pid file is in use or cannot be written.
     #[error("setting `pidfile`: {0}")]
     Pidfile(std::io::Error),
-    /// A file of the metric store, or its directory, went away while serving.
+    /// A file of the metric store was cut short or replaced while serving.
     #[error(
-        "setting `metrics_dir`: {} was deleted, cut short or replaced by another program; stopped",
+        "setting `metrics_dir`: {} was cut short or replaced by another program; stopped",
         .0.display()
     )]
     StoreLost(PathBuf),

@@ -653,3 +653,59 @@ fn winch_stops_the_workers_and_hup_brings_them_back() {
     h.signal(Signal::SIGHUP);
     assert_eq!(h.workers().len(), 2);
 }
+
+#[test]
+fn a_deleted_store_directory_is_written_again_and_every_worker_replaced() {
+    let mut h = Harness::new(config(2, |_| {}), false, None);
+    h.boot_all();
+    let [a, b] = [h.workers()[0].0, h.workers()[1].0];
+    h.exit(a, Ended::Signaled(9));
+    h.step_after(FAST_CRASH);
+    let a = h.workers().iter().find(|w| w.0 != b).unwrap().0;
+    h.events();
+    std::fs::remove_dir_all(h.store.path()).unwrap();
+    h.step_after(Duration::from_millis(1));
+    let events = h.events();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::Sent(p, Signal::SIGTERM) if *p == a || *p == b))
+            .count(),
+        2,
+        "{events:?}"
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::Spawned(_, Child::Worker { .. })))
+            .count(),
+        2,
+        "no slot stays empty: {events:?}"
+    );
+    assert!(h.arbiter.running());
+    // The copies hold what the master had: one crash.
+    assert_eq!(h.exits(ExitReason::Crash), 1);
+    assert!(h.store.index_path().exists() && h.store.retired_path().exists());
+}
+
+#[test]
+fn a_store_file_cut_short_stops_the_server_naming_it() {
+    let mut h = Harness::new(config(1, |_| {}), false, None);
+    h.boot_all();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(h.store.index_path())
+        .unwrap()
+        .set_len(10)
+        .unwrap();
+    h.step_after(Duration::from_millis(1));
+    assert!(!h.arbiter.running());
+    let Phase::Stopping { failure, .. } = &h.arbiter.phase else {
+        panic!("not stopping")
+    };
+    let msg = failure.as_ref().unwrap().to_string();
+    assert!(
+        msg.contains(&h.store.index_path().display().to_string()),
+        "{msg}"
+    );
+}

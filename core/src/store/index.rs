@@ -226,6 +226,30 @@ impl Index {
         v.checked_sub(1).filter(|id| *id < self.used())
     }
 
+    /// Writes a copy of this index (as this process maps it) under its path,
+    /// which must be free (the file was deleted), and switches to the copy.
+    /// The old file is marked full, so that processes still mapping it drop
+    /// new label sets instead of giving out ids the copy does not know.
+    ///
+    /// # Errors
+    /// Creating, reserving or renaming the copy failed.
+    pub fn recreate(&mut self) -> io::Result<()> {
+        let tmp = self.path.with_extension("tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let copy = Mapped::create(&tmp, INDEX_FILE_BYTES)?;
+        copy.copy_from(&self.map);
+        if let Err(e) = std::fs::rename(&tmp, &self.path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.map
+            .index_header()
+            .used
+            .store(u32::MAX, Ordering::Release);
+        self.map = copy;
+        Ok(())
+    }
+
     /// Whether the mapped file is still whole and still the file at its path.
     pub fn intact(&self) -> bool {
         self.map.intact(&self.path)

@@ -295,6 +295,24 @@ impl DataFile {
         self.map.header()
     }
 
+    /// Writes a copy of this file (as this process maps it) at `path`, which
+    /// must be free (the file was deleted), and switches to the copy.
+    ///
+    /// # Errors
+    /// Creating, reserving or renaming the copy failed.
+    fn recreate(&mut self, path: &Path) -> io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        let _ = fs::remove_file(&tmp);
+        let copy = Mapped::create(&tmp, DATA_FILE_BYTES)?;
+        copy.copy_from(&self.map);
+        if let Err(e) = fs::rename(&tmp, path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.map = copy;
+        Ok(())
+    }
+
     /// Puts back the magic, version and kind of a file this process created,
     /// if a foreign write changed them. Returns whether it had to.
     fn repair_identity(&self, kind: FileKind) -> bool {

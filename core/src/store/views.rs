@@ -94,6 +94,14 @@ impl MasterFile {
         self.0.map.intact(&store.master_path())
     }
 
+    /// Writes a copy at its path (the file was deleted) and switches to it.
+    ///
+    /// # Errors
+    /// Creating, reserving or renaming the copy failed.
+    pub fn recreate(&mut self, store: &StoreDir) -> io::Result<()> {
+        self.0.recreate(&store.master_path())
+    }
+
     /// Puts back what a foreign write changed in the header this master
     /// wrote (its identity and pid). Returns whether it had to.
     pub fn repair(&self) -> bool {
@@ -162,6 +170,15 @@ impl RetiredFile {
     /// Whether the file is still whole and still at its path.
     pub fn intact(&self, store: &StoreDir) -> bool {
         self.0.map.intact(&store.retired_path())
+    }
+
+    /// Writes a copy at its path (the file was deleted) and switches to it.
+    /// Call it outside a fold window.
+    ///
+    /// # Errors
+    /// Creating, reserving or renaming the copy failed.
+    pub fn recreate(&mut self, store: &StoreDir) -> io::Result<()> {
+        self.0.recreate(&store.retired_path())
     }
 
     /// Puts back what a foreign write changed: the identity, and an epoch
