@@ -366,7 +366,7 @@ impl<O: Os> Arbiter<O> {
             let lived = self.os.now().saturating_duration_since(p.started);
             self.note_start_outcome(lived < FAST_CRASH);
         }
-        p.file.remove();
+        p.file.keep_as_spare(&self.store);
         match reason {
             ExitReason::Crash | ExitReason::Timeout => log_warn!(
                 "worker {slot} (pid {pid}) exited: {} ({:?})",
@@ -606,7 +606,11 @@ impl<O: Os> Arbiter<O> {
         self.generation += 1;
         let generation = self.generation;
         let kind = self.os.worker_kind();
-        let file = WorkerFile::create(&self.store, slot, generation, kind)?;
+        let file = match WorkerFile::create(&self.store, slot, generation, kind) {
+            Ok(f) => f,
+            // No room for a new file: the last reaped worker's will do.
+            Err(e) => WorkerFile::from_spare(&self.store, slot, generation, kind).map_err(|_| e)?,
+        };
         match self.os.spawn_worker(&self.config, slot, generation) {
             Ok(pid) => {
                 file.set_pid(pid.as_raw() as u32);

@@ -276,6 +276,15 @@ impl Mapped {
         }
     }
 
+    /// Sets every byte of the mapping to zero.
+    pub fn zero(&self) {
+        for i in 0..self.map.len() / 8 {
+            // SAFETY: as in `copy_from`: in bounds, aligned, atomics only.
+            unsafe { &*(self.map.as_ptr().add(i * 8) as *const AtomicU64) }
+                .store(0, Ordering::Relaxed);
+        }
+    }
+
     /// The data-file header.
     ///
     /// The mapping must be a data file (at least [`DATA_FILE_BYTES`] long).

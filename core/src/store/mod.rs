@@ -82,6 +82,12 @@ impl StoreDir {
         self.path.join("retired")
     }
 
+    /// Path of the spare worker file: the last reaped worker's, kept for the
+    /// next worker when the filesystem has no room for a new file.
+    pub fn spare_path(&self) -> PathBuf {
+        self.path.join("worker-spare")
+    }
+
     /// Path of the data file of the worker in `slot`, generation `generation`.
     pub fn worker_path(&self, slot: u32, generation: u64) -> PathBuf {
         self.path
@@ -164,7 +170,12 @@ impl StoreDir {
                 let _ = fs::remove_file(p);
             }
         }
-        for p in [self.index_path(), self.master_path(), self.retired_path()] {
+        for p in [
+            self.index_path(),
+            self.master_path(),
+            self.retired_path(),
+            self.spare_path(),
+        ] {
             let _ = fs::remove_file(p);
         }
         if remove_dir {
@@ -244,7 +255,28 @@ impl DataFile {
     pub fn create(path: &Path, id: FileIdentity) -> io::Result<DataFile> {
         let tmp = path.with_extension("tmp");
         let _ = fs::remove_file(&tmp);
-        let map = Mapped::create(&tmp, DATA_FILE_BYTES)?;
+        let file = DataFile {
+            map: Mapped::create(&tmp, DATA_FILE_BYTES)?,
+        };
+        file.init(id);
+        fs::rename(&tmp, path)?;
+        Ok(file)
+    }
+
+    /// Makes this (folded, unlisted) file a new one: every cell zero, the
+    /// identity `id`, then renames it from `from` to `to`.
+    ///
+    /// # Errors
+    /// Renaming failed.
+    fn reuse(&self, from: &Path, to: &Path, id: FileIdentity) -> io::Result<()> {
+        self.map.zero();
+        self.init(id);
+        fs::rename(from, to)
+    }
+
+    /// Writes the header of a new file (the magic last).
+    fn init(&self, id: FileIdentity) {
+        let map = &self.map;
         let h = map.header();
         h.version.store(VERSION, Ordering::Relaxed);
         h.kind.store(id.kind as u32, Ordering::Relaxed);
@@ -264,8 +296,6 @@ impl DataFile {
         h.start_time_ns.store(unix, Ordering::Relaxed);
         h.heartbeat_ns.store(mono, Ordering::Relaxed);
         h.magic.store(MAGIC, Ordering::Release);
-        fs::rename(&tmp, path)?;
-        Ok(DataFile { map })
     }
 
     /// Opens an existing data file.

@@ -289,6 +289,42 @@ impl WorkerFile {
         Ok(WorkerFile { file, path, slot })
     }
 
+    /// Keeps this reaped (folded) worker's file as the store's spare, in
+    /// place of any earlier one, for a worker that finds no room for a new
+    /// file. A file another program replaced is left alone.
+    pub fn keep_as_spare(self, store: &StoreDir) {
+        if self.file.map.is_at(&self.path) {
+            let _ = std::fs::rename(&self.path, store.spare_path());
+        }
+    }
+
+    /// Takes the store's spare file (see [`WorkerFile::keep_as_spare`]) for
+    /// the worker in `slot`, generation `generation`: every cell zeroed.
+    ///
+    /// # Errors
+    /// There is no spare, or it cannot be renamed.
+    pub fn from_spare(
+        store: &StoreDir,
+        slot: u32,
+        generation: u64,
+        kind: WorkerKind,
+    ) -> io::Result<WorkerFile> {
+        let spare = store.spare_path();
+        let file = store.open_data(&spare)?;
+        let path = store.worker_path(slot, generation);
+        file.reuse(
+            &spare,
+            &path,
+            FileIdentity {
+                kind: FileKind::Worker,
+                slot,
+                generation,
+                worker_kind: Some(kind),
+            },
+        )?;
+        Ok(WorkerFile { file, path, slot })
+    }
+
     /// Opens the existing file of the worker in `slot`, generation `generation`.
     ///
     /// # Errors
@@ -409,5 +445,28 @@ mod tests {
         assert_eq!(sibling.heartbeat_ns(), 42);
         w.remove();
         assert!(WorkerFile::open(&store, 2, 5).is_err());
+    }
+
+    #[test]
+    fn a_spare_file_comes_back_zeroed_under_a_new_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StoreDir::new(dir.path().join("w"));
+        store.prepare().unwrap();
+        let w = WorkerFile::create(&store, 0, 1, WorkerKind::Thread).unwrap();
+        w.set_state(WorkerState::Idle);
+        w.file.header().folded.store(1, Ordering::Relaxed);
+        w.file.row(3)[0].store(9, Ordering::Relaxed);
+        w.keep_as_spare(&store);
+        assert!(store.spare_path().exists() && store.worker_files().unwrap().is_empty());
+        let n = WorkerFile::from_spare(&store, 1, 2, WorkerKind::Thread).unwrap();
+        assert!(!store.spare_path().exists());
+        assert!(!n.booted());
+        assert_eq!(n.file.row(3)[0].load(Ordering::Relaxed), 0);
+        assert_eq!(n.file.header().folded.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            store.worker_files().unwrap(),
+            vec![(1, 2, store.worker_path(1, 2))]
+        );
+        assert!(WorkerFile::from_spare(&store, 1, 3, WorkerKind::Thread).is_err());
     }
 }
