@@ -609,7 +609,12 @@ impl<O: Os> Arbiter<O> {
         let file = match WorkerFile::create(&self.store, slot, generation, kind) {
             Ok(f) => f,
             // No room for a new file: the last reaped worker's will do.
-            Err(e) => WorkerFile::from_spare(&self.store, slot, generation, kind).map_err(|_| e)?,
+            Err(e) => {
+                let spare =
+                    WorkerFile::from_spare(&self.store, slot, generation, kind).map_err(|_| e)?;
+                log_warn!("no room for a new worker file; worker {slot} reuses the spare one");
+                spare
+            }
         };
         match self.os.spawn_worker(&self.config, slot, generation) {
             Ok(pid) => {

@@ -293,8 +293,10 @@ impl WorkerFile {
     /// place of any earlier one, for a worker that finds no room for a new
     /// file. A file another program replaced is left alone.
     pub fn keep_as_spare(self, store: &StoreDir) {
-        if self.file.map.is_at(&self.path) {
+        if self.file.map.intact(&self.path) {
             let _ = std::fs::rename(&self.path, store.spare_path());
+        } else {
+            self.remove();
         }
     }
 
