@@ -31,17 +31,16 @@ use crate::{log_error, log_info, log_warn};
 const BOOT_FAILURE_LIMIT: u32 = 3;
 /// Time a quick stop (INT/QUIT) or a timed-out worker gets before SIGKILL.
 pub(super) const QUICK_STOP: Duration = Duration::from_secs(1);
-/// Longest sleep of the loop: heartbeats are checked at least this often.
-const TICK: Duration = Duration::from_millis(250);
+/// Longest sleep of the loop: heartbeats (and the store files) are checked
+/// at least this often.
+pub(super) const TICK: Duration = Duration::from_millis(250);
 /// Shortest time between two folds, so that a scrape (which retries when a
 /// fold races it) always finds a quiet window, even in a SIGCHLD storm.
 pub(super) const FOLD_INTERVAL: Duration = Duration::from_millis(10);
 /// Shortest time between two starts of the exporter.
 pub(super) const EXPORTER_RESTART: Duration = Duration::from_secs(1);
-/// A worker that dies on its own sooner than this after its start crashed
-/// fast.
-pub(super) const FAST_CRASH: Duration = Duration::from_secs(1);
-/// Fast crashes in a row after which respawns back off.
+/// Workers in a row that die on their own before they finish booting (or
+/// cannot be started) after which respawns back off.
 pub(super) const BACKOFF_AFTER: u32 = 3;
 /// The first back-off; each further fast crash doubles it.
 pub(super) const BACKOFF_BASE: Duration = Duration::from_millis(250);
@@ -120,11 +119,13 @@ pub(super) struct Arbiter<O: Os> {
     pub(super) pidfile: Option<Pidfile>,
     /// When the last fold window closed.
     last_fold: Instant,
-    /// Workers in a row that died (or could not start) within
-    /// [`FAST_CRASH`] of their start.
+    /// Workers in a row that died on their own before they booted (or could
+    /// not be started).
     fast_crashes: u32,
     /// No worker starts before this (the back-off after fast crashes).
     respawn_at: Option<Instant>,
+    /// When the store files were last checked (at most once a [`TICK`]).
+    last_store_check: Option<Instant>,
 }
 
 impl<O: Os> Arbiter<O> {
@@ -179,6 +180,7 @@ impl<O: Os> Arbiter<O> {
             last_fold,
             fast_crashes: 0,
             respawn_at: None,
+            last_store_check: None,
         })
     }
 
@@ -362,9 +364,10 @@ impl<O: Os> Arbiter<O> {
             self.vacated.push(p.slot);
         }
         let (slot, pid) = (p.slot, p.pid);
-        if matches!(p.life, Life::Serving) {
-            let lived = self.os.now().saturating_duration_since(p.started);
-            self.note_start_outcome(lived < FAST_CRASH);
+        if matches!(p.life, Life::Serving)
+            && matches!(reason, ExitReason::Crash | ExitReason::BootError)
+        {
+            self.note_start_outcome(!(p.booted || p.file.booted()));
         }
         p.file.keep_as_spare(&self.store);
         match reason {
@@ -388,8 +391,9 @@ impl<O: Os> Arbiter<O> {
         }
     }
 
-    /// Counts a worker that died on its own (`fast`: soon after its start, or
-    /// it could not be started) and sets the back-off of the next start.
+    /// Counts a worker that died on its own (`fast`: before it finished
+    /// booting, or it could not be started) and sets the back-off of the next
+    /// start.
     fn note_start_outcome(&mut self, fast: bool) {
         if !fast {
             self.fast_crashes = 0;
@@ -398,7 +402,7 @@ impl<O: Os> Arbiter<O> {
         self.fast_crashes = self.fast_crashes.saturating_add(1);
         if let Some(wait) = backoff(self.fast_crashes) {
             log_warn!(
-                "{} workers in a row died within {FAST_CRASH:?} of their start; next start in {wait:?}",
+                "{} workers in a row died before they booted; next start in {wait:?}",
                 self.fast_crashes
             );
             self.respawn_at = Some(self.os.now() + wait);
@@ -413,6 +417,14 @@ impl<O: Os> Arbiter<O> {
     /// stops the server when a file it needs was cut short or replaced by
     /// another file (its contents are gone).
     fn check_store(&mut self) {
+        let now = self.os.now();
+        if self
+            .last_store_check
+            .is_some_and(|t| now.saturating_duration_since(t) < TICK)
+        {
+            return;
+        }
+        self.last_store_check = Some(now);
         if let Err(path) = self.recreate_deleted() {
             log_error!(
                 "the metric store's {} was cut short or replaced by another program, or cannot be \
@@ -524,6 +536,7 @@ impl<O: Os> Arbiter<O> {
         for p in &mut self.procs {
             if !p.booted && p.file.booted() {
                 p.booted = true;
+                self.fast_crashes = 0;
                 if let Phase::Running { boot_failures, .. } = &mut self.phase {
                     *boot_failures = 0;
                 }
@@ -619,9 +632,7 @@ impl<O: Os> Arbiter<O> {
         match self.os.spawn_worker(&self.config, slot, generation) {
             Ok(pid) => {
                 file.set_pid(pid.as_raw() as u32);
-                let started = self.os.now();
-                self.procs
-                    .push(Proc::new(pid, slot, generation, file, started));
+                self.procs.push(Proc::new(pid, slot, generation, file));
                 Ok(())
             }
             Err(e) => {

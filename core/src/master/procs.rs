@@ -37,13 +37,11 @@ pub(super) struct Proc {
     pub file: WorkerFile,
     pub life: Life,
     pub booted: bool,
-    /// When it was forked.
-    pub started: Instant,
 }
 
 impl Proc {
     /// A freshly forked worker.
-    pub fn new(pid: Pid, slot: u32, generation: u64, file: WorkerFile, started: Instant) -> Proc {
+    pub fn new(pid: Pid, slot: u32, generation: u64, file: WorkerFile) -> Proc {
         Proc {
             pid,
             slot,
@@ -51,7 +49,6 @@ impl Proc {
             file,
             life: Life::Serving,
             booted: false,
-            started,
         }
     }
 

@@ -14,7 +14,7 @@ use nix::unistd::Pid;
 
 use super::arbiter::{
     backoff, Arbiter, Phase, Upgrade, BACKOFF_AFTER, BACKOFF_BASE, BACKOFF_MAX, EXPORTER_RESTART,
-    FAST_CRASH, FOLD_INTERVAL, QUICK_STOP,
+    FOLD_INTERVAL, QUICK_STOP, TICK,
 };
 use super::os::{Notice, Os};
 use super::MasterError;
@@ -330,21 +330,18 @@ fn a_booted_worker_resets_the_boot_error_count() {
     h.boot_all();
     for _ in 0..2 {
         let w = h.workers()[0].0;
-        // Each worker lives past a fast crash, so no back-off delays the next.
-        h.step_after(FAST_CRASH);
         assert!(!h.exit(w, Ended::Exited(EXIT_BOOT_ERROR)));
     }
     assert!(h.arbiter.running());
 }
 
 #[test]
-fn respawns_back_off_exponentially_after_fast_crashes_and_reset_after_a_long_life() {
+fn respawns_back_off_exponentially_after_crashes_before_boot_and_reset_on_a_boot() {
     assert_eq!(backoff(BACKOFF_AFTER - 1), None);
     assert_eq!(backoff(BACKOFF_AFTER), Some(BACKOFF_BASE));
     assert_eq!(backoff(BACKOFF_AFTER + 2), Some(BACKOFF_BASE * 4));
     assert_eq!(backoff(u32::MAX), Some(BACKOFF_MAX));
     let mut h = Harness::new(config(1, |_| {}), false, None);
-    h.boot_all();
     let spawned = |h: &Harness| {
         h.events()
             .iter()
@@ -352,7 +349,7 @@ fn respawns_back_off_exponentially_after_fast_crashes_and_reset_after_a_long_lif
             .count()
     };
     h.events();
-    // Fast crashes 1 and 2 are respawned at once.
+    // Workers that crash before they boot: the first two are respawned at once.
     for _ in 0..BACKOFF_AFTER - 1 {
         let w = h.workers()[0].0;
         h.exit(w, Ended::Signaled(11));
@@ -371,8 +368,9 @@ fn respawns_back_off_exponentially_after_fast_crashes_and_reset_after_a_long_lif
         wait *= 2;
     }
     assert!(h.arbiter.running());
-    // A worker that lived past FAST_CRASH resets the count.
-    h.step_after(FAST_CRASH);
+    // A worker that booted resets the count, and its crash is respawned at once.
+    h.boot_all();
+    h.events();
     let w = h.workers()[0].0;
     h.exit(w, Ended::Signaled(11));
     assert_eq!(spawned(&h), 1);
@@ -660,11 +658,11 @@ fn a_deleted_store_directory_is_written_again_and_every_worker_replaced() {
     h.boot_all();
     let [a, b] = [h.workers()[0].0, h.workers()[1].0];
     h.exit(a, Ended::Signaled(9));
-    h.step_after(FAST_CRASH);
+    h.step_after(TICK);
     let a = h.workers().iter().find(|w| w.0 != b).unwrap().0;
     h.events();
     std::fs::remove_dir_all(h.store.path()).unwrap();
-    h.step_after(Duration::from_millis(1));
+    h.step_after(TICK);
     let events = h.events();
     assert_eq!(
         events
@@ -698,7 +696,7 @@ fn a_store_file_cut_short_stops_the_server_naming_it() {
         .unwrap()
         .set_len(10)
         .unwrap();
-    h.step_after(Duration::from_millis(1));
+    h.step_after(TICK);
     assert!(!h.arbiter.running());
     let Phase::Stopping { failure, .. } = &h.arbiter.phase else {
         panic!("not stopping")
