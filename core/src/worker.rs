@@ -191,8 +191,11 @@ pub(crate) fn child_main(
     ) {
         Ok(r) => Arc::new(r),
         Err(e) => {
-            crate::log_error!("worker {}: cannot open the metric store: {e}", place.slot);
-            return 1;
+            crate::log_error!(
+                "worker {} failed to boot: cannot open the metric store: {e}",
+                place.slot
+            );
+            return EXIT_BOOT_ERROR;
         }
     };
     let app = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory())) {

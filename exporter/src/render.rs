@@ -200,7 +200,7 @@ impl Scrape {
                 .map(|(b, c)| (*b, *c))
                 .collect();
             out.push((f64::INFINITY, s.cells[n]));
-            let count = s.cells[..=n].iter().sum();
+            let count = s.cells[..=n].iter().fold(0u64, |a, c| a.wrapping_add(*c));
             let sum = s.cells[CELLS - 1] as f64 / scale;
             let labels = labels_of(family, s);
             m.encode_family(&labels)?

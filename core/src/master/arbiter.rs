@@ -31,13 +31,32 @@ use crate::{log_error, log_info, log_warn};
 const BOOT_FAILURE_LIMIT: u32 = 3;
 /// Time a quick stop (INT/QUIT) or a timed-out worker gets before SIGKILL.
 pub(super) const QUICK_STOP: Duration = Duration::from_secs(1);
-/// Longest sleep of the loop: heartbeats are checked at least this often.
-const TICK: Duration = Duration::from_millis(250);
+/// Longest sleep of the loop: heartbeats (and the store files) are checked
+/// at least this often.
+pub(super) const TICK: Duration = Duration::from_millis(250);
 /// Shortest time between two folds, so that a scrape (which retries when a
 /// fold races it) always finds a quiet window, even in a SIGCHLD storm.
 pub(super) const FOLD_INTERVAL: Duration = Duration::from_millis(10);
 /// Shortest time between two starts of the exporter.
 pub(super) const EXPORTER_RESTART: Duration = Duration::from_secs(1);
+/// Workers in a row that die on their own before they finish booting (or
+/// cannot be started) after which respawns back off.
+pub(super) const BACKOFF_AFTER: u32 = 3;
+/// The first back-off; each further fast crash doubles it.
+pub(super) const BACKOFF_BASE: Duration = Duration::from_millis(250);
+/// The longest back-off.
+pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The wait before the next respawn after `fast_crashes` fast crashes in a
+/// row (none below [`BACKOFF_AFTER`]).
+pub(super) fn backoff(fast_crashes: u32) -> Option<Duration> {
+    let n = fast_crashes.checked_sub(BACKOFF_AFTER)?;
+    Some(
+        BACKOFF_BASE
+            .saturating_mul(1u32.checked_shl(n.min(16)).unwrap_or(u32::MAX))
+            .min(BACKOFF_MAX),
+    )
+}
 
 /// The master's phase.
 #[derive(Debug)]
@@ -100,6 +119,13 @@ pub(super) struct Arbiter<O: Os> {
     pub(super) pidfile: Option<Pidfile>,
     /// When the last fold window closed.
     last_fold: Instant,
+    /// Workers in a row that died on their own before they booted (or could
+    /// not be started).
+    fast_crashes: u32,
+    /// No worker starts before this (the back-off after fast crashes).
+    respawn_at: Option<Instant>,
+    /// When the store files were last checked (at most once a [`TICK`]).
+    last_store_check: Option<Instant>,
 }
 
 impl<O: Os> Arbiter<O> {
@@ -152,6 +178,9 @@ impl<O: Os> Arbiter<O> {
             upgrade: upgrading_from.map_or(Upgrade::Idle, |old| Upgrade::TakingOver { old }),
             pidfile,
             last_fold,
+            fast_crashes: 0,
+            respawn_at: None,
+            last_store_check: None,
         })
     }
 
@@ -194,6 +223,9 @@ impl<O: Os> Arbiter<O> {
         }
         self.reap();
         if self.running() {
+            self.check_store();
+        }
+        if self.running() {
             self.check_workers();
             self.manage();
             self.check_old_master();
@@ -218,6 +250,9 @@ impl<O: Os> Arbiter<O> {
             .for_each(&mut consider);
         if self.os.child_exited() {
             consider(self.last_fold + FOLD_INTERVAL);
+        }
+        if let Some(t) = self.respawn_at {
+            consider(t);
         }
         wake.max(Duration::from_millis(1))
     }
@@ -329,7 +364,12 @@ impl<O: Os> Arbiter<O> {
             self.vacated.push(p.slot);
         }
         let (slot, pid) = (p.slot, p.pid);
-        p.file.remove();
+        if matches!(p.life, Life::Serving)
+            && matches!(reason, ExitReason::Crash | ExitReason::BootError)
+        {
+            self.note_start_outcome(!(p.booted || p.file.booted()));
+        }
+        p.file.keep_as_spare(&self.store);
         match reason {
             ExitReason::Crash | ExitReason::Timeout => log_warn!(
                 "worker {slot} (pid {pid}) exited: {} ({:?})",
@@ -351,6 +391,144 @@ impl<O: Os> Arbiter<O> {
         }
     }
 
+    /// Counts a worker that died on its own (`fast`: before it finished
+    /// booting, or it could not be started) and sets the back-off of the next
+    /// start.
+    fn note_start_outcome(&mut self, fast: bool) {
+        if !fast {
+            self.fast_crashes = 0;
+            return;
+        }
+        self.fast_crashes = self.fast_crashes.saturating_add(1);
+        if let Some(wait) = backoff(self.fast_crashes) {
+            log_warn!(
+                "{} workers in a row died before they booted; next start in {wait:?}",
+                self.fast_crashes
+            );
+            self.respawn_at = Some(self.os.now() + wait);
+        }
+    }
+
+    /// Checks the store files this master holds mapped: recreates the
+    /// directory and the index, master and retired files when they were
+    /// deleted (from its own mappings; the workers are then replaced, since
+    /// they map the old index), repairs what a foreign write broke in them,
+    /// replaces a worker whose file was cut short, deleted or replaced, and
+    /// stops the server when a file it needs was cut short or replaced by
+    /// another file (its contents are gone).
+    fn check_store(&mut self) {
+        let now = self.os.now();
+        if self
+            .last_store_check
+            .is_some_and(|t| now.saturating_duration_since(t) < TICK)
+        {
+            return;
+        }
+        self.last_store_check = Some(now);
+        if let Err(path) = self.recreate_deleted() {
+            log_error!(
+                "the metric store's {} was cut short or replaced by another program, or cannot be \
+                 written again; stopping (a new worker could not open the store)",
+                path.display()
+            );
+            self.fail(MasterError::StoreLost(path));
+            return;
+        }
+        match self.index.repair() {
+            Ok(fixed) if !fixed.is_empty() => log_warn!(
+                "repaired the metric store's {} (a foreign write): {}",
+                self.store.index_path().display(),
+                fixed.join(", ")
+            ),
+            Ok(_) => {}
+            Err(e) => log_warn!("cannot check the metric store's index: {e}"),
+        }
+        let fixed = self.retired.repair();
+        if !fixed.is_empty() {
+            log_warn!(
+                "repaired the metric store's {} (a foreign write): {}",
+                self.store.retired_path().display(),
+                fixed.join(", ")
+            );
+        }
+        if self.master_file.repair() {
+            log_warn!(
+                "repaired the metric store's {} (a foreign write): its header",
+                self.store.master_path().display()
+            );
+        }
+        let deadline = self.os.now() + self.config.graceful_timeout;
+        for p in self.procs.iter_mut().filter(|p| p.serving()) {
+            if !p.file.intact() {
+                log_warn!(
+                    "worker {} (pid {}): its store file was cut short, deleted or replaced; replacing the worker",
+                    p.slot,
+                    p.pid
+                );
+                p.retire(&mut self.os, ExitReason::Crash, deadline, Signal::SIGTERM);
+                self.vacated.push(p.slot);
+            }
+        }
+    }
+
+    /// Recreates a deleted store directory and the deleted files among the
+    /// index, master and retired files. Returns the path that is beyond
+    /// repair, if any.
+    fn recreate_deleted(&mut self) -> Result<(), std::path::PathBuf> {
+        let store = self.store.clone();
+        if !store.path().is_dir() {
+            std::fs::create_dir(store.path()).map_err(|_| store.path().to_owned())?;
+            log_warn!(
+                "the metric store directory {} was deleted; recreated it",
+                store.path().display()
+            );
+        }
+        let recreate = |path: std::path::PathBuf,
+                        intact: bool,
+                        f: &mut dyn FnMut() -> std::io::Result<()>|
+         -> Result<bool, std::path::PathBuf> {
+            if intact {
+                return Ok(false);
+            }
+            if path.symlink_metadata().is_ok() {
+                return Err(path);
+            }
+            match f() {
+                Ok(()) => {
+                    log_warn!(
+                        "the metric store's {} was deleted; wrote it again from this master's copy",
+                        path.display()
+                    );
+                    Ok(true)
+                }
+                Err(e) => {
+                    log_error!("cannot write {} again: {e}", path.display());
+                    Err(path)
+                }
+            }
+        };
+        let index = &mut self.index;
+        let index_intact = index.intact();
+        let index_new = recreate(store.index_path(), index_intact, &mut || index.recreate())?;
+        let master = &mut self.master_file;
+        let master_intact = master.intact(&store);
+        recreate(store.master_path(), master_intact, &mut || {
+            master.recreate(&store)
+        })?;
+        let retired_intact = self.retired.intact(&store);
+        let retired = &mut self.retired;
+        recreate(store.retired_path(), retired_intact, &mut || {
+            Rc::get_mut(retired)
+                .ok_or_else(|| std::io::Error::other("the retired file is in use"))?
+                .recreate(&store)
+        })?;
+        if index_new {
+            log_warn!("replacing every worker: they map the index that was deleted");
+            self.retire_serving(ExitReason::Reload);
+        }
+        Ok(())
+    }
+
     /// Notes booted workers and enforces the heartbeat timeout.
     fn check_workers(&mut self) {
         let now_mono = self.os.mono_ns();
@@ -358,6 +536,7 @@ impl<O: Os> Arbiter<O> {
         for p in &mut self.procs {
             if !p.booted && p.file.booted() {
                 p.booted = true;
+                self.fast_crashes = 0;
                 if let Phase::Running { boot_failures, .. } = &mut self.phase {
                     *boot_failures = 0;
                 }
@@ -380,7 +559,12 @@ impl<O: Os> Arbiter<O> {
             return;
         }
         let taken = |procs: &[Proc], s: u32| procs.iter().any(|p| p.slot == s && p.serving());
-        while self.serving() < self.desired as usize {
+        let now = self.os.now();
+        let backing_off = self.respawn_at.is_some_and(|t| now < t);
+        if !backing_off {
+            self.respawn_at = None;
+        }
+        while !backing_off && self.serving() < self.desired as usize {
             let slot = loop {
                 match self.vacated.pop() {
                     Some(s) if !taken(&self.procs, s) => break s,
@@ -390,10 +574,16 @@ impl<O: Os> Arbiter<O> {
             };
             if let Err(e) = self.spawn_worker(slot) {
                 log_error!("cannot start worker {slot}: {e}");
+                self.note_start_outcome(true);
+                if self.respawn_at.is_none() {
+                    self.respawn_at = Some(now + BACKOFF_BASE);
+                }
                 break;
             }
         }
-        self.vacated.clear();
+        if !backing_off {
+            self.vacated.clear();
+        }
         while self.serving() > self.desired as usize {
             let deadline = self.os.now() + self.config.graceful_timeout;
             let Some(oldest) = self
@@ -429,7 +619,16 @@ impl<O: Os> Arbiter<O> {
         self.generation += 1;
         let generation = self.generation;
         let kind = self.os.worker_kind();
-        let file = WorkerFile::create(&self.store, slot, generation, kind)?;
+        let file = match WorkerFile::create(&self.store, slot, generation, kind) {
+            Ok(f) => f,
+            // No room for a new file: the last reaped worker's will do.
+            Err(e) => {
+                let spare =
+                    WorkerFile::from_spare(&self.store, slot, generation, kind).map_err(|_| e)?;
+                log_warn!("no room for a new worker file; worker {slot} reuses the spare one");
+                spare
+            }
+        };
         match self.os.spawn_worker(&self.config, slot, generation) {
             Ok(pid) => {
                 file.set_pid(pid.as_raw() as u32);

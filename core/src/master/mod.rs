@@ -17,6 +17,39 @@ mod upgrade;
 #[cfg(test)]
 mod tests;
 
+#[cfg(test)]
+mod stale_tests {
+    use super::*;
+
+    #[test]
+    fn stores_of_dead_or_reused_pids_are_removed_and_others_kept() {
+        let base = tempfile::tempdir().unwrap();
+        // A dead pid (beyond the largest pid_max).
+        let dead = StoreDir::new(base.path().join("gpe-4194305"));
+        dead.prepare().unwrap();
+        crate::store::Index::create(&dead.index_path(), 10, &[1.0]).unwrap();
+        // A dead pid whose directory holds a foreign file: left alone.
+        let foreign = StoreDir::new(base.path().join("gpe-4194306"));
+        foreign.prepare().unwrap();
+        std::fs::write(foreign.path().join("notes"), b"x").unwrap();
+        // A live pid (1) with no master file yet: kept.
+        let live = StoreDir::new(base.path().join("gpe-1"));
+        live.prepare().unwrap();
+        clean_stale_stores(base.path());
+        assert!(!dead.path().exists());
+        assert!(foreign.path().join("notes").exists());
+        assert!(live.path().exists());
+        // The pid test itself: dead, alive, reused.
+        let now = crate::store::unix_now_ns();
+        assert!(master_gone(4_194_305, now));
+        assert!(!master_gone(std::process::id(), now));
+        assert!(
+            master_gone(std::process::id(), 0),
+            "started after the file: reused"
+        );
+    }
+}
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -106,6 +139,12 @@ pub enum MasterError {
     /// The pid file is in use or cannot be written.
     #[error("setting `pidfile`: {0}")]
     Pidfile(std::io::Error),
+    /// A file of the metric store was cut short or replaced while serving.
+    #[error(
+        "setting `metrics_dir`: {} was cut short or replaced by another program; stopped",
+        .0.display()
+    )]
+    StoreLost(PathBuf),
     /// Workers kept failing to boot.
     #[error("workers failed to boot {0} times in a row (see the errors above); stopping")]
     BootFailed(u32),
@@ -145,13 +184,115 @@ pub fn bind_all(config: &Config) -> Result<Vec<Listener>, MasterError> {
         .collect()
 }
 
-fn private_store_dir() -> PathBuf {
-    let base = if std::path::Path::new("/dev/shm").is_dir() {
+/// Where the store lives when `metrics_dir` is not set.
+fn default_store_base() -> PathBuf {
+    if std::path::Path::new("/dev/shm").is_dir() {
         PathBuf::from("/dev/shm")
     } else {
         std::env::temp_dir()
+    }
+}
+
+fn private_store_dir() -> PathBuf {
+    default_store_base().join(format!("gpe-{}", std::process::id()))
+}
+
+/// Start time of process `pid`, Unix nanoseconds, from `/proc` (`None` when
+/// it cannot be read).
+fn process_start_ns(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22 (starttime, clock ticks since boot), counted after the `)`
+    // that ends the command name.
+    let rest = stat.rsplit_once(')')?.1;
+    let ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    let btime: u64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
+    Some(
+        btime
+            .saturating_mul(1_000_000_000)
+            .saturating_add(ticks.saturating_mul(1_000_000_000) / hz),
+    )
+}
+
+/// Whether the gpe master that wrote a store's master file (pid, start
+/// time) is gone: no such process, or the pid now belongs to a process that
+/// started after that master did (the pid was reused).
+fn master_gone(pid: u32, start_time_ns: u64) -> bool {
+    /// Slack for the coarse boot time in `/proc/stat` (whole seconds).
+    const SLACK_NS: u64 = 2_000_000_000;
+    let Ok(raw) = i32::try_from(pid) else {
+        return true;
     };
-    base.join(format!("gpe-{}", std::process::id()))
+    if raw <= 0 {
+        return true;
+    }
+    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None)
+        == Err(nix::errno::Errno::ESRCH)
+    {
+        return true;
+    }
+    process_start_ns(pid).is_some_and(|started| started > start_time_ns.saturating_add(SLACK_NS))
+}
+
+/// Removes from `base` the store directories (`gpe-<pid>`) of gpe masters
+/// that no longer run, each logged. A directory holding anything gpe did not
+/// write is left alone (and logged).
+fn clean_stale_stores(base: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("gpe-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let store = StoreDir::new(entry.path());
+        let master = crate::store::prove(&store.master_path());
+        let gone = match master {
+            Some(proof) if proof.pid == pid => master_gone(pid, proof.start_time_ns),
+            // No master file (yet): only a dead pid makes it stale.
+            _ => master_gone(pid, u64::MAX),
+        };
+        if !gone {
+            continue;
+        }
+        match store.proven_files() {
+            Ok(files) => {
+                for f in files {
+                    let _ = std::fs::remove_file(f);
+                }
+                match std::fs::remove_dir(store.path()) {
+                    Ok(()) => crate::log_info!(
+                        "Removed the stale metric store {} of gpe master {pid}, which no longer runs",
+                        store.path().display()
+                    ),
+                    Err(e) => crate::log_warn!(
+                        "cannot remove the stale metric store {}: {e}",
+                        store.path().display()
+                    ),
+                }
+            }
+            Err(e) => crate::log_warn!(
+                "leaving the stale metric store {} of gpe master {pid}: {e}",
+                store.path().display()
+            ),
+        }
+    }
 }
 
 /// The store directory while this master owns it: emptied on drop (and
@@ -261,12 +402,20 @@ impl Bound {
                 (StoreDir::new(PathBuf::from(s)), true)
             }
             Some(p) => (StoreDir::new(p), false),
-            None => (StoreDir::new(private_store_dir()), true),
+            None => {
+                clean_stale_stores(&default_store_base());
+                (StoreDir::new(private_store_dir()), true)
+            }
         };
         let store_err = |source| MasterError::Store {
             path: store.path().to_owned(),
             source,
         };
+        // Refuse a directory holding anything gpe did not write, before
+        // opening any file in it.
+        if store.path().is_dir() {
+            store.proven_files().map_err(store_err)?;
+        }
         // Never wipe the store of another live server sharing the directory.
         if let Ok(other) = crate::store::MasterFile::open(&store) {
             let pid = other.pid();

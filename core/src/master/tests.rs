@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use super::arbiter::{Arbiter, Phase, Upgrade, EXPORTER_RESTART, FOLD_INTERVAL, QUICK_STOP};
+use super::arbiter::{
+    backoff, Arbiter, Phase, Upgrade, BACKOFF_AFTER, BACKOFF_BASE, BACKOFF_MAX, EXPORTER_RESTART,
+    FOLD_INTERVAL, QUICK_STOP, TICK,
+};
 use super::os::{Notice, Os};
 use super::MasterError;
 use crate::config::{Config, ConfigError, RawSettings};
@@ -334,6 +337,48 @@ fn a_booted_worker_resets_the_boot_error_count() {
 }
 
 #[test]
+fn respawns_back_off_exponentially_after_crashes_before_boot_and_reset_on_a_boot() {
+    assert_eq!(backoff(BACKOFF_AFTER - 1), None);
+    assert_eq!(backoff(BACKOFF_AFTER), Some(BACKOFF_BASE));
+    assert_eq!(backoff(BACKOFF_AFTER + 2), Some(BACKOFF_BASE * 4));
+    assert_eq!(backoff(u32::MAX), Some(BACKOFF_MAX));
+    let mut h = Harness::new(config(1, |_| {}), false, None);
+    let spawned = |h: &Harness| {
+        h.events()
+            .iter()
+            .filter(|e| matches!(e, Event::Spawned(_, Child::Worker { .. })))
+            .count()
+    };
+    h.events();
+    // Workers that crash before they boot: the first two are respawned at once.
+    for _ in 0..BACKOFF_AFTER - 1 {
+        let w = h.workers()[0].0;
+        h.exit(w, Ended::Signaled(11));
+        assert_eq!(spawned(&h), 1);
+    }
+    // From the third on, each waits twice as long as the one before.
+    let mut wait = BACKOFF_BASE;
+    for _ in 0..4 {
+        let w = h.workers()[0].0;
+        h.exit(w, Ended::Signaled(11));
+        assert_eq!(spawned(&h), 0, "no respawn during the back-off");
+        h.step_after(wait - Duration::from_millis(1));
+        assert_eq!(spawned(&h), 0, "no respawn before {wait:?}");
+        h.step_after(Duration::from_millis(1));
+        assert_eq!(spawned(&h), 1, "a respawn at {wait:?}");
+        wait *= 2;
+    }
+    assert!(h.arbiter.running());
+    // A worker that booted resets the count, and its crash is respawned at once.
+    h.boot_all();
+    h.events();
+    let w = h.workers()[0].0;
+    h.exit(w, Ended::Signaled(11));
+    assert_eq!(spawned(&h), 1);
+    assert_eq!(h.exits(ExitReason::Crash), 7);
+}
+
+#[test]
 fn a_quick_stop_kills_after_one_second() {
     let mut h = Harness::new(config(2, |_| {}), true, None);
     h.boot_all();
@@ -606,4 +651,60 @@ fn winch_stops_the_workers_and_hup_brings_them_back() {
     h.world().reload = Some(config(2, |_| {}));
     h.signal(Signal::SIGHUP);
     assert_eq!(h.workers().len(), 2);
+}
+
+#[test]
+fn a_deleted_store_directory_is_written_again_and_every_worker_replaced() {
+    let mut h = Harness::new(config(2, |_| {}), false, None);
+    h.boot_all();
+    let [a, b] = [h.workers()[0].0, h.workers()[1].0];
+    h.exit(a, Ended::Signaled(9));
+    h.step_after(TICK);
+    let a = h.workers().iter().find(|w| w.0 != b).unwrap().0;
+    h.events();
+    std::fs::remove_dir_all(h.store.path()).unwrap();
+    h.step_after(TICK);
+    let events = h.events();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::Sent(p, Signal::SIGTERM) if *p == a || *p == b))
+            .count(),
+        2,
+        "{events:?}"
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::Spawned(_, Child::Worker { .. })))
+            .count(),
+        2,
+        "no slot stays empty: {events:?}"
+    );
+    assert!(h.arbiter.running());
+    // The copies hold what the master had: one crash.
+    assert_eq!(h.exits(ExitReason::Crash), 1);
+    assert!(h.store.index_path().exists() && h.store.retired_path().exists());
+}
+
+#[test]
+fn a_store_file_cut_short_stops_the_server_naming_it() {
+    let mut h = Harness::new(config(1, |_| {}), false, None);
+    h.boot_all();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(h.store.index_path())
+        .unwrap()
+        .set_len(10)
+        .unwrap();
+    h.step_after(TICK);
+    assert!(!h.arbiter.running());
+    let Phase::Stopping { failure, .. } = &h.arbiter.phase else {
+        panic!("not stopping")
+    };
+    let msg = failure.as_ref().unwrap().to_string();
+    assert!(
+        msg.contains(&h.store.index_path().display().to_string()),
+        "{msg}"
+    );
 }

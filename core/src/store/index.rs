@@ -197,7 +197,11 @@ impl Index {
             return None;
         }
         let e = self.map.entry(id);
-        Some((Family::from_code(e.family)?, entry_values(e)))
+        let family = Family::from_code(e.family)?;
+        if e.labels as usize != family.labels().len() {
+            return None;
+        }
+        Some((family, entry_values(e)))
     }
 
     /// The per-family series cap.
@@ -215,10 +219,83 @@ impl Index {
             .collect()
     }
 
-    /// The id of `family`'s overflow series, if it exists yet.
+    /// The id of `family`'s overflow series, if it exists yet (and is a
+    /// published entry).
     pub fn other_id(&self, family: Family) -> Option<u32> {
         let v = self.map.index_header().other_ids[family.code() as usize].load(Ordering::Acquire);
-        v.checked_sub(1)
+        v.checked_sub(1).filter(|id| *id < self.used())
+    }
+
+    /// Writes a copy of this index (as this process maps it) under its path,
+    /// which must be free (the file was deleted), and switches to the copy.
+    /// The old file is marked full, so that processes still mapping it drop
+    /// new label sets instead of giving out ids the copy does not know.
+    ///
+    /// # Errors
+    /// Creating, reserving or renaming the copy failed.
+    pub fn recreate(&mut self) -> io::Result<()> {
+        let tmp = self.path.with_extension("tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let copy = Mapped::create(&tmp, INDEX_FILE_BYTES)?;
+        copy.copy_from(&self.map);
+        if let Err(e) = std::fs::rename(&tmp, &self.path) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.map
+            .index_header()
+            .used
+            .store(u32::MAX, Ordering::Release);
+        self.map = copy;
+        Ok(())
+    }
+
+    /// Whether the mapped file is still whole and still the file at its path.
+    pub fn intact(&self) -> bool {
+        self.map.intact(&self.path)
+    }
+
+    /// Checks the header against the entries and puts right what a foreign
+    /// write broke: the magic and version, a `used` count that disagrees with
+    /// the entries written, overflow ids beyond it. Returns what was repaired
+    /// (the master calls this; it holds the index mapped from the start).
+    ///
+    /// # Errors
+    /// Taking the index lock failed.
+    pub fn repair(&self) -> io::Result<Vec<String>> {
+        let _lock = self.lock()?;
+        let h = self.map.index_header();
+        let mut fixed = Vec::new();
+        if h.magic.load(Ordering::Relaxed) != MAGIC || h.version.load(Ordering::Relaxed) != VERSION
+        {
+            h.version.store(VERSION, Ordering::Relaxed);
+            h.magic.store(MAGIC, Ordering::Release);
+            fixed.push("its magic and version".to_owned());
+        }
+        let used = h.used.load(Ordering::Acquire);
+        let written = |id: u32| {
+            let e = self.map.entry(id);
+            e.family != 0 || e.labels != 0 || e.len != 0
+        };
+        let consistent = (used as usize) <= CAPACITY
+            && (used == 0 || written(used - 1))
+            && (used as usize == CAPACITY || !written(used));
+        if !consistent {
+            let real = (0..CAPACITY as u32)
+                .find(|id| !written(*id))
+                .unwrap_or(CAPACITY as u32);
+            h.used.store(real, Ordering::Release);
+            fixed.push(format!("`used` {used} (the entries say {real})"));
+        }
+        let used = h.used.load(Ordering::Acquire);
+        for (fam, o) in h.other_ids.iter().enumerate() {
+            let v = o.load(Ordering::Acquire);
+            if v > used {
+                o.store(0, Ordering::Release);
+                fixed.push(format!("the overflow id of family {fam}"));
+            }
+        }
+        Ok(fixed)
     }
 
     fn family_full(&self, family: Family) -> bool {
@@ -233,9 +310,22 @@ impl Index {
         let _lock = self.lock()?;
         let h = self.map.index_header();
         let used = h.used.load(Ordering::Acquire);
+        if used as usize > CAPACITY {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the series index says {used} entries, beyond its {CAPACITY}"),
+            ));
+        }
         let fam = key.family_code() as usize;
+        if fam >= h.family_counts.len() {
+            return Err(io::Error::other("unknown family"));
+        }
         if other {
-            if let Some(id) = h.other_ids[fam].load(Ordering::Acquire).checked_sub(1) {
+            if let Some(id) = h.other_ids[fam]
+                .load(Ordering::Acquire)
+                .checked_sub(1)
+                .filter(|id| *id < used)
+            {
                 return Ok(Some(id));
             }
         } else {

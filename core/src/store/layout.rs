@@ -1,14 +1,18 @@
 //! The fixed byte layout of the store's files and the mapped views over them.
 //!
-//! Every file is created at its full, fixed size and never grows. All shared
-//! fields are atomics, so any process may read while another writes. This module
-//! holds the store's only `unsafe` code: mapping a file and viewing the mapping
-//! as the `repr(C)` structs below.
+//! Every file is created at its full, fixed size, with every byte backed by
+//! the filesystem (`posix_fallocate`) before anyone maps it, and never grows.
+//! All shared fields are atomics, so any process may read while another
+//! writes. This module holds the store's only `unsafe` code: mapping a file,
+//! viewing the mapping as the `repr(C)` structs below, and the SIGBUS guard
+//! that turns a page of a mapping whose file was cut short (by another
+//! program) into private zeroes instead of killing the process.
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use memmap2::MmapRaw;
 
@@ -159,21 +163,59 @@ pub const INDEX_FILE_BYTES: usize = INDEX_HEADER_BYTES + CAPACITY * std::mem::si
 #[derive(Debug)]
 pub(super) struct Mapped {
     map: MmapRaw,
+    /// The open file, to see whether it was cut short or replaced.
+    file: File,
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        guard::unregister(self.map.as_ptr() as usize);
+    }
 }
 
 impl Mapped {
-    /// Creates `path` (which must not exist) at `len` zeroed bytes and maps it.
+    /// Creates `path` (which must not exist) at `len` zeroed bytes, all of them
+    /// backed by the filesystem, and maps it. A filesystem without room fails
+    /// here (the file is removed) instead of at a later write.
     ///
     /// # Errors
-    /// Any error from creating, sizing or mapping the file.
+    /// Any error from creating, reserving or mapping the file.
     pub fn create(path: &Path, len: usize) -> io::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(path)?;
-        file.set_len(len as u64)?;
-        Self::map(&file, len)
+        if let Err(e) = nix::fcntl::posix_fallocate(file.as_fd(), 0, len as libc::off_t) {
+            drop(file);
+            let _ = std::fs::remove_file(path);
+            return Err(io::Error::new(
+                io::Error::from(e).kind(),
+                format!("cannot reserve {len} bytes for {}: {e}", path.display()),
+            ));
+        }
+        Self::map(file, len)
+    }
+
+    /// Whether the mapped file is still whole: its full size, and still the
+    /// file at `path`.
+    pub fn intact(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let (Ok(mine), Ok(there)) = (self.file.metadata(), std::fs::metadata(path)) else {
+            return false;
+        };
+        mine.len() >= self.map.len() as u64
+            && mine.ino() == there.ino()
+            && mine.dev() == there.dev()
+    }
+
+    /// Whether `path` still names the mapped file (whatever its size).
+    pub fn is_at(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let (Ok(mine), Ok(there)) = (self.file.metadata(), std::fs::metadata(path)) else {
+            return false;
+        };
+        mine.ino() == there.ino() && mine.dev() == there.dev()
     }
 
     /// Maps an existing store file of exactly `len` bytes.
@@ -186,8 +228,13 @@ impl Mapped {
     /// # Errors
     /// Not found, wrong size, or any mapping error.
     pub unsafe fn open(path: &Path, len: usize) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(true).open(path)?;
-        let actual = file.metadata()?.len();
+        let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(named)?;
+        let actual = file.metadata().map_err(named)?.len();
         if actual != len as u64 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -197,18 +244,45 @@ impl Mapped {
                 ),
             ));
         }
-        Self::map(&file, len)
+        Self::map(file, len).map_err(named)
     }
 
-    fn map(file: &File, len: usize) -> io::Result<Self> {
-        let map = MmapRaw::map_raw(file)?;
+    fn map(file: File, len: usize) -> io::Result<Self> {
+        let map = MmapRaw::map_raw(&file)?;
         if map.len() < len {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "store file shorter than its layout",
             ));
         }
-        Ok(Self { map })
+        guard::register(map.as_ptr() as usize, map.len());
+        Ok(Self { map, file })
+    }
+
+    /// Copies every byte of `src` (a mapping of the same length) into this
+    /// mapping, one 8-byte word at a time.
+    pub fn copy_from(&self, src: &Mapped) {
+        let words = self.map.len().min(src.map.len()) / 8;
+        for i in 0..words {
+            // SAFETY: `i * 8 + 8` is within both mappings (bounded above), both
+            // are page-aligned so every word is 8-byte aligned, and the store's
+            // bytes are only ever accessed as atomics or as published, never
+            // rewritten entries, so an atomic view of any word is sound.
+            unsafe {
+                let from = &*(src.map.as_ptr().add(i * 8) as *const AtomicU64);
+                let to = &*(self.map.as_ptr().add(i * 8) as *const AtomicU64);
+                to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Sets every byte of the mapping to zero.
+    pub fn zero(&self) {
+        for i in 0..self.map.len() / 8 {
+            // SAFETY: as in `copy_from`: in bounds, aligned, atomics only.
+            unsafe { &*(self.map.as_ptr().add(i * 8) as *const AtomicU64) }
+                .store(0, Ordering::Relaxed);
+        }
     }
 
     /// The data-file header.
@@ -227,7 +301,8 @@ impl Mapped {
     /// The value row of series `id` in a data file.
     ///
     /// # Panics
-    /// If `id` is not below [`CAPACITY`].
+    /// If `id` is not below [`CAPACITY`]: callers bound every id they take
+    /// from a file (see `Index::used`, `Index::other_id`).
     pub fn row(&self, id: u32) -> &Row {
         let id = id as usize;
         assert!(id < CAPACITY && self.map.len() >= DATA_FILE_BYTES);
@@ -295,10 +370,183 @@ impl Mapped {
     }
 }
 
+/// The SIGBUS guard: a fault inside a store mapping (its file was truncated
+/// under it, so the page has no backing) maps a private zero page over the
+/// faulting page and lets the access run again. Faults anywhere else go to the
+/// handler that was installed before, or the default one.
+mod guard {
+    use super::*;
+
+    /// Mappings guarded at once; beyond it a mapping is simply unguarded.
+    const SLOTS: usize = 1024;
+    #[allow(clippy::declare_interior_mutable_const)]
+    const FREE: (AtomicUsize, AtomicUsize) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    static RANGES: [(AtomicUsize, AtomicUsize); SLOTS] = [FREE; SLOTS];
+    static PAGE: AtomicUsize = AtomicUsize::new(4096);
+    /// Pages replaced so far in this process.
+    pub(in crate::store) static FAULTS: AtomicU64 = AtomicU64::new(0);
+    static PREVIOUS: std::sync::OnceLock<Previous> = std::sync::OnceLock::new();
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+
+    struct Previous(libc::sigaction);
+    // SAFETY: a plain C struct (a handler address, a mask, flags) written once
+    // before the handler can run and only read after.
+    unsafe impl Sync for Previous {}
+    // SAFETY: as above.
+    unsafe impl Send for Previous {}
+
+    pub(super) fn register(start: usize, len: usize) {
+        INSTALL.call_once(install);
+        for (s, l) in &RANGES {
+            if s.load(Ordering::Relaxed) == 0 {
+                l.store(len, Ordering::Release);
+                if s.compare_exchange(0, start, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+        }
+    }
+
+    pub(super) fn unregister(start: usize) {
+        for (s, _) in &RANGES {
+            if s.compare_exchange(start, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                return;
+            }
+        }
+    }
+
+    fn install() {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if page > 0 {
+            PAGE.store(page as usize, Ordering::Relaxed);
+        }
+        // SAFETY: `sigaction` is plain data, valid zeroed; the handler below
+        // only reads atomics and calls mmap and sigaction (plain system calls).
+        unsafe {
+            let mut new: libc::sigaction = std::mem::zeroed();
+            new.sa_sigaction = on_sigbus as *const () as usize;
+            new.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+            libc::sigemptyset(&mut new.sa_mask);
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(libc::SIGBUS, &new, &mut old) == 0 {
+                let _ = PREVIOUS.set(Previous(old));
+            }
+        }
+    }
+
+    extern "C" fn on_sigbus(
+        _sig: libc::c_int,
+        info: *mut libc::siginfo_t,
+        _ctx: *mut libc::c_void,
+    ) {
+        // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler.
+        let addr = unsafe { (*info).si_addr() } as usize;
+        let page = PAGE.load(Ordering::Relaxed);
+        for (s, l) in &RANGES {
+            let start = s.load(Ordering::Acquire);
+            let len = l.load(Ordering::Acquire);
+            if start != 0 && addr >= start && addr < start + len {
+                let at = addr & !(page - 1);
+                // SAFETY: `at..at + page` lies inside a store mapping this
+                // process owns (registered above, page-aligned start and
+                // length); replacing it with private zeroes changes only what
+                // this process sees of a file that no longer backs it.
+                let p = unsafe {
+                    libc::mmap(
+                        at as *mut libc::c_void,
+                        page,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    )
+                };
+                if p != libc::MAP_FAILED {
+                    FAULTS.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+        // Not ours: put the previous handler back; the access faults again
+        // under it.
+        // SAFETY: restores a sigaction read from the kernel (or the default).
+        unsafe {
+            match PREVIOUS.get() {
+                Some(Previous(old)) => libc::sigaction(libc::SIGBUS, old, std::ptr::null_mut()),
+                None => {
+                    libc::signal(libc::SIGBUS, libc::SIG_DFL);
+                    0
+                }
+            };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn created_file_is_fully_backed() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w");
+        let _m = Mapped::create(&path, DATA_FILE_BYTES).unwrap();
+        let blocks = std::fs::metadata(&path).unwrap().blocks();
+        assert!(blocks * 512 >= DATA_FILE_BYTES as u64, "{blocks} blocks");
+    }
+
+    #[test]
+    fn a_truncated_file_reads_as_zeroes_instead_of_sigbus() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w");
+        let m = Mapped::create(&path, DATA_FILE_BYTES).unwrap();
+        m.header().requests.store(9, Ordering::Relaxed);
+        m.row(100)[3].store(5, Ordering::Relaxed);
+        assert!(m.intact(&path));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        assert!(!m.intact(&path));
+        let before = guard::FAULTS.load(Ordering::Relaxed);
+        assert_eq!(m.header().requests.load(Ordering::Relaxed), 0);
+        assert_eq!(m.row(100)[3].load(Ordering::Relaxed), 0);
+        m.row(100)[3].store(1, Ordering::Relaxed);
+        assert_eq!(m.row(100)[3].load(Ordering::Relaxed), 1);
+        assert_eq!(guard::FAULTS.load(Ordering::Relaxed) - before, 2);
+    }
+
+    #[test]
+    fn a_copy_holds_every_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Mapped::create(&dir.path().join("a"), DATA_FILE_BYTES).unwrap();
+        let b = Mapped::create(&dir.path().join("b"), DATA_FILE_BYTES).unwrap();
+        a.header().epoch.store(4, Ordering::Relaxed);
+        a.row(CAPACITY as u32 - 1)[CELLS - 1].store(11, Ordering::Relaxed);
+        b.copy_from(&a);
+        assert_eq!(b.header().epoch.load(Ordering::Relaxed), 4);
+        assert_eq!(
+            b.row(CAPACITY as u32 - 1)[CELLS - 1].load(Ordering::Relaxed),
+            11
+        );
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_backed_is_refused_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big");
+        let err = Mapped::create(&path, usize::MAX / 4).unwrap_err();
+        assert!(err.to_string().contains("cannot reserve"), "{err}");
+        assert!(!path.exists());
+    }
 
     #[test]
     fn created_file_has_fixed_size_and_shared_atomics() {

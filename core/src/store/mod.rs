@@ -14,6 +14,9 @@ mod recorder;
 mod snapshot;
 mod views;
 
+#[cfg(test)]
+mod fuzz;
+
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -79,6 +82,12 @@ impl StoreDir {
         self.path.join("retired")
     }
 
+    /// Path of the spare worker file: the last reaped worker's, kept for the
+    /// next worker when the filesystem has no room for a new file.
+    pub fn spare_path(&self) -> PathBuf {
+        self.path.join("worker-spare")
+    }
+
     /// Path of the data file of the worker in `slot`, generation `generation`.
     pub fn worker_path(&self, slot: u32, generation: u64) -> PathBuf {
         self.path
@@ -113,7 +122,8 @@ impl StoreDir {
     /// store files left by an earlier run. Returns whether it was created.
     ///
     /// # Errors
-    /// The directory cannot be created or cleaned.
+    /// The directory cannot be created or cleaned, or it holds anything that
+    /// is not a gpe store file (then nothing is removed; the error names it).
     pub fn prepare(&self) -> io::Result<bool> {
         let created = match fs::create_dir(&self.path) {
             Ok(()) => true,
@@ -121,18 +131,36 @@ impl StoreDir {
             Err(e) => return Err(e),
         };
         if !created {
-            for (_, _, p) in self.worker_files()? {
+            for p in self.proven_files()? {
                 fs::remove_file(p)?;
-            }
-            for p in [self.index_path(), self.master_path(), self.retired_path()] {
-                match fs::remove_file(&p) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
             }
         }
         Ok(created)
+    }
+
+    /// Every entry of the directory, each proven by its header to be a gpe
+    /// store file.
+    ///
+    /// # Errors
+    /// The directory cannot be read, or an entry is not a gpe store file
+    /// (`InvalidData`, naming it).
+    pub fn proven_files(&self) -> io::Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.path)? {
+            let path = entry?.path();
+            if prove(&path).is_none() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{} is not a gpe store file (gpe removes only files whose header it wrote); \
+                         move it away or choose another directory",
+                        path.display()
+                    ),
+                ));
+            }
+            out.push(path);
+        }
+        Ok(out)
     }
 
     /// Removes every store file, and the directory itself when `remove_dir`.
@@ -142,13 +170,61 @@ impl StoreDir {
                 let _ = fs::remove_file(p);
             }
         }
-        for p in [self.index_path(), self.master_path(), self.retired_path()] {
+        for p in [
+            self.index_path(),
+            self.master_path(),
+            self.retired_path(),
+            self.spare_path(),
+        ] {
             let _ = fs::remove_file(p);
         }
         if remove_dir {
             let _ = fs::remove_dir(&self.path);
         }
     }
+}
+
+/// What the header of a store file proves about it, read without mapping it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Proof {
+    /// The writer's pid (data files; 0 for the index).
+    pub pid: u32,
+    /// Wall-clock start time of the writer, Unix nanoseconds (data files).
+    pub start_time_ns: u64,
+    /// The file kind code (data files; 0 for the index).
+    pub kind: u32,
+}
+
+/// Reads the header of the regular file at `path`: `Some` when it starts
+/// with the store's magic and has the size of a store file of this version.
+pub fn prove(path: &Path) -> Option<Proof> {
+    use std::io::Read;
+    let meta = fs::symlink_metadata(path).ok()?;
+    let len = meta.len();
+    if !meta.file_type().is_file()
+        || (len != DATA_FILE_BYTES as u64 && len != layout::INDEX_FILE_BYTES as u64)
+    {
+        return None;
+    }
+    let mut head = [0u8; 72];
+    fs::File::open(path).ok()?.read_exact(&mut head).ok()?;
+    let u64_at = |o: usize| u64::from_ne_bytes(head[o..o + 8].try_into().unwrap_or([0; 8]));
+    let u32_at = |o: usize| u32::from_ne_bytes(head[o..o + 4].try_into().unwrap_or([0; 4]));
+    if u64_at(0) != MAGIC {
+        return None;
+    }
+    if len == layout::INDEX_FILE_BYTES as u64 {
+        return Some(Proof {
+            pid: 0,
+            start_time_ns: 0,
+            kind: 0,
+        });
+    }
+    Some(Proof {
+        pid: u32_at(std::mem::offset_of!(Header, pid)),
+        start_time_ns: u64_at(std::mem::offset_of!(Header, start_time_ns)),
+        kind: u32_at(std::mem::offset_of!(Header, kind)),
+    })
 }
 
 /// One mapped data file (master, retired or worker).
@@ -179,7 +255,28 @@ impl DataFile {
     pub fn create(path: &Path, id: FileIdentity) -> io::Result<DataFile> {
         let tmp = path.with_extension("tmp");
         let _ = fs::remove_file(&tmp);
-        let map = Mapped::create(&tmp, DATA_FILE_BYTES)?;
+        let file = DataFile {
+            map: Mapped::create(&tmp, DATA_FILE_BYTES)?,
+        };
+        file.init(id);
+        fs::rename(&tmp, path)?;
+        Ok(file)
+    }
+
+    /// Makes this (folded, unlisted) file a new one: every cell zero, the
+    /// identity `id`, then renames it from `from` to `to`.
+    ///
+    /// # Errors
+    /// Renaming failed.
+    fn reuse(&self, from: &Path, to: &Path, id: FileIdentity) -> io::Result<()> {
+        self.map.zero();
+        self.init(id);
+        fs::rename(from, to)
+    }
+
+    /// Writes the header of a new file (the magic last).
+    fn init(&self, id: FileIdentity) {
+        let map = &self.map;
         let h = map.header();
         h.version.store(VERSION, Ordering::Relaxed);
         h.kind.store(id.kind as u32, Ordering::Relaxed);
@@ -199,8 +296,6 @@ impl DataFile {
         h.start_time_ns.store(unix, Ordering::Relaxed);
         h.heartbeat_ns.store(mono, Ordering::Relaxed);
         h.magic.store(MAGIC, Ordering::Release);
-        fs::rename(&tmp, path)?;
-        Ok(DataFile { map })
     }
 
     /// Opens an existing data file.
@@ -228,6 +323,39 @@ impl DataFile {
     /// The header.
     pub fn header(&self) -> &Header {
         self.map.header()
+    }
+
+    /// Writes a copy of this file (as this process maps it) at `path`, which
+    /// must be free (the file was deleted), and switches to the copy.
+    ///
+    /// # Errors
+    /// Creating, reserving or renaming the copy failed.
+    fn recreate(&mut self, path: &Path) -> io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        let _ = fs::remove_file(&tmp);
+        let copy = Mapped::create(&tmp, DATA_FILE_BYTES)?;
+        copy.copy_from(&self.map);
+        if let Err(e) = fs::rename(&tmp, path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.map = copy;
+        Ok(())
+    }
+
+    /// Puts back the magic, version and kind of a file this process created,
+    /// if a foreign write changed them. Returns whether it had to.
+    fn repair_identity(&self, kind: FileKind) -> bool {
+        let h = self.header();
+        let whole = h.magic.load(Ordering::Relaxed) == MAGIC
+            && h.version.load(Ordering::Relaxed) == VERSION
+            && h.kind.load(Ordering::Relaxed) == kind as u32;
+        if !whole {
+            h.version.store(VERSION, Ordering::Relaxed);
+            h.kind.store(kind as u32, Ordering::Relaxed);
+            h.magic.store(MAGIC, Ordering::Release);
+        }
+        !whole
     }
 
     /// The value row of series `id`.
@@ -258,6 +386,36 @@ impl DataFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_foreign_file_stops_prepare_and_is_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StoreDir::new(dir.path().join("m"));
+        assert!(store.prepare().unwrap());
+        let index = Index::create(&store.index_path(), 10, &[1.0]).unwrap();
+        drop(index);
+        MasterFile::create(&store).unwrap();
+        std::fs::write(store.path().join("worker-0-1"), b"mine").unwrap();
+        let err = store.prepare().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("worker-0-1"), "{err}");
+        assert_eq!(
+            std::fs::read(store.path().join("worker-0-1")).unwrap(),
+            b"mine"
+        );
+        assert!(store.index_path().exists() && store.master_path().exists());
+        // A file of the right size without the magic is not proven either.
+        std::fs::remove_file(store.path().join("worker-0-1")).unwrap();
+        let p = store.path().join("index2");
+        std::fs::write(&p, vec![0u8; DATA_FILE_BYTES]).unwrap();
+        assert!(store.prepare().is_err());
+        std::fs::remove_file(&p).unwrap();
+        let proof = prove(&store.master_path()).unwrap();
+        assert_eq!(proof.pid, std::process::id());
+        assert_eq!(proof.kind, FileKind::Master as u32);
+        assert!(!store.prepare().unwrap());
+        assert_eq!(std::fs::read_dir(store.path()).unwrap().count(), 0);
+    }
 
     #[test]
     fn fold_moves_counts_once() {

@@ -129,6 +129,8 @@ thread_local! {
 }
 
 static NEXT_RECORDER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+/// Whether this process has logged that the store refused a label set.
+static LOSS_LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The per-process writer of one worker's data file.
 ///
@@ -448,9 +450,16 @@ impl Recorder {
                 self.add(&self.file.header().dropped[family.code() as usize], 1);
                 Some((id, false))
             }
-            // The index is full or its lock failed: count the loss, keep serving.
-            Err(_) => {
+            // The index is full, broken or its lock failed: count the loss,
+            // keep serving, and say so once per process.
+            Err(e) => {
                 self.add(&self.file.header().dropped[family.code() as usize], 1);
+                if !LOSS_LOGGED.swap(true, Ordering::Relaxed) {
+                    crate::log_warn!(
+                        "the metric store refused a new label set ({e}); new label sets of this \
+                         process are dropped and counted in gpe_metrics_series_dropped_total"
+                    );
+                }
                 None
             }
         }

@@ -5,7 +5,7 @@
 
 use std::io;
 use std::sync::atomic::{fence, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::catalogue::{Family, WorkerKind, WorkerState};
 use super::index::Index;
@@ -86,6 +86,10 @@ pub struct Snapshot {
 }
 
 const MAX_ATTEMPTS: u32 = 1000;
+/// Longest a fold can take. A fold epoch that stays at one odd value longer
+/// was left by a folder that died (or by a foreign write): the reader then
+/// reads as if no fold ran, and the master repairs the epoch on its next tick.
+pub const FOLD_STALE: Duration = Duration::from_millis(500);
 
 impl Snapshot {
     /// Reads `store` consistently.
@@ -106,19 +110,41 @@ impl Snapshot {
     /// As [`Snapshot::read`].
     pub fn read_with<T>(
         store: &StoreDir,
+        extra: impl FnMut(&Snapshot) -> T,
+    ) -> io::Result<(Snapshot, T)> {
+        Self::read_within(store, FOLD_STALE, extra)
+    }
+
+    /// As [`Snapshot::read_with`], taking an epoch that stays odd for `stale`
+    /// as left by a dead folder.
+    pub(super) fn read_within<T>(
+        store: &StoreDir,
+        stale: Duration,
         mut extra: impl FnMut(&Snapshot) -> T,
     ) -> io::Result<(Snapshot, T)> {
         let index = store.open_index()?;
         let retired = store.open_data(&store.retired_path()).ok();
         let master = store.open_data(&store.master_path()).ok();
-        for _ in 0..MAX_ATTEMPTS {
+        let mut odd: Option<(u64, Instant)> = None;
+        let mut attempts = 0;
+        while attempts < MAX_ATTEMPTS {
             let begin = retired
                 .as_ref()
                 .map_or(0, |r| r.header().epoch.load(Ordering::Acquire));
             if begin % 2 == 1 {
-                std::thread::sleep(Duration::from_micros(100));
-                continue;
+                let dead = match odd {
+                    Some((e, since)) if e == begin => since.elapsed() >= stale,
+                    _ => {
+                        odd = Some((begin, Instant::now()));
+                        false
+                    }
+                };
+                if !dead {
+                    std::thread::sleep(Duration::from_micros(100));
+                    continue;
+                }
             }
+            attempts += 1;
             let snap = read_once(store, &index, retired.as_ref(), master.as_ref())?;
             let more = extra(&snap);
             fence(Ordering::Acquire);
@@ -153,14 +179,14 @@ fn read_once(
             }
         }
         for (d, c) in dropped.iter_mut().zip(&f.header().dropped) {
-            *d += c.load(Ordering::Relaxed);
+            *d = d.wrapping_add(c.load(Ordering::Relaxed));
         }
     };
     if let Some(r) = retired {
         sum_file(r, &mut dropped);
     }
     let mut workers: Vec<WorkerView> = Vec::new();
-    let mut in_flight = 0;
+    let mut in_flight: i64 = 0;
     for (slot, generation, path) in store.worker_files()? {
         // A file that vanished or is half-created is skipped: its counts are in
         // `retired` (folded) or still zero.
@@ -176,7 +202,7 @@ fn read_once(
         sum_file(&file, &mut dropped);
         let pid = h.pid.load(Ordering::Relaxed);
         let inf = h.in_flight.load(Ordering::Relaxed).max(0);
-        in_flight += inf;
+        in_flight = in_flight.saturating_add(inf);
         let mut state =
             WorkerState::from_code(h.state.load(Ordering::Relaxed)).unwrap_or(WorkerState::Booting);
         if matches!(state, WorkerState::Idle | WorkerState::Busy) {
@@ -192,8 +218,9 @@ fn read_once(
             pid,
             kind: WorkerKind::from_code(h.worker_kind.load(Ordering::Relaxed)),
             state,
-            state_since: (h.state_since_ns.load(Ordering::Relaxed) as i64
-                + h.clock_offset_ns.load(Ordering::Relaxed)) as f64
+            state_since: (h.state_since_ns.load(Ordering::Relaxed) as i64)
+                .wrapping_add(h.clock_offset_ns.load(Ordering::Relaxed))
+                as f64
                 / 1e9,
             start_time: h.start_time_ns.load(Ordering::Relaxed) as f64 / 1e9,
             connections: h.connections.load(Ordering::Relaxed).max(0),

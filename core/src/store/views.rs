@@ -89,6 +89,30 @@ impl MasterFile {
         self.0.header().pid.load(Ordering::Relaxed)
     }
 
+    /// Whether the file is still whole and still at its path.
+    pub fn intact(&self, store: &StoreDir) -> bool {
+        self.0.map.intact(&store.master_path())
+    }
+
+    /// Writes a copy at its path (the file was deleted) and switches to it.
+    ///
+    /// # Errors
+    /// Creating, reserving or renaming the copy failed.
+    pub fn recreate(&mut self, store: &StoreDir) -> io::Result<()> {
+        self.0.recreate(&store.master_path())
+    }
+
+    /// Puts back what a foreign write changed in the header this master
+    /// wrote (its identity and pid). Returns whether it had to.
+    pub fn repair(&self) -> bool {
+        let h = self.0.header();
+        let pid_ok = h.pid.load(Ordering::Relaxed) == std::process::id();
+        if !pid_ok {
+            h.pid.store(std::process::id(), Ordering::Relaxed);
+        }
+        self.0.repair_identity(FileKind::Master) | !pid_ok
+    }
+
     /// Counts one handled signal.
     pub fn count_signal(&self, sig: MasterSignal) {
         self.0.header().signals[sig.code() as usize].fetch_add(1, Ordering::Relaxed);
@@ -128,11 +152,50 @@ impl RetiredFile {
     }
 
     /// Opens the fold window (the retired epoch becomes odd) until the window
-    /// is dropped, so that readers retry a snapshot that raced a fold.
+    /// is dropped, so that readers retry a snapshot that raced a fold. An
+    /// epoch found odd (no window of this master is open: a foreign write) is
+    /// first moved on to the next even value.
     pub fn fold_window(&self) -> FoldWindow<'_> {
-        self.0.header().epoch.fetch_add(1, Ordering::AcqRel);
+        let epoch = &self.0.header().epoch;
+        let begin = epoch.load(Ordering::Relaxed);
+        let begin = begin.wrapping_add(begin % 2);
+        epoch.store(begin.wrapping_add(1), Ordering::Relaxed);
         fence(Ordering::Release);
-        FoldWindow { retired: &self.0 }
+        FoldWindow {
+            retired: &self.0,
+            begin,
+        }
+    }
+
+    /// Whether the file is still whole and still at its path.
+    pub fn intact(&self, store: &StoreDir) -> bool {
+        self.0.map.intact(&store.retired_path())
+    }
+
+    /// Writes a copy at its path (the file was deleted) and switches to it.
+    /// Call it outside a fold window.
+    ///
+    /// # Errors
+    /// Creating, reserving or renaming the copy failed.
+    pub fn recreate(&mut self, store: &StoreDir) -> io::Result<()> {
+        self.0.recreate(&store.retired_path())
+    }
+
+    /// Puts back what a foreign write changed: the identity, and an epoch
+    /// left odd while no fold window is open (call it outside one). Returns
+    /// what was repaired.
+    pub fn repair(&self) -> Vec<&'static str> {
+        let mut fixed = Vec::new();
+        if self.0.repair_identity(FileKind::Retired) {
+            fixed.push("its magic, version and kind");
+        }
+        let epoch = &self.0.header().epoch;
+        let e = epoch.load(Ordering::Relaxed);
+        if e % 2 == 1 {
+            epoch.store(e.wrapping_add(1), Ordering::Release);
+            fixed.push("an odd fold epoch");
+        }
+        fixed
     }
 }
 
@@ -140,6 +203,7 @@ impl RetiredFile {
 #[derive(Debug)]
 pub struct FoldWindow<'a> {
     retired: &'a DataFile,
+    begin: u64,
 }
 
 impl FoldWindow<'_> {
@@ -185,7 +249,10 @@ impl FoldWindow<'_> {
 
 impl Drop for FoldWindow<'_> {
     fn drop(&mut self) {
-        self.retired.header().epoch.fetch_add(1, Ordering::Release);
+        self.retired
+            .header()
+            .epoch
+            .store(self.begin.wrapping_add(2), Ordering::Release);
     }
 }
 
@@ -211,6 +278,44 @@ impl WorkerFile {
     ) -> io::Result<WorkerFile> {
         let path = store.worker_path(slot, generation);
         let file = DataFile::create(
+            &path,
+            FileIdentity {
+                kind: FileKind::Worker,
+                slot,
+                generation,
+                worker_kind: Some(kind),
+            },
+        )?;
+        Ok(WorkerFile { file, path, slot })
+    }
+
+    /// Keeps this reaped (folded) worker's file as the store's spare, in
+    /// place of any earlier one, for a worker that finds no room for a new
+    /// file. A file another program replaced is left alone.
+    pub fn keep_as_spare(self, store: &StoreDir) {
+        if self.file.map.intact(&self.path) {
+            let _ = std::fs::rename(&self.path, store.spare_path());
+        } else {
+            self.remove();
+        }
+    }
+
+    /// Takes the store's spare file (see [`WorkerFile::keep_as_spare`]) for
+    /// the worker in `slot`, generation `generation`: every cell zeroed.
+    ///
+    /// # Errors
+    /// There is no spare, or it cannot be renamed.
+    pub fn from_spare(
+        store: &StoreDir,
+        slot: u32,
+        generation: u64,
+        kind: WorkerKind,
+    ) -> io::Result<WorkerFile> {
+        let spare = store.spare_path();
+        let file = store.open_data(&spare)?;
+        let path = store.worker_path(slot, generation);
+        file.reuse(
+            &spare,
             &path,
             FileIdentity {
                 kind: FileKind::Worker,
@@ -257,6 +362,12 @@ impl WorkerFile {
             )
     }
 
+    /// Whether the file is still whole and still at its path (not cut short,
+    /// deleted or replaced by another program).
+    pub fn intact(&self) -> bool {
+        self.file.map.intact(&self.path)
+    }
+
     /// Connections the worker holds open.
     pub fn connections(&self) -> i64 {
         self.file.header().connections.load(Ordering::Relaxed)
@@ -264,8 +375,12 @@ impl WorkerFile {
 
     /// Removes the file from the store directory (after it was folded, or
     /// when the worker never started).
+    /// A file that is no longer the one this process mapped (another program
+    /// replaced it) is left alone.
     pub fn remove(self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.file.map.is_at(&self.path) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 
     /// Sets the worker state (tests stand in for a worker's recorder).
@@ -332,5 +447,28 @@ mod tests {
         assert_eq!(sibling.heartbeat_ns(), 42);
         w.remove();
         assert!(WorkerFile::open(&store, 2, 5).is_err());
+    }
+
+    #[test]
+    fn a_spare_file_comes_back_zeroed_under_a_new_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StoreDir::new(dir.path().join("w"));
+        store.prepare().unwrap();
+        let w = WorkerFile::create(&store, 0, 1, WorkerKind::Thread).unwrap();
+        w.set_state(WorkerState::Idle);
+        w.file.header().folded.store(1, Ordering::Relaxed);
+        w.file.row(3)[0].store(9, Ordering::Relaxed);
+        w.keep_as_spare(&store);
+        assert!(store.spare_path().exists() && store.worker_files().unwrap().is_empty());
+        let n = WorkerFile::from_spare(&store, 1, 2, WorkerKind::Thread).unwrap();
+        assert!(!store.spare_path().exists());
+        assert!(!n.booted());
+        assert_eq!(n.file.row(3)[0].load(Ordering::Relaxed), 0);
+        assert_eq!(n.file.header().folded.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            store.worker_files().unwrap(),
+            vec![(1, 2, store.worker_path(1, 2))]
+        );
+        assert!(WorkerFile::from_spare(&store, 1, 3, WorkerKind::Thread).is_err());
     }
 }
