@@ -319,7 +319,10 @@ fn chaos_kills_keep_counters_monotonic(worker: &str) {
         "{worker}: {kills} kills, {ok} ok, {failed} failed, {attempts} attempts, counted {total}, {scrapes} scrapes, progress per 2 s {progress:?}"
     );
     assert!(violations.is_empty(), "counters went down: {violations:?}");
-    assert!(scrape_failures.is_empty(), "every scrape answered: {scrape_failures:?}");
+    assert!(
+        scrape_failures.is_empty(),
+        "every scrape answered: {scrape_failures:?}"
+    );
     assert!(scrapes > 100);
     assert!(
         progress.iter().all(|p| *p > 0),
