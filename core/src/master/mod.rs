@@ -6,6 +6,7 @@
 //! in `spawn` behind the `os` seam.
 
 mod arbiter;
+mod health;
 mod os;
 mod pidfile;
 mod procs;

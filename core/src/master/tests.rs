@@ -12,10 +12,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use super::arbiter::{
-    backoff, Arbiter, Phase, Upgrade, BACKOFF_AFTER, BACKOFF_BASE, BACKOFF_MAX, EXPORTER_RESTART,
-    FOLD_INTERVAL, QUICK_STOP, TICK,
-};
+use super::arbiter::{Arbiter, Phase, Upgrade, EXPORTER_RESTART, FOLD_INTERVAL, QUICK_STOP, TICK};
+use super::health::{backoff, BACKOFF_AFTER, BACKOFF_BASE, BACKOFF_MAX};
 use super::os::{Notice, Os};
 use super::MasterError;
 use crate::config::{Config, ConfigError, RawSettings};

@@ -1,0 +1,108 @@
+//! Unit tests of the recorder.
+
+use super::*;
+use crate::store::layout::FileKind;
+use crate::store::{FileIdentity, Snapshot, WorkerKind};
+
+fn setup(cap: u32) -> (tempfile::TempDir, StoreDir, Recorder) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StoreDir::new(dir.path().join("s"));
+    store.prepare().unwrap();
+    Index::create(&store.index_path(), cap, &[0.001, 1.0]).unwrap();
+    DataFile::create(
+        &store.worker_path(0, 1),
+        FileIdentity {
+            kind: FileKind::Worker,
+            slot: 0,
+            generation: 1,
+            worker_kind: Some(WorkerKind::Sync),
+        },
+    )
+    .unwrap();
+    let rec = Recorder::open(&store, 0, 1, true, true).unwrap();
+    (dir, store, rec)
+}
+
+#[test]
+fn status_strings() {
+    let mut b = [0; 3];
+    assert_eq!(status_str(200, &mut b), "200");
+    assert_eq!(status_str(404, &mut b), "404");
+    assert_eq!(status_str(5, &mut b), "100");
+}
+
+#[test]
+fn buckets_are_the_first_fitting_bound() {
+    assert_eq!(bucket_of(&[10, 100], 10), 0);
+    assert_eq!(bucket_of(&[10, 100], 11), 1);
+    assert_eq!(bucket_of(&[10, 100], 1000), 2);
+}
+
+#[test]
+fn requests_are_counted_exactly_and_state_follows_in_flight() {
+    let (_d, store, rec) = setup(100);
+    rec.ready();
+    for i in 0..10u16 {
+        let start = rec.begin();
+        assert_eq!(
+            rec.file().header().state.load(Ordering::Relaxed),
+            WorkerState::Busy.code()
+        );
+        rec.finish(
+            start,
+            &RequestRecord {
+                method: "GET",
+                route: "/",
+                status: if i % 2 == 0 { 200 } else { 500 },
+                request_bytes: 0,
+                response_bytes: 13,
+                error: (i % 2 == 1).then_some(ErrorKind::AppError),
+            },
+        );
+    }
+    assert_eq!(
+        rec.file().header().state.load(Ordering::Relaxed),
+        WorkerState::Idle.code()
+    );
+    let snap = Snapshot::read(&store).unwrap();
+    let get = |fam: Family, labels: &[&str]| -> u64 {
+        snap.series
+            .iter()
+            .find(|s| s.family == fam && s.labels == labels)
+            .map_or(0, |s| s.cells[0])
+    };
+    assert_eq!(get(Family::HttpRequests, &["GET", "/", "200"]), 5);
+    assert_eq!(get(Family::HttpRequests, &["GET", "/", "500"]), 5);
+    assert_eq!(get(Family::HttpErrors, &["GET", "/", "app_error"]), 5);
+    assert_eq!(get(Family::WorkerRequests, &["0"]), 10);
+    assert_eq!(rec.requests(), 10);
+}
+
+#[test]
+fn overflow_goes_to_other_and_counts_drops() {
+    let (_d, store, rec) = setup(5);
+    for i in 0..50 {
+        let route = format!("/p/{i}");
+        let start = rec.begin();
+        rec.finish(
+            start,
+            &RequestRecord {
+                method: "GET",
+                route: &route,
+                status: 404,
+                request_bytes: 0,
+                response_bytes: 0,
+                error: None,
+            },
+        );
+    }
+    let snap = Snapshot::read(&store).unwrap();
+    let reqs: Vec<_> = snap
+        .series
+        .iter()
+        .filter(|s| s.family == Family::HttpRequests)
+        .collect();
+    assert_eq!(reqs.len(), 6, "cap of 5 plus other");
+    assert_eq!(reqs.iter().map(|s| s.cells[0]).sum::<u64>(), 50);
+    assert_eq!(snap.dropped[Family::HttpRequests.code() as usize], 45);
+}
