@@ -3,6 +3,7 @@
 #
 #   bench/run.sh                     # full run (about 14 minutes on 2 cores)
 #   BENCH_SECONDS=3 bench/run.sh     # quick check (shorter load phases)
+#   bench/ab.sh OLD_REV              # A/B against an earlier commit (see its header)
 #
 # What it does (see BENCHMARKS.md for the method):
 #  1. installs what it needs (apt-get: wrk, gnuplot-nox, curl, iproute2, procps;
@@ -10,18 +11,21 @@
 #     gevent, eventlet from PyPI) and builds gpe and bench/ceiling in release mode;
 #  2. loads, one server at a time, with wrk (1 thread, 16 connections, warm-up then
 #     BENCH_SECONDS): the bare tokio+hyper ceiling, gpe for each worker type with
-#     metrics on and off, and gunicorn with and without the exporter;
+#     metrics on and off, the same hello through the axum Router of examples/axum-app
+#     (keep-alive types, metrics on), and gunicorn with and without the exporter;
 #  3. measures the scrape cost of /metrics with 8 workers x 1,000 label sets, then
 #     again after 200 worker respawns forced by max_requests = 20, for gpe and the peer;
 #  4. counts syscalls, context switches and CPU per request with `perf stat` for the
-#     ceiling and the keep-alive worker types (with and without idle_yield);
+#     ceiling and the keep-alive worker types (with and without idle_yield; eventloop
+#     serving the axum Router too);
 #  5. runs the criterion micro-benchmark of the hot path (core/benches/hot_path.rs);
 #  6. writes BENCHMARKS.md and docs/bench.png (bench/report.py).
 #
 # Environment: BENCH_SECONDS (10), BENCH_WARMUP (2), BENCH_CONNECTIONS (16),
 # BENCH_PORT (18000), BENCH_METRICS_PORT (19091), BENCH_PEER_METRICS_PORT (19092),
 # BENCH_SCRAPES (50), BENCH_RESPAWNS (200), BENCH_REPEAT (3 runs of each gpe row), BENCH_SKIP_PEER=1, BENCH_SKIP_MICRO=1,
-# BENCH_SKIP_PROFILE=1, BENCH_PROFILE_SECONDS (5),
+# BENCH_SKIP_PROFILE=1, BENCH_SKIP_AXUM=1, BENCH_SKIP_SCRAPE=1, BENCH_PROFILE_SECONDS (5),
+# BENCH_KINDS (gpe worker types to load; default "sync thread eventloop greenlet"),
 # CARGO_TARGET_DIR (default: ./target).
 set -euo pipefail
 
@@ -38,9 +42,11 @@ PPORT=${BENCH_PEER_METRICS_PORT:-19092}
 SCRAPES=${BENCH_SCRAPES:-50}
 REPEAT=${BENCH_REPEAT:-3}
 RESPAWNS=${BENCH_RESPAWNS:-200}
+KINDS=${BENCH_KINDS:-sync thread eventloop greenlet}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 GPE=$CARGO_TARGET_DIR/release/gpe
 CEILING=$CARGO_TARGET_DIR/release/gpe-bench-ceiling
+AXUM=$CARGO_TARGET_DIR/release/gpe-axum-app
 URL=http://127.0.0.1:$PORT/
 
 # Peer versions (gunicorn 24+ crashes the exporter 0.2.4).
@@ -48,104 +54,9 @@ PEER_PKGS=(gunicorn==23.0.0 gunicorn-prometheus-exporter==0.2.4 gevent eventlet)
 
 log() { printf '\n== %s\n' "$*" >&2; }
 
-# ---------------------------------------------------------------- processes
-PIDS=()
-descendants() {
-  local k
-  for k in $(cat /proc/"$1"/task/*/children 2>/dev/null || true); do
-    echo "$k"; descendants "$k"
-  done
-}
-stop_pid() {
-  local pid=$1 i k kids
-  kill -0 "$pid" 2>/dev/null || return 0
-  kids=$(descendants "$pid")
-  kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-  # Descendants that outlived their master (they should not; a stuck peer master does).
-  for k in $kids $(descendants "$pid"); do kill -KILL "$k" 2>/dev/null || true; done
-}
-cleanup() {
-  local p
-  for p in "${PIDS[@]}"; do stop_pid "$p"; done
-  PIDS=()
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# Starts "$@" in the background, logging to $OUT/logs/$1.log; sets SERVER_PID.
-start_server() {
-  local name=$1; shift
-  "$@" >"$OUT/logs/$name.log" 2>&1 &
-  SERVER_PID=$!
-  PIDS+=("$SERVER_PID")
-}
-stop_server() {
-  stop_pid "$SERVER_PID"
-  local keep=() p
-  for p in "${PIDS[@]}"; do [[ $p == "$SERVER_PID" ]] || keep+=("$p"); done
-  PIDS=("${keep[@]}")
-  wait_port_free "$PORT"
-}
-
-wait_port_free() {
-  local i
-  for i in $(seq 1 100); do
-    ss -Hltn "sport = :$1" | grep -q . || return 0
-    sleep 0.1
-  done
-  echo "port $1 still in use" >&2
-  return 1
-}
-
-# Waits until $1 answers 200 (up to $2 seconds) while $SERVER_PID lives.
-wait_http() {
-  local url=$1 limit=${2:-20} i
-  for i in $(seq 1 $((limit * 10))); do
-    kill -0 "$SERVER_PID" 2>/dev/null || return 1
-    if [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" || true) == 200 ]]; then
-      return 0
-    fi
-    sleep 0.1
-  done
-  return 1
-}
-
-children() { cat /proc/"$1"/task/*/children 2>/dev/null | tr ' ' '\n' | grep . || true; }
-
-# gpe worker pids: the master's children except the exporter (the child that
-# listens on the metrics port).
-gpe_worker_pids() {
-  local master=$1 exp k
-  exp=$(ss -Hltnp "sport = :$MPORT" | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u || true)
-  for k in $(children "$master"); do
-    grep -qx "$k" <<<"$exp" || echo "$k"
-  done
-}
-
-# Mean resident set (MiB) of the given pids, from /proc/<pid>/statm.
-mean_rss_mib() {
-  local page n=0 sum=0 p r
-  page=$(getconf PAGESIZE)
-  for p in "$@"; do
-    r=$(awk '{print $2}' /proc/"$p"/statm 2>/dev/null || true)
-    [[ -n $r ]] || continue
-    sum=$((sum + r * page)); n=$((n + 1))
-  done
-  if ((n == 0)); then echo null; else awk -v s="$sum" -v n="$n" 'BEGIN{printf "%.2f", s/n/1048576}'; fi
-}
-
-# wrk with the shared shape; $1 = 1 for Connection: close; prints the WRKJSON object.
-run_wrk() {
-  local close=$1 secs=$2; shift 2
-  local hdr=()
-  [[ $close == 1 ]] && hdr=(-H 'Connection: close')
-  timeout $((secs + 30)) wrk -t1 -c"$CONNS" -d"${secs}s" --timeout 5s \
-    -s "$HERE/wrk/report.lua" "${hdr[@]}" "$@" "$URL" 2>&1 |
-    tee -a "$OUT/logs/wrk.log" | sed -n 's/^WRKJSON //p'
-}
+# Processes, readiness checks, run_wrk (the shared wrk shape).
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
 
 # Warm-up, measured load, RSS of the workers at the end of the load; appends a row.
 # $1 server, $2 kind, $3 variant, $4 close(0/1), $5 pid-lister command, $6 note
@@ -184,13 +95,14 @@ setup() {
     log "apt-get install ${missing[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
   fi
-  if ! "$VENV/bin/python" -c 'import gunicorn, gunicorn_prometheus_exporter, gevent, eventlet, sys; sys.exit(gunicorn.__version__ != "23.0.0")' 2>/dev/null; then
+  if [[ ${BENCH_SKIP_PEER:-0} != 1 ]] && ! "$VENV/bin/python" -c 'import gunicorn, gunicorn_prometheus_exporter, gevent, eventlet, sys; sys.exit(gunicorn.__version__ != "23.0.0")' 2>/dev/null; then
     log "virtualenv $VENV: ${PEER_PKGS[*]}"
     python3 -m venv "$VENV" || { apt-get update -qq && apt-get install -y -qq python3-venv && python3 -m venv "$VENV"; }
     "$VENV/bin/pip" install -q "${PEER_PKGS[@]}"
   fi
-  log "cargo build --release -p gpe; -p gpe-bench-ceiling (target $CARGO_TARGET_DIR)"
-  (cd "$ROOT" && cargo build --release -q -p gpe && cargo build --release -q -p gpe-bench-ceiling)
+  log "cargo build --release -p gpe; -p gpe-bench-ceiling; -p gpe-example-axum-app (target $CARGO_TARGET_DIR)"
+  (cd "$ROOT" && cargo build --release -q -p gpe && cargo build --release -q -p gpe-bench-ceiling &&
+    cargo build --release -q -p gpe-example-axum-app)
 }
 
 # ---------------------------------------------------------------- throughput
@@ -214,7 +126,7 @@ run_ceiling() {
 
 run_gpe() {
   local kind variant close flags reason
-  for kind in sync thread eventloop greenlet; do
+  for kind in $KINDS; do
     printf 'worker = "%s"\n' "$kind" >"$OUT/check-$kind.toml"
     if ! reason=$("$GPE" check -c "$OUT/check-$kind.toml" 2>&1 >/dev/null); then
       reason=$(tr '\n"' ' _' <<<"$reason" | cut -c1-160)
@@ -229,14 +141,19 @@ run_gpe() {
     if ((close)); then measure_ceiling close " before $kind"; else measure_ceiling keepalive " before $kind"; fi
     # metrics on and off alternate, REPEAT times; the report takes the median run.
     # Then once with metrics on and `--idle-yield false` (thread, eventloop, greenlet).
-    local variants
-    variants=$(for _ in $(seq 1 "$REPEAT"); do echo metrics no-metrics; done)
+    # The keep-alive types also serve the same hello through an axum Router
+    # (examples/axum-app, metrics on), in the same rotation.
+    local variants axum=""
+    [[ $kind == sync || ${BENCH_SKIP_AXUM:-0} == 1 ]] || axum=axum
+    variants=$(for _ in $(seq 1 "$REPEAT"); do echo metrics no-metrics $axum; done)
     [[ $kind == sync ]] || variants+=" no-yield"
     for variant in $variants; do
       flags=()
       [[ $variant == no-metrics ]] && flags=(--no-metrics)
       [[ $variant == no-yield ]] && flags=(--idle-yield false)
-      start_server "gpe-$kind-$variant" "$GPE" serve -k "$kind" -w 2 \
+      local cmd=("$GPE" serve)
+      [[ $variant == axum ]] && cmd=("$AXUM")
+      start_server "gpe-$kind-$variant" "${cmd[@]}" -k "$kind" -w 2 \
         --bind "127.0.0.1:$PORT" --metrics-bind "127.0.0.1:$MPORT" "${flags[@]}"
       if wait_http "$URL" 20; then
         sleep 0.5
@@ -418,13 +335,15 @@ run_profile() {
     wait_http "$URL" 10 && profile_one "ceiling $mode" "$SERVER_PID" "$close"
     stop_server
   done
-  local kind flags label
-  for kind in sync thread eventloop greenlet eventloop:no-yield greenlet:no-yield; do
-    label=${kind/:/ }; flags=()
+  local kind flags label cmd axum=""
+  [[ ${BENCH_SKIP_AXUM:-0} == 1 ]] || axum=eventloop:axum
+  for kind in sync thread eventloop greenlet eventloop:no-yield greenlet:no-yield $axum; do
+    label=${kind/:/ }; flags=(); cmd=("$GPE" serve)
     [[ $kind == *:no-yield ]] && flags=(--idle-yield false)
+    [[ $kind == *:axum ]] && cmd=("$AXUM")
     kind=${kind%%:*}
     close=0; [[ $kind == sync ]] && close=1
-    start_server "profile-${label/ /-}" "$GPE" serve -k "$kind" -w 2 \
+    start_server "profile-${label/ /-}" "${cmd[@]}" -k "$kind" -w 2 \
       --bind "127.0.0.1:$PORT" --metrics-bind "127.0.0.1:$MPORT" "${flags[@]}"
     if wait_http "$URL" 20; then
       sleep 0.5
@@ -466,12 +385,12 @@ main() {
   run_gpe
   [[ ${BENCH_SKIP_PEER:-0} == 1 ]] || run_peer
   [[ ${BENCH_SKIP_PROFILE:-0} == 1 ]] || run_profile
-  scrape_gpe
-  [[ ${BENCH_SKIP_PEER:-0} == 1 ]] || scrape_peer
+  [[ ${BENCH_SKIP_SCRAPE:-0} == 1 ]] || scrape_gpe
+  [[ ${BENCH_SKIP_PEER:-0} == 1 || ${BENCH_SKIP_SCRAPE:-0} == 1 ]] || scrape_peer
   [[ ${BENCH_SKIP_MICRO:-0} == 1 ]] || run_micro
   log "report: BENCHMARKS.md, docs/bench.png"
   wrk_version=$(wrk -v 2>&1 | head -1 || true)
   BENCH_PROFILE_SECONDS=$PROFILE_SECS BENCH_SECONDS=$SECS BENCH_WARMUP=$WARM BENCH_REPEAT=$REPEAT BENCH_SCRAPES=$SCRAPES BENCH_CONNECTIONS=$CONNS BENCH_WRK_VERSION="$wrk_version" \
-    "$VENV/bin/python" "$HERE/report.py" "$ROOT" "$OUT"
+    "$([[ -x $VENV/bin/python ]] && echo "$VENV/bin/python" || echo python3)" "$HERE/report.py" "$ROOT" "$OUT"
 }
 main "$@"
