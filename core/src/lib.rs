@@ -42,7 +42,9 @@ pub use http::run::{
 pub use async_worker::{accept_retrying, supervise, take_listeners, Admission, Event, Gate, TICK};
 pub use listener::{AcceptFailure, Listener, Stream, TokioListener, ACCEPT_BACKOFF};
 pub use rt::idle::yield_when_idle;
-pub use rt::tokio::{accept_loop, runtime as tokio_runtime, worker_events, Acceptor, Conn};
+pub use rt::tokio::{
+    accept_loop, runtime as tokio_runtime, serve_worker, worker_events, Acceptor, Conn,
+};
 pub use worker::{Control, Worker, WorkerContext, WorkerExit};
 
 // Settings.

@@ -11,17 +11,9 @@
 #![forbid(unsafe_code)]
 
 use std::io;
-use std::rc::Rc;
 
-use futures_util::future::{select_all, FutureExt};
-use gpe_core::Inline;
-use gpe_core::Instrumented;
-use gpe_core::WorkerKind;
-use gpe_core::{accept_loop, worker_events, Acceptor, Conn};
-use gpe_core::{http1_builder as builder, serve_io};
-use gpe_core::{supervise, take_listeners, Admission, Gate};
+use gpe_core::{serve_worker, Inline, WorkerKind};
 use gpe_core::{Worker, WorkerContext, WorkerExit};
-use hyper_util::rt::TokioTimer;
 
 /// The eventloop worker.
 #[derive(Debug, Default, Clone, Copy)]
@@ -47,73 +39,15 @@ impl Worker for EventloopWorker {
     }
 }
 
-/// What every connection task needs.
-struct Connections {
-    service: Rc<Instrumented>,
-    builder: hyper::server::conn::http1::Builder,
-}
-
-impl Connections {
-    async fn serve(&self, conn: Conn, peer: String, admission: Admission) {
-        let drained = admission.drained();
-        let io = conn.into_hyper();
-        serve_io(
-            io,
-            admission,
-            &peer,
-            &self.service,
-            &self.builder,
-            &Inline,
-            drained,
-        )
-        .await;
-    }
-}
-
 async fn serve(ctx: &mut WorkerContext) -> io::Result<WorkerExit> {
-    let listeners = take_listeners(ctx, Acceptor::register)?;
-    let ctx = &*ctx;
-    let gate = Gate::for_worker(ctx);
-    let connections = Rc::new(Connections {
-        service: ctx.service.clone(),
-        builder: builder(&ctx.config, true, TokioTimer::new()),
-    });
-
-    let events = std::pin::pin!(worker_events(ctx)?);
-
-    // The accept loops own the listeners: when `supervise` drops them (TERM,
-    // INT, QUIT, `max_requests`) this process's listening sockets close at
-    // once, before the drain.
-    let accepting = {
-        let (gate, connections) = (&gate, &connections);
-        async move {
-            let listeners = listeners;
-            let (e, _, _) = select_all(listeners.iter().map(|listener| {
-                accept_loop(
-                    listener,
-                    gate,
-                    || std::future::ready(()),
-                    |conn, peer, admission| {
-                        let connections = connections.clone();
-                        tokio::task::spawn_local(async move {
-                            connections.serve(conn, peer, admission).await;
-                        });
-                    },
-                )
-                .boxed_local()
-            }))
-            .await;
-            e
-        }
-    };
-
-    supervise(ctx, &gate, events, accepting).await
+    serve_worker(ctx, Inline, || std::future::ready(())).await
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use gpe_core::{accept_loop, Acceptor, Admission, Conn, Gate};
     use std::cell::RefCell;
     use std::time::Duration;
 
@@ -139,12 +73,9 @@ mod tests {
             let clients: Vec<_> = (0..3)
                 .map(|_| std::net::TcpStream::connect(addr).unwrap())
                 .collect();
-            let accepting = accept_loop(
-                &listener,
-                &gate,
-                || std::future::ready(()),
-                |s, _, a| accepted.borrow_mut().push((s, a)),
-            );
+            let accepting = accept_loop(&listener, &gate, &|| std::future::ready(()), |s, _, a| {
+                accepted.borrow_mut().push((s, a))
+            });
             let mut accepting = std::pin::pin!(accepting);
             // Polls the accept loop until `n` connections are held (bounded).
             async fn settle(

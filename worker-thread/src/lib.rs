@@ -15,18 +15,11 @@
 mod pool;
 
 use std::io;
-use std::rc::Rc;
 
-use futures_util::future::{select_all, FutureExt};
-use gpe_core::Instrumented;
-use gpe_core::WorkerKind;
-use gpe_core::{accept_loop, worker_events, Acceptor, Conn};
-use gpe_core::{http1_builder as builder, serve_io};
-use gpe_core::{supervise, take_listeners, Admission, Gate};
+use gpe_core::{serve_worker, WorkerKind};
 use gpe_core::{Worker, WorkerContext, WorkerExit};
-use hyper_util::rt::TokioTimer;
 
-use crate::pool::{Pool, PoolRunner};
+use crate::pool::Pool;
 
 /// The thread worker.
 #[derive(Debug, Default, Clone, Copy)]
@@ -54,58 +47,7 @@ impl Worker for ThreadWorker {
     }
 }
 
-/// What every connection task needs.
-struct Connections {
-    service: Rc<Instrumented>,
-    builder: hyper::server::conn::http1::Builder,
-    runner: PoolRunner,
-}
-
-impl Connections {
-    async fn serve(&self, conn: Conn, peer: String, admission: Admission) {
-        let drained = admission.drained();
-        let (svc, b, r) = (&self.service, &self.builder, &self.runner);
-        serve_io(conn.into_hyper(), admission, &peer, svc, b, r, drained).await;
-    }
-}
-
 async fn serve(ctx: &mut WorkerContext, pool: &Pool) -> io::Result<WorkerExit> {
-    let listeners = take_listeners(ctx, Acceptor::register)?;
-    let ctx = &*ctx;
-    let gate = Gate::for_worker(ctx);
-    let connections = Rc::new(Connections {
-        service: ctx.service.clone(),
-        builder: builder(&ctx.config, true, TokioTimer::new()),
-        runner: pool.runner(),
-    });
-
-    let events = std::pin::pin!(worker_events(ctx)?);
-
-    // The accept loops own the listeners: when `supervise` drops them (TERM,
-    // INT, QUIT, `max_requests`) this process's listening sockets close at
-    // once, before the drain.
-    let accepting = {
-        let (gate, connections) = (&gate, &connections);
-        async move {
-            let listeners = listeners;
-            let (e, _, _) = select_all(listeners.iter().map(|listener| {
-                accept_loop(
-                    listener,
-                    gate,
-                    || pool.load().room(),
-                    |conn, peer, admission| {
-                        let connections = connections.clone();
-                        tokio::task::spawn_local(async move {
-                            connections.serve(conn, peer, admission).await;
-                        });
-                    },
-                )
-                .boxed_local()
-            }))
-            .await;
-            e
-        }
-    };
-
-    supervise(ctx, &gate, events, accepting).await
+    // A connection is taken only while a pool thread is free.
+    serve_worker(ctx, pool.runner(), || pool.load().room()).await
 }

@@ -8,9 +8,15 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
-use crate::async_worker::{accept_retrying, Admission, Event, Gate, TICK};
+use crate::async_worker::{
+    accept_retrying, supervise, take_listeners, Admission, Event, Gate, TICK,
+};
+use crate::http::conn::{builder, serve_io};
+use crate::http::instrument::Instrumented;
+use crate::http::run::Runner;
 use crate::listener::{Listener, Stream};
 use crate::worker::WorkerContext;
+use crate::worker::WorkerExit;
 
 pub use super::idle::tokio_runtime as runtime;
 
@@ -188,6 +194,67 @@ where
         // Let the new connection run and other workers reach the backlog.
         tokio::task::yield_now().await;
     }
+}
+
+/// Serves a tokio-based worker (thread, eventloop) on the current
+/// `LocalSet` until it should exit: accepts on every listener under the
+/// worker's [`Gate`] and `room` (see [`accept_loop`]), serves each connection
+/// as a local task with the one builder policy and `runner`, and runs the
+/// shared lifecycle ([`supervise`]). The accept loops own the listeners, so
+/// when `supervise` drops them (TERM, INT, QUIT, `max_requests`) this
+/// process's listening sockets close at once, before the drain.
+///
+/// # Errors
+/// Registering a socket or the signal pipe, or a fatal accept error.
+pub async fn serve_worker<R, Room, RF>(
+    ctx: &mut WorkerContext,
+    runner: R,
+    room: Room,
+) -> io::Result<WorkerExit>
+where
+    R: Runner + 'static,
+    Room: Fn() -> RF,
+    RF: std::future::Future<Output = ()>,
+{
+    use futures_util::FutureExt;
+
+    /// What every connection task needs.
+    struct Connections<R> {
+        service: std::rc::Rc<Instrumented>,
+        builder: hyper::server::conn::http1::Builder,
+        runner: R,
+    }
+
+    let listeners = take_listeners(ctx, Acceptor::register)?;
+    let ctx = &*ctx;
+    let gate = Gate::for_worker(ctx);
+    let connections = std::rc::Rc::new(Connections {
+        service: ctx.service.clone(),
+        builder: builder(&ctx.config, true, hyper_util::rt::TokioTimer::new()),
+        runner,
+    });
+    let events = std::pin::pin!(worker_events(ctx)?);
+    let accepting = {
+        let (gate, connections, room) = (&gate, &connections, &room);
+        async move {
+            let listeners = listeners;
+            let (e, _, _) = futures_util::future::select_all(listeners.iter().map(|listener| {
+                accept_loop(listener, gate, room, |conn, peer, admission| {
+                    let c = connections.clone();
+                    tokio::task::spawn_local(async move {
+                        let drained = admission.drained();
+                        let io = conn.into_hyper();
+                        let (svc, b, r) = (&c.service, &c.builder, &c.runner);
+                        serve_io(io, admission, &peer, svc, b, r, drained).await;
+                    });
+                })
+                .boxed_local()
+            }))
+            .await;
+            e
+        }
+    };
+    supervise(ctx, &gate, events, accepting).await
 }
 
 /// A stream of the signal pipe's readiness on the current runtime: yields
