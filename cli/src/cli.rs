@@ -214,13 +214,51 @@ fn run_exporter(args: ExporterArgs) -> Result<(), Failure> {
     .map_err(Failure::from)
 }
 
+/// `e` and its causes, each cause once: one that the message above it
+/// already quotes (as the master's errors quote their OS error) is left out.
+fn message(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !msg.contains(&cause) {
+            msg.push_str(": ");
+            msg.push_str(&cause);
+        }
+    }
+    msg
+}
+
 /// Turns a result into the process exit status, printing the error.
 pub fn exit_status(r: Result<(), Failure>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("gpe: error: {:#}", f.error);
+            eprintln!("gpe: error: {}", message(&f.error));
             ExitCode::from(f.code)
         }
+    }
+}
+
+#[cfg(test)]
+mod message_tests {
+    use super::message;
+
+    #[test]
+    fn a_cause_the_message_already_quotes_is_printed_once() {
+        let os = || std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        let bind = gpe_core::MasterError::Bind {
+            setting: "metrics_bind",
+            addr: "127.0.0.1:9091".into(),
+            source: os(),
+        };
+        assert_eq!(
+            message(&anyhow::Error::new(bind)),
+            format!(
+                "setting `metrics_bind`: cannot listen on 127.0.0.1:9091: {}",
+                os()
+            )
+        );
+        let chained = anyhow::Error::new(os()).context("exporter failed");
+        assert_eq!(message(&chained), format!("exporter failed: {}", os()));
     }
 }

@@ -668,6 +668,17 @@ fn bad_settings_exit_nonzero_naming_the_setting() {
             "config file",
         ),
         (vec!["--timeout=abc".into()], "--timeout"),
+        (
+            vec![
+                "--accesslog".into(),
+                dir.path()
+                    .join("no-such-dir/access.log")
+                    .to_str()
+                    .unwrap()
+                    .into(),
+            ],
+            "`accesslog`",
+        ),
     ];
     for (args, needle) in cases {
         let marker = format!("gpe-bad-{}", rand::random::<u64>());

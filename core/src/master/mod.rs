@@ -467,6 +467,21 @@ pub fn run(spec: ServerSpec) -> Result<(), MasterError> {
             expected: format!("a writable file ({e})"),
         })
     })?;
+    // The workers open the access log after fork; a path they cannot open is
+    // found here, naming the setting, rather than by workers failing to boot.
+    if let Some(crate::config::LogTarget::File(path)) = &config.accesslog {
+        let opened = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path);
+        if let Err(e) = opened {
+            return Err(MasterError::Config(ConfigError::Invalid {
+                setting: "accesslog",
+                value: path.display().to_string(),
+                expected: format!("a writable file ({e})"),
+            }));
+        }
+    }
     let mut bound = Bound::acquire(config, config.metrics && spec.exporter.is_some())?;
     let os = spawn::SystemOs::new(
         &spec,
