@@ -8,6 +8,7 @@
 //!   handler (so it stalls an event loop), then answers `spun`;
 //! - `/status/{code}` answers with that status;
 //! - `/panic` panics (gpe answers 500);
+//! - `/any/...` answers `any` and names no route;
 //! - `/bytes/{n}` answers `n` bytes;
 //! - `/hold/{mib}` allocates `mib` MiB (at most 1024), writes every page so
 //!   that it is resident, and keeps it for the life of the worker process;
@@ -43,6 +44,8 @@ fn route(req: Request) -> Response {
             with_route(text(status, status.as_str().to_owned()), "/status/{code}")
         }
         (Some("panic"), None) => panic!("gpe-testapp: /panic was requested"),
+        // Names no route: with `unmatched_route = path` each path is a label set.
+        (Some("any"), Some(_)) => text(StatusCode::OK, "any"),
         (Some("bytes"), Some(n)) => match n.parse::<usize>() {
             Ok(n) if n <= 64 << 20 => with_route(text(StatusCode::OK, vec![b'x'; n]), "/bytes/{n}"),
             _ => with_route(text(StatusCode::BAD_REQUEST, "bad n"), "/bytes/{n}"),
