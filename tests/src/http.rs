@@ -47,7 +47,29 @@ fn write_request(
     s.write_all(&bytes)
 }
 
-fn read_response(r: &mut impl BufRead, head_only: bool) -> std::io::Result<Resp> {
+/// The status line and header fields of a response, read off `r`.
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Head {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn chunked(&self) -> bool {
+        self.header("transfer-encoding")
+            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    }
+}
+
+/// Reads a response head.
+pub fn read_head(r: &mut impl BufRead) -> std::io::Result<Head> {
     let mut line = String::new();
     if r.read_line(&mut line)? == 0 {
         return Err(std::io::Error::new(
@@ -63,7 +85,9 @@ fn read_response(r: &mut impl BufRead, head_only: bool) -> std::io::Result<Resp>
     let mut headers = Vec::new();
     loop {
         line.clear();
-        r.read_line(&mut line)?;
+        if r.read_line(&mut line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
         let l = line.trim_end();
         if l.is_empty() {
             break;
@@ -72,6 +96,11 @@ fn read_response(r: &mut impl BufRead, head_only: bool) -> std::io::Result<Resp>
             headers.push((k.trim().to_owned(), v.trim().to_owned()));
         }
     }
+    Ok(Head { status, headers })
+}
+
+fn read_response(r: &mut impl BufRead, head_only: bool) -> std::io::Result<Resp> {
+    let Head { status, headers } = read_head(r)?;
     let mut resp = Resp {
         status,
         headers,
@@ -90,6 +119,7 @@ fn read_response(r: &mut impl BufRead, head_only: bool) -> std::io::Result<Resp>
         .header("transfer-encoding")
         .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
     {
+        let mut line = String::new();
         loop {
             line.clear();
             r.read_line(&mut line)?;

@@ -14,13 +14,13 @@ mod wait;
 mod workers;
 
 pub use apps::{
-    axum_app_bin, connect, download, example_bin, read_body, read_head, read_sse, upload, wait_sum,
-    Head, RssSampler, SseEvent, ASYNC_WORKERS, MIB,
+    axum_app_bin, connect, download, example_bin, read_body, read_sse, upload, wait_sum,
+    RssSampler, SseEvent, ASYNC_WORKERS, MIB,
 };
-pub use http::{get, http, KeepAlive, Resp};
+pub use http::{get, http, read_head, Head, KeepAlive, Resp};
 pub use load::{parallel, Load};
 pub use metrics::{promtool_check, Metrics};
-pub use procs::{alive, statm_rss, threads_of};
+pub use procs::{alive, statm_rss, threads_of, wait_child};
 pub use server::{free_port, Opts, Server};
 pub use wait::wait_until;
 pub use workers::WORKERS;

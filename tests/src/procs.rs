@@ -30,3 +30,21 @@ pub fn alive(pid: i32) -> bool {
         Err(_) => false,
     }
 }
+
+/// Waits (up to `limit`) for `child` to exit; takes it out of the option when
+/// it has, so that nothing kills it again later.
+pub fn wait_child(
+    child: &mut Option<std::process::Child>,
+    limit: std::time::Duration,
+) -> Option<std::process::ExitStatus> {
+    let c = child.as_mut()?;
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if let Some(st) = c.try_wait().unwrap() {
+            *child = None;
+            return Some(st);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    None
+}

@@ -307,16 +307,7 @@ impl Started {
 
     /// Waits (bounded) for the exit status.
     fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let child = self.child.as_mut()?;
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Some(st) = child.try_wait().unwrap() {
-                self.child = None;
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        wait_child(&mut self.child, limit)
     }
 }
 
