@@ -27,8 +27,8 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use gpe_core::DEFAULT_DURATION_BUCKETS;
 use gpe_core::{Index, Recorder, RequestRecord, StoreDir, WorkerFile, WorkerKind};
+use gpe_core::{DEFAULT_CAPACITY, DEFAULT_DURATION_BUCKETS};
 
 /// A store in a temporary directory with one worker file (slot 0, generation 1)
 /// and its recorder, set up the way the master and a worker do.
@@ -36,7 +36,13 @@ fn setup(metrics: bool, single_writer: bool) -> (tempfile::TempDir, Recorder) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = StoreDir::new(dir.path().join("s"));
     store.prepare().expect("prepare");
-    Index::create(&store.index_path(), 1000, &DEFAULT_DURATION_BUCKETS).expect("index");
+    Index::create(
+        &store.index_path(),
+        DEFAULT_CAPACITY,
+        1000,
+        &DEFAULT_DURATION_BUCKETS,
+    )
+    .expect("index");
     WorkerFile::create(&store, 0, 1, WorkerKind::Sync).expect("data file");
     let rec = Recorder::open(&store, 0, 1, metrics, single_writer).expect("recorder");
     rec.ready();

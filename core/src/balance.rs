@@ -109,7 +109,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = StoreDir::new(dir.path().join("s"));
         store.prepare().unwrap();
-        Index::create(&store.index_path(), 10, &[1.0]).unwrap();
+        Index::create(&store.index_path(), 1024, 10, &[1.0]).unwrap();
         let a = worker(&store, 0, 1);
         let b = worker(&store, 1, 2);
         let mut ba = Balancer::new(store.clone(), 0, 1);

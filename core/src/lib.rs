@@ -56,7 +56,7 @@ pub use config::{
 // The metric store.
 pub use store::catalogue::{Buckets, Shape, DEFAULT_DURATION_BUCKETS, SIZE_BUCKETS};
 pub use store::index::OTHER;
-pub use store::layout::{CELLS, DATA_FILE_BYTES, MAX_FAMILIES};
+pub use store::layout::{data_file_bytes, CELLS, DEFAULT_CAPACITY, MAX_FAMILIES};
 pub use store::{
     unix_now_ns, ErrorKind, ExitReason, Family, Index, MasterSignal, MasterView, Recorder,
     RequestRecord, Series, Snapshot, StoreDir, WorkerFile, WorkerKind, WorkerState, WorkerView,

@@ -637,7 +637,7 @@ fn cardinality_is_capped(worker: &str) {
     }
     assert_eq!(
         sizes.into_iter().collect::<Vec<_>>(),
-        vec![gpe_core::DATA_FILE_BYTES as u64],
+        vec![gpe_core::data_file_bytes(gpe_core::DEFAULT_CAPACITY) as u64],
         "every data file keeps its fixed size"
     );
 }

@@ -21,8 +21,8 @@ const TESTAPP: &str = env!("CARGO_BIN_EXE_gpe-testapp");
 const INDEX_USED: u64 = 12;
 /// Byte offset of the fold epoch (u64) in a data file header.
 const EPOCH: u64 = 88;
-/// The store's magic, "GPESTORE", as the files hold it.
-const MAGIC: u64 = 0x4750_4553_544f_5245;
+/// The index's magic, "GPEINDEX", as the file holds it.
+const INDEX_MAGIC: u64 = 0x4750_4549_4e44_4558;
 
 #[derive(Debug, Clone, Copy)]
 enum Corruption {
@@ -62,7 +62,7 @@ impl Corruption {
                 let f = rw(dir.join("index"));
                 let mut b = [0u8; 8];
                 f.read_exact_at(&mut b, 0).unwrap();
-                assert_eq!(u64::from_ne_bytes(b), MAGIC);
+                assert_eq!(u64::from_ne_bytes(b), INDEX_MAGIC);
                 b[0] ^= 0x10;
                 f.write_all_at(&b, 0).unwrap();
                 "its magic and version"
@@ -426,12 +426,13 @@ impl Drop for Tmpfs {
     }
 }
 
-/// A metrics filesystem that is full: every store file was reserved whole
-/// at creation, so requests never meet a SIGBUS; new label sets beyond the
-/// cap are dropped and counted; a worker killed meanwhile is replaced on the
-/// spare file of the one reaped.
+/// A 1 MiB metrics filesystem that is full: the store, sized to fit
+/// (`metrics_store_series`), reserved every file whole at creation, so
+/// requests never meet a SIGBUS; new label sets beyond the cap are dropped
+/// and counted; a worker killed meanwhile is replaced on the spare file of
+/// the one reaped.
 fn full_filesystem(worker: &str) {
-    let Some(fs) = Tmpfs::mount("11m") else {
+    let Some(fs) = Tmpfs::mount("1m") else {
         eprintln!("skipped: cannot mount a tmpfs here (needs root)");
         return;
     };
@@ -441,7 +442,14 @@ fn full_filesystem(worker: &str) {
         work.path(),
         worker,
         Some(&metrics_dir),
-        &["--unmatched-route", "path", "--metrics-max-series", "100"],
+        &[
+            "--unmatched-route",
+            "path",
+            "--metrics-max-series",
+            "100",
+            "--metrics-store-series",
+            "1024",
+        ],
     );
     s.wait_serving(1.0);
     fs.fill();
@@ -497,8 +505,9 @@ fn full_filesystem_eventloop() {
     full_filesystem("eventloop");
 }
 
-/// A metrics filesystem too small for one store file (1 MiB; each file is
-/// 2 MiB, reserved whole): start-up stops naming the file, without a SIGBUS.
+/// A metrics filesystem too small for one store file of the default size
+/// (1 MiB; each file is 2 MiB, reserved whole): start-up stops naming the
+/// file and the setting that sizes it, without a SIGBUS.
 #[test]
 fn a_filesystem_too_small_for_the_store_stops_start_up_naming_the_file() {
     let Some(fs) = Tmpfs::mount("1m") else {
@@ -522,7 +531,7 @@ fn a_filesystem_too_small_for_the_store_stops_start_up_naming_the_file() {
         log.contains(&format!(
             "cannot reserve 2097664 bytes for {}",
             metrics_dir.join("index").display()
-        )),
+        )) && log.contains("`metrics_store_series` = 16384"),
         "{log}"
     );
     assert!(!metrics_dir.exists(), "what it made is removed");

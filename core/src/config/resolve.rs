@@ -411,10 +411,12 @@ macro_rules! config_struct {
                 mut raw: RawSettings,
                 config_file: Option<PathBuf>,
             ) -> Result<Config, ConfigError> {
-                Ok(Config {
+                let config = Config {
                     $( $field: field(&mut raw, $name)?, )*
                     config_file,
-                })
+                };
+                config.check_store_room()?;
+                Ok(config)
             }
 
             /// For a HUP: `new` with every restart-only setting set back to
@@ -435,6 +437,30 @@ macro_rules! config_struct {
 with_settings!(config_struct);
 
 impl Config {
+    /// The store must hold every capped family full and the per-slot series
+    /// of every worker (three each).
+    fn check_store_room(&self) -> Result<(), ConfigError> {
+        let need = super::settings::CAPPED_FAMILIES * u64::from(self.metrics_max_series)
+            + 3 * u64::from(self.workers);
+        if need > u64::from(self.metrics_store_series) {
+            return Err(ConfigError::invalid(
+                "metrics_max_series",
+                self.metrics_max_series,
+                format!(
+                    "at most {} with metrics_store_series = {} and {} workers \
+                     (the store must hold {} families of it plus 3 series per worker)",
+                    (u64::from(self.metrics_store_series)
+                        .saturating_sub(3 * u64::from(self.workers)))
+                        / super::settings::CAPPED_FAMILIES,
+                    self.metrics_store_series,
+                    self.workers,
+                    super::settings::CAPPED_FAMILIES,
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Loads settings the way `gpe serve` does: defaults, then the config file
     /// (`config_file`, else `GPE_CONFIG`), then `GPE_*` variables, then `flags`.
     ///

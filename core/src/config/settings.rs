@@ -7,7 +7,7 @@
 //! Adding a setting means adding a row here (the `Config` field of the same
 //! name appears with it), using the field, and documenting it.
 
-use crate::store::layout::CAPACITY;
+use crate::store::layout::{DEFAULT_CAPACITY, MAX_CAPACITY, MIN_CAPACITY};
 
 /// The four worker types.
 pub const WORKER_TYPES: [&str; 4] = ["sync", "thread", "eventloop", "greenlet"];
@@ -15,9 +15,16 @@ pub const WORKER_TYPES: [&str; 4] = ["sync", "thread", "eventloop", "greenlet"];
 /// Most worker processes (including those added by TTIN).
 pub const MAX_WORKERS: u32 = 1024;
 
-/// Most `metrics_max_series`: each of the HTTP families may fill its cap, and
-/// the per-slot families need room too.
-const MAX_SERIES: u64 = ((CAPACITY as u64) - 3 * MAX_WORKERS as u64) / 6;
+/// Families whose label sets are capped by `metrics_max_series`; with three
+/// per-slot series per worker they must fit in `metrics_store_series`.
+pub const CAPPED_FAMILIES: u64 = 6;
+
+/// Most `metrics_max_series` in the largest store (the start-up check
+/// against `metrics_store_series` is tighter).
+const MAX_SERIES: u64 = MAX_CAPACITY as u64 / CAPPED_FAMILIES;
+
+// `metrics_store_series` defaults to the store's default capacity.
+const _: () = assert!(DEFAULT_CAPACITY == 16_384);
 
 /// What a setting's values look like, how every source spells them, and what
 /// is accepted.
@@ -331,6 +338,14 @@ macro_rules! with_settings {
                 restart_only: true,
                 flag: Some(Flag::long("N")),
                 doc: "Label sets kept per metric family before the rest collapse into `other`",
+            },
+            metrics_store_series = "metrics_store_series": u32 {
+                kind: Kind::Int { min: MIN_CAPACITY as u64, max: MAX_CAPACITY as u64 },
+                default: Some("16384"),
+                env: "GPE_METRICS_STORE_SERIES",
+                restart_only: true,
+                flag: Some(Flag::long("N")),
+                doc: "Series every store file has room for, 128 bytes each, reserved at start-up",
             },
         }
     };

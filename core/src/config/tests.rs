@@ -69,7 +69,42 @@ fn defaults() {
     assert_eq!(c.metrics_max_connections, 64);
     assert_eq!(c.histogram_buckets, DEFAULT_DURATION_BUCKETS.to_vec());
     assert_eq!(c.metrics_max_series, 1000);
+    assert_eq!(c.metrics_store_series, 16_384);
     assert_eq!(c.max_head_bytes(), 823_296);
+}
+
+#[test]
+fn the_store_must_hold_every_family_full() {
+    // 6 × 100 + 3 × 2 = 606 series fit in 1024; 6 × 170 + 6 = 1026 do not.
+    let c = load_flags(&[
+        "--metrics-store-series",
+        "1024",
+        "--metrics-max-series",
+        "100",
+    ])
+    .unwrap();
+    assert_eq!((c.metrics_store_series, c.metrics_max_series), (1024, 100));
+    let err = load_flags(&[
+        "--metrics-store-series",
+        "1024",
+        "--metrics-max-series",
+        "170",
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("metrics_max_series"), "{err}");
+    assert!(
+        err.contains("at most 169 with metrics_store_series = 1024"),
+        "{err}"
+    );
+    let err = load_flags(&["--metrics-store-series", "1024"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("metrics_max_series"), "{err}");
+    let err = load_flags(&["--metrics-store-series", "63"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("metrics_store_series"), "{err}");
 }
 
 #[test]

@@ -124,12 +124,24 @@ impl<O: Os> Arbiter<O> {
         upgrading_from: Option<Pid>,
         pidfile: Option<Pidfile>,
     ) -> Result<Arbiter<O>, MasterError> {
-        let store_err = |source| MasterError::Store {
+        let store_err = |source: std::io::Error| MasterError::Store {
             path: store.path().to_owned(),
-            source,
+            source: if source.kind() == std::io::ErrorKind::StorageFull {
+                std::io::Error::new(
+                    source.kind(),
+                    format!(
+                        "{source} (each store file has room for `metrics_store_series` = {} \
+                         series; a smaller store needs less room)",
+                        config.metrics_store_series
+                    ),
+                )
+            } else {
+                source
+            },
         };
         let index = Index::create(
             &store.index_path(),
+            config.metrics_store_series as usize,
             config.metrics_max_series,
             &config.histogram_buckets,
         )

@@ -28,7 +28,7 @@ mod stale_tests {
         // A dead pid (beyond the largest pid_max).
         let dead = StoreDir::new(base.path().join("gpe-4194305"));
         dead.prepare().unwrap();
-        crate::store::Index::create(&dead.index_path(), 10, &[1.0]).unwrap();
+        crate::store::Index::create(&dead.index_path(), 1024, 10, &[1.0]).unwrap();
         // A dead pid whose directory holds a foreign file: left alone.
         let foreign = StoreDir::new(base.path().join("gpe-4194306"));
         foreign.prepare().unwrap();
@@ -408,6 +408,7 @@ impl Bound {
                 (StoreDir::new(private_store_dir()), true)
             }
         };
+        let store = store.with_capacity(config.metrics_store_series as usize);
         let store_err = |source| MasterError::Store {
             path: store.path().to_owned(),
             source,

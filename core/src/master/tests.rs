@@ -134,7 +134,8 @@ fn config(workers: u32, tune: impl FnOnce(&mut Config)) -> Config {
 impl Harness {
     fn new(config: Config, exporter: bool, upgrading_from: Option<Pid>) -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let store = StoreDir::new(dir.path().join("store"));
+        let store = StoreDir::new(dir.path().join("store"))
+            .with_capacity(config.metrics_store_series as usize);
         store.prepare().unwrap();
         let os = FakeOs(Rc::new(RefCell::new(World {
             start: Instant::now(),

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 
 use super::index::Mirror;
-use super::layout::{DATA_FILE_BYTES, INDEX_FILE_BYTES};
+use super::layout::{data_file_bytes, index_file_bytes};
 use super::{
     Family, Index, MasterFile, Recorder, RequestRecord, RetiredFile, Snapshot, StoreDir,
     WorkerFile, WorkerKind,
@@ -65,7 +65,7 @@ fn a_target() -> impl Strategy<Value = Target> {
 }
 
 fn a_damage() -> impl Strategy<Value = Damage> {
-    let offset = prop_oneof![3 => 0..1024usize, 1 => 0..INDEX_FILE_BYTES];
+    let offset = prop_oneof![3 => 0..1024usize, 1 => 0..index_file_bytes(1024)];
     let word = prop_oneof![
         Just(0u64),
         Just(1),
@@ -75,7 +75,7 @@ fn a_damage() -> impl Strategy<Value = Damage> {
         any::<u64>()
     ];
     prop_oneof![
-        (0..DATA_FILE_BYTES).prop_map(Damage::Truncate),
+        (0..data_file_bytes(1024)).prop_map(Damage::Truncate),
         prop::collection::vec((offset, 0..8u8), 1..16).prop_map(Damage::Flip),
         (0..64usize, word).prop_map(|(i, v)| Damage::Word(i, v)),
         prop::collection::vec(any::<u8>(), 0..256).prop_map(Damage::Replace),
@@ -98,7 +98,7 @@ fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = StoreDir::new(dir.path().join("s"));
     store.prepare().unwrap();
-    let index = Index::create(&store.index_path(), 100, &[0.1, 1.0]).unwrap();
+    let index = Index::create(&store.index_path(), 1024, 100, &[0.1, 1.0]).unwrap();
     let master = MasterFile::create(&store).unwrap();
     let retired = RetiredFile::create(&store).unwrap();
     let worker = WorkerFile::create(&store, 0, 1, WorkerKind::Thread).unwrap();

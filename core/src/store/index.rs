@@ -18,7 +18,8 @@ use nix::fcntl::{Flock, FlockArg};
 
 use super::catalogue::Family;
 use super::layout::{
-    Entry, Mapped, CAPACITY, INDEX_FILE_BYTES, LABEL_BYTES, MAGIC, MAX_BUCKETS, VERSION,
+    index_capacity, index_file_bytes, Entry, Mapped, INDEX_MAGIC, LABEL_BYTES, MAX_BUCKETS,
+    MAX_CAPACITY, MIN_CAPACITY, VERSION,
 };
 
 /// Label value used for every label of a family's overflow series.
@@ -130,19 +131,31 @@ pub(super) fn entry_values(entry: &Entry) -> Vec<&str> {
 }
 
 impl Index {
-    /// Creates the index at `path` with the given per-family cap and duration
-    /// bucket bounds (seconds).
+    /// Creates the index at `path` with room for `capacity` series, the given
+    /// per-family cap and duration bucket bounds (seconds).
     ///
     /// # Errors
-    /// File creation or mapping errors; `InvalidInput` for too many buckets.
-    pub fn create(path: &Path, family_cap: u32, duration_buckets: &[f64]) -> io::Result<Index> {
+    /// File creation or mapping errors; `InvalidInput` for too many buckets
+    /// or a capacity outside `MIN_CAPACITY..=MAX_CAPACITY`.
+    pub fn create(
+        path: &Path,
+        capacity: usize,
+        family_cap: u32,
+        duration_buckets: &[f64],
+    ) -> io::Result<Index> {
+        if !(MIN_CAPACITY..=MAX_CAPACITY).contains(&capacity) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a store holds {MIN_CAPACITY} to {MAX_CAPACITY} series, not {capacity}"),
+            ));
+        }
         if duration_buckets.len() > MAX_BUCKETS {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "too many histogram buckets",
             ));
         }
-        let map = Mapped::create(path, INDEX_FILE_BYTES)?;
+        let map = Mapped::create(path, index_file_bytes(capacity))?;
         let h = map.index_header();
         h.version.store(VERSION, Ordering::Relaxed);
         h.family_cap.store(family_cap, Ordering::Relaxed);
@@ -151,7 +164,7 @@ impl Index {
         for (cell, b) in h.duration_buckets.iter().zip(duration_buckets) {
             cell.store(b.to_bits(), Ordering::Relaxed);
         }
-        h.magic.store(MAGIC, Ordering::Release);
+        h.magic.store(INDEX_MAGIC, Ordering::Release);
         Ok(Index {
             map,
             path: path.to_owned(),
@@ -166,10 +179,20 @@ impl Index {
     /// # Errors
     /// Missing file, wrong size or magic.
     pub unsafe fn open(path: &Path) -> io::Result<Index> {
+        let len = std::fs::metadata(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?
+            .len();
+        let Some(capacity) = index_capacity(len) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is {len} bytes: not a gpe index", path.display()),
+            ));
+        };
         // SAFETY: forwarded to the caller.
-        let map = unsafe { Mapped::open(path, INDEX_FILE_BYTES)? };
+        let map = unsafe { Mapped::open(path, index_file_bytes(capacity))? };
         let h = map.index_header();
-        if h.magic.load(Ordering::Acquire) != MAGIC || h.version.load(Ordering::Relaxed) != VERSION
+        if h.magic.load(Ordering::Acquire) != INDEX_MAGIC
+            || h.version.load(Ordering::Relaxed) != VERSION
         {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -182,13 +205,18 @@ impl Index {
         })
     }
 
+    /// Series this index (and every data file of its store) has room for.
+    pub fn capacity(&self) -> usize {
+        self.map.entries()
+    }
+
     /// Entries published so far.
     pub fn used(&self) -> u32 {
         self.map
             .index_header()
             .used
             .load(Ordering::Acquire)
-            .min(CAPACITY as u32)
+            .min(self.capacity() as u32)
     }
 
     /// The family and label values of published entry `id`.
@@ -236,7 +264,7 @@ impl Index {
     pub fn recreate(&mut self) -> io::Result<()> {
         let tmp = self.path.with_extension("tmp");
         let _ = std::fs::remove_file(&tmp);
-        let copy = Mapped::create(&tmp, INDEX_FILE_BYTES)?;
+        let copy = Mapped::create(&tmp, self.map.len())?;
         copy.copy_from(&self.map);
         if let Err(e) = std::fs::rename(&tmp, &self.path) {
             let _ = std::fs::remove_file(&tmp);
@@ -266,10 +294,11 @@ impl Index {
         let _lock = self.lock()?;
         let h = self.map.index_header();
         let mut fixed = Vec::new();
-        if h.magic.load(Ordering::Relaxed) != MAGIC || h.version.load(Ordering::Relaxed) != VERSION
+        if h.magic.load(Ordering::Relaxed) != INDEX_MAGIC
+            || h.version.load(Ordering::Relaxed) != VERSION
         {
             h.version.store(VERSION, Ordering::Relaxed);
-            h.magic.store(MAGIC, Ordering::Release);
+            h.magic.store(INDEX_MAGIC, Ordering::Release);
             fixed.push("its magic and version".to_owned());
         }
         let used = h.used.load(Ordering::Acquire);
@@ -277,13 +306,14 @@ impl Index {
             let e = self.map.entry(id);
             e.family != 0 || e.labels != 0 || e.len != 0
         };
-        let consistent = (used as usize) <= CAPACITY
+        let capacity = self.capacity();
+        let consistent = (used as usize) <= capacity
             && (used == 0 || written(used - 1))
-            && (used as usize == CAPACITY || !written(used));
+            && (used as usize == capacity || !written(used));
         if !consistent {
-            let real = (0..CAPACITY as u32)
+            let real = (0..capacity as u32)
                 .find(|id| !written(*id))
-                .unwrap_or(CAPACITY as u32);
+                .unwrap_or(capacity as u32);
             h.used.store(real, Ordering::Release);
             fixed.push(format!("`used` {used} (the entries say {real})"));
         }
@@ -310,10 +340,11 @@ impl Index {
         let _lock = self.lock()?;
         let h = self.map.index_header();
         let used = h.used.load(Ordering::Acquire);
-        if used as usize > CAPACITY {
+        let capacity = self.capacity();
+        if used as usize > capacity {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("the series index says {used} entries, beyond its {CAPACITY}"),
+                format!("the series index says {used} entries, beyond its {capacity}"),
             ));
         }
         let fam = key.family_code() as usize;
@@ -343,7 +374,7 @@ impl Index {
                 return Ok(None);
             }
         }
-        if used as usize >= CAPACITY {
+        if used as usize >= capacity {
             return Err(io::Error::other("series index is full"));
         }
         // SAFETY: we hold the exclusive lock and `used` is the next free entry.
@@ -462,7 +493,7 @@ mod tests {
 
     fn index(cap: u32) -> (tempfile::TempDir, Index) {
         let dir = tempfile::tempdir().unwrap();
-        let idx = Index::create(&dir.path().join("index"), cap, &[0.1, 1.0]).unwrap();
+        let idx = Index::create(&dir.path().join("index"), 1024, cap, &[0.1, 1.0]).unwrap();
         (dir, idx)
     }
 

@@ -16,12 +16,19 @@ use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use memmap2::MmapRaw;
 
-/// Magic number at the start of every store file ("GPESTORE").
+/// Magic number at the start of every data file ("GPESTORE").
 pub const MAGIC: u64 = 0x4750_4553_544f_5245;
+/// Magic number at the start of the series index ("GPEINDEX").
+pub const INDEX_MAGIC: u64 = 0x4750_4549_4e44_4558;
 /// Layout version; bumped whenever a struct below changes.
-pub const VERSION: u32 = 2;
-/// Number of series every file can hold (index entries and value rows).
-pub const CAPACITY: usize = 16_384;
+pub const VERSION: u32 = 3;
+/// Series a store holds unless `metrics_store_series` says otherwise: index
+/// entries, and value rows in every data file.
+pub const DEFAULT_CAPACITY: usize = 16_384;
+/// Fewest series a store may be sized for.
+pub const MIN_CAPACITY: usize = 64;
+/// Most series a store may be sized for (128 MiB per file).
+pub const MAX_CAPACITY: usize = 1 << 20;
 /// `u64` cells per series row: up to 14 finite buckets, `+Inf`, and the sum.
 pub const CELLS: usize = 16;
 /// Largest number of finite histogram buckets a family may use.
@@ -112,8 +119,22 @@ const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_BYTES);
 /// One series' cells: counter value in cell 0, or histogram buckets then sum.
 pub(super) type Row = [AtomicU64; CELLS];
 
-/// Total size of a data file.
-pub const DATA_FILE_BYTES: usize = HEADER_BYTES + CAPACITY * std::mem::size_of::<Row>();
+/// Size of a data file with room for `capacity` series.
+pub const fn data_file_bytes(capacity: usize) -> usize {
+    HEADER_BYTES + capacity * std::mem::size_of::<Row>()
+}
+
+/// The number of series a data file of `len` bytes has room for, if `len` is
+/// the size of a data file.
+pub fn data_capacity(len: u64) -> Option<usize> {
+    capacity_of(len, HEADER_BYTES, std::mem::size_of::<Row>())
+}
+
+fn capacity_of(len: u64, header: usize, stride: usize) -> Option<usize> {
+    let body = usize::try_from(len).ok()?.checked_sub(header)?;
+    let n = body / stride;
+    (body % stride == 0 && (MIN_CAPACITY..=MAX_CAPACITY).contains(&n)).then_some(n)
+}
 
 /// Header of the series index shared by every process of one server.
 #[repr(C)]
@@ -156,8 +177,16 @@ pub(super) struct Entry {
 }
 const _: () = assert!(std::mem::size_of::<Entry>() == 128);
 
-/// Total size of the index file.
-pub const INDEX_FILE_BYTES: usize = INDEX_HEADER_BYTES + CAPACITY * std::mem::size_of::<Entry>();
+/// Size of an index with room for `capacity` series.
+pub const fn index_file_bytes(capacity: usize) -> usize {
+    INDEX_HEADER_BYTES + capacity * std::mem::size_of::<Entry>()
+}
+
+/// The number of series an index of `len` bytes has room for, if `len` is
+/// the size of an index.
+pub fn index_capacity(len: u64) -> Option<usize> {
+    capacity_of(len, INDEX_HEADER_BYTES, std::mem::size_of::<Entry>())
+}
 
 /// A store file mapped shared into this process.
 #[derive(Debug)]
@@ -285,11 +314,26 @@ impl Mapped {
         }
     }
 
+    /// Bytes mapped.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Value rows of a data file: how many series it has room for.
+    pub fn rows(&self) -> usize {
+        self.map.len().saturating_sub(HEADER_BYTES) / std::mem::size_of::<Row>()
+    }
+
+    /// Entries of an index file: how many series it has room for.
+    pub fn entries(&self) -> usize {
+        self.map.len().saturating_sub(INDEX_HEADER_BYTES) / std::mem::size_of::<Entry>()
+    }
+
     /// The data-file header.
     ///
-    /// The mapping must be a data file (at least [`DATA_FILE_BYTES`] long).
+    /// The mapping must be a data file (at least [`HEADER_BYTES`] long).
     pub fn header(&self) -> &Header {
-        assert!(self.map.len() >= DATA_FILE_BYTES);
+        assert!(self.map.len() >= HEADER_BYTES);
         // SAFETY: the mapping is page-aligned and at least HEADER_BYTES long (checked
         // above), `Header` is `repr(C)` of atomics only, for which every bit pattern
         // (including the zeroes of a new file) is valid, and all concurrent access from
@@ -301,11 +345,12 @@ impl Mapped {
     /// The value row of series `id` in a data file.
     ///
     /// # Panics
-    /// If `id` is not below [`CAPACITY`]: callers bound every id they take
-    /// from a file (see `Index::used`, `Index::other_id`).
+    /// If `id` is not below [`Mapped::rows`]: callers bound every id they
+    /// take from a file (see `Index::used`, `Index::other_id`), and every file
+    /// of a store has as many rows as its index has entries.
     pub fn row(&self, id: u32) -> &Row {
         let id = id as usize;
-        assert!(id < CAPACITY && self.map.len() >= DATA_FILE_BYTES);
+        assert!(id < self.rows());
         // SAFETY: the row lies inside the mapping (bounds checked above), rows are
         // 8-byte aligned (HEADER_BYTES and the row size are multiples of 8 and the
         // mapping is page-aligned), and a row is an array of atomics, valid for any bits.
@@ -319,7 +364,7 @@ impl Mapped {
 
     /// The index header. The mapping must be an index file.
     pub fn index_header(&self) -> &IndexHeader {
-        assert!(self.map.len() >= INDEX_FILE_BYTES);
+        assert!(self.map.len() >= INDEX_HEADER_BYTES);
         // SAFETY: as for `header`: aligned, in bounds, atomics only.
         unsafe { &*(self.map.as_ptr() as *const IndexHeader) }
     }
@@ -328,7 +373,7 @@ impl Mapped {
     /// count may be read; they are never written again.
     pub fn entry(&self, id: u32) -> &Entry {
         let id = id as usize;
-        assert!(id < CAPACITY && self.map.len() >= INDEX_FILE_BYTES);
+        assert!(id < self.entries());
         // SAFETY: in bounds (checked), `Entry` is plain bytes (valid for any bits) and
         // align 2 at a 128-byte stride from a 512-byte offset. Callers read an entry
         // only after an acquire load of `used` covers it; its writer published it with
@@ -349,7 +394,7 @@ impl Mapped {
     /// `used` count, so no process reads or writes this entry concurrently.
     pub unsafe fn write_entry(&self, id: u32, entry: &Entry) {
         let id = id as usize;
-        assert!(id < CAPACITY && self.map.len() >= INDEX_FILE_BYTES);
+        assert!(id < self.entries());
         // SAFETY: in bounds (checked); exclusive per the caller's contract.
         unsafe {
             let dst = self
@@ -496,16 +541,19 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w");
-        let _m = Mapped::create(&path, DATA_FILE_BYTES).unwrap();
+        let _m = Mapped::create(&path, data_file_bytes(DEFAULT_CAPACITY)).unwrap();
         let blocks = std::fs::metadata(&path).unwrap().blocks();
-        assert!(blocks * 512 >= DATA_FILE_BYTES as u64, "{blocks} blocks");
+        assert!(
+            blocks * 512 >= data_file_bytes(DEFAULT_CAPACITY) as u64,
+            "{blocks} blocks"
+        );
     }
 
     #[test]
     fn a_truncated_file_reads_as_zeroes_instead_of_sigbus() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w");
-        let m = Mapped::create(&path, DATA_FILE_BYTES).unwrap();
+        let m = Mapped::create(&path, data_file_bytes(DEFAULT_CAPACITY)).unwrap();
         m.header().requests.store(9, Ordering::Relaxed);
         m.row(100)[3].store(5, Ordering::Relaxed);
         assert!(m.intact(&path));
@@ -527,14 +575,14 @@ mod tests {
     #[test]
     fn a_copy_holds_every_byte() {
         let dir = tempfile::tempdir().unwrap();
-        let a = Mapped::create(&dir.path().join("a"), DATA_FILE_BYTES).unwrap();
-        let b = Mapped::create(&dir.path().join("b"), DATA_FILE_BYTES).unwrap();
+        let a = Mapped::create(&dir.path().join("a"), data_file_bytes(DEFAULT_CAPACITY)).unwrap();
+        let b = Mapped::create(&dir.path().join("b"), data_file_bytes(DEFAULT_CAPACITY)).unwrap();
         a.header().epoch.store(4, Ordering::Relaxed);
-        a.row(CAPACITY as u32 - 1)[CELLS - 1].store(11, Ordering::Relaxed);
+        a.row(DEFAULT_CAPACITY as u32 - 1)[CELLS - 1].store(11, Ordering::Relaxed);
         b.copy_from(&a);
         assert_eq!(b.header().epoch.load(Ordering::Relaxed), 4);
         assert_eq!(
-            b.row(CAPACITY as u32 - 1)[CELLS - 1].load(Ordering::Relaxed),
+            b.row(DEFAULT_CAPACITY as u32 - 1)[CELLS - 1].load(Ordering::Relaxed),
             11
         );
     }
@@ -552,19 +600,19 @@ mod tests {
     fn created_file_has_fixed_size_and_shared_atomics() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w");
-        let a = Mapped::create(&path, DATA_FILE_BYTES).unwrap();
+        let a = Mapped::create(&path, data_file_bytes(DEFAULT_CAPACITY)).unwrap();
         // SAFETY: the file was just created by this module.
-        let b = unsafe { Mapped::open(&path, DATA_FILE_BYTES) }.unwrap();
+        let b = unsafe { Mapped::open(&path, data_file_bytes(DEFAULT_CAPACITY)) }.unwrap();
         a.header().requests.fetch_add(3, Ordering::Relaxed);
-        a.row(CAPACITY as u32 - 1)[CELLS - 1].fetch_add(7, Ordering::Relaxed);
+        a.row(DEFAULT_CAPACITY as u32 - 1)[CELLS - 1].fetch_add(7, Ordering::Relaxed);
         assert_eq!(b.header().requests.load(Ordering::Relaxed), 3);
         assert_eq!(
-            b.row(CAPACITY as u32 - 1)[CELLS - 1].load(Ordering::Relaxed),
+            b.row(DEFAULT_CAPACITY as u32 - 1)[CELLS - 1].load(Ordering::Relaxed),
             7
         );
         assert_eq!(
             std::fs::metadata(&path).unwrap().len(),
-            DATA_FILE_BYTES as u64
+            data_file_bytes(DEFAULT_CAPACITY) as u64
         );
     }
 
@@ -574,7 +622,7 @@ mod tests {
         let path = dir.path().join("x");
         std::fs::write(&path, b"short").unwrap();
         // SAFETY: the open fails before mapping.
-        let err = unsafe { Mapped::open(&path, DATA_FILE_BYTES) }.unwrap_err();
+        let err = unsafe { Mapped::open(&path, data_file_bytes(DEFAULT_CAPACITY)) }.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 
@@ -582,7 +630,7 @@ mod tests {
     fn index_entries_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("i");
-        let m = Mapped::create(&path, INDEX_FILE_BYTES).unwrap();
+        let m = Mapped::create(&path, index_file_bytes(DEFAULT_CAPACITY)).unwrap();
         let mut e = Entry {
             family: 3,
             labels: 1,

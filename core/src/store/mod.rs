@@ -28,7 +28,8 @@ pub use recorder::{ErrorKind, Recorder, RequestRecord};
 pub use snapshot::{MasterView, Series, Snapshot, WorkerView};
 pub use views::{MasterFile, RetiredFile, WorkerFile};
 
-use layout::{FileKind, Header, Mapped, Row, DATA_FILE_BYTES, MAGIC, VERSION};
+use layout::{data_capacity, data_file_bytes, index_capacity, FileKind, Header, Mapped, Row};
+use layout::{INDEX_MAGIC, MAGIC, VERSION};
 
 /// Current wall-clock time in Unix nanoseconds.
 pub fn unix_now_ns() -> u64 {
@@ -48,18 +49,56 @@ pub fn monotonic_ns() -> u64 {
     }
 }
 
-/// The store's directory and the names of the files in it.
+/// The store's directory, the names of the files in it, and how many series
+/// they have room for.
 #[derive(Debug, Clone)]
 pub struct StoreDir {
     path: PathBuf,
+    /// Series every file has room for; `None` for a reader that learns it
+    /// from the index (the sidecar exporter).
+    capacity: Option<usize>,
 }
 
 const WORKER_PREFIX: &str = "worker-";
 
 impl StoreDir {
-    /// A store directory at `path` (not touched until used).
+    /// A store directory at `path` (not touched until used), of the
+    /// capacity its index was made with.
     pub fn new(path: impl Into<PathBuf>) -> StoreDir {
-        StoreDir { path: path.into() }
+        StoreDir {
+            path: path.into(),
+            capacity: None,
+        }
+    }
+
+    /// The same directory, whose files are made with room for `capacity`
+    /// series (the master's, from `metrics_store_series`).
+    pub fn with_capacity(self, capacity: usize) -> StoreDir {
+        StoreDir {
+            capacity: Some(capacity),
+            ..self
+        }
+    }
+
+    /// Series every file of this store has room for: as set, or else as
+    /// the index on disk says by its size.
+    ///
+    /// # Errors
+    /// No capacity was set and the index is missing or not an index.
+    pub fn capacity(&self) -> io::Result<usize> {
+        if let Some(c) = self.capacity {
+            return Ok(c);
+        }
+        let path = self.index_path();
+        let len = fs::metadata(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?
+            .len();
+        index_capacity(len).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is {len} bytes: not a gpe index", path.display()),
+            )
+        })
     }
 
     /// The directory.
@@ -196,24 +235,28 @@ pub struct Proof {
 }
 
 /// Reads the header of the regular file at `path`: `Some` when it starts
-/// with the store's magic and has the size of a store file of this version.
+/// with the magic of a data file or of the index, and has the size of one.
 pub fn prove(path: &Path) -> Option<Proof> {
     use std::io::Read;
     let meta = fs::symlink_metadata(path).ok()?;
     let len = meta.len();
-    if !meta.file_type().is_file()
-        || (len != DATA_FILE_BYTES as u64 && len != layout::INDEX_FILE_BYTES as u64)
-    {
+    if !meta.file_type().is_file() {
         return None;
     }
     let mut head = [0u8; 72];
     fs::File::open(path).ok()?.read_exact(&mut head).ok()?;
     let u64_at = |o: usize| u64::from_ne_bytes(head[o..o + 8].try_into().unwrap_or([0; 8]));
     let u32_at = |o: usize| u32::from_ne_bytes(head[o..o + 4].try_into().unwrap_or([0; 4]));
-    if u64_at(0) != MAGIC {
+    let magic = u64_at(0);
+    let sized = match magic {
+        MAGIC => data_capacity(len).is_some(),
+        INDEX_MAGIC => index_capacity(len).is_some(),
+        _ => false,
+    };
+    if !sized {
         return None;
     }
-    if len == layout::INDEX_FILE_BYTES as u64 {
+    if magic == INDEX_MAGIC {
         return Some(Proof {
             pid: 0,
             start_time_ns: 0,
@@ -247,16 +290,17 @@ struct FileIdentity {
 }
 
 impl DataFile {
-    /// Creates a data file at `path`, fully initialised before it appears under
-    /// that name (it is written under a temporary name, then renamed).
+    /// Creates a data file at `path` with room for `capacity` series, fully
+    /// initialised before it appears under that name (it is written under a
+    /// temporary name, then renamed).
     ///
     /// # Errors
     /// Creating, mapping or renaming failed.
-    pub fn create(path: &Path, id: FileIdentity) -> io::Result<DataFile> {
+    pub fn create(path: &Path, capacity: usize, id: FileIdentity) -> io::Result<DataFile> {
         let tmp = path.with_extension("tmp");
         let _ = fs::remove_file(&tmp);
         let file = DataFile {
-            map: Mapped::create(&tmp, DATA_FILE_BYTES)?,
+            map: Mapped::create(&tmp, data_file_bytes(capacity))?,
         };
         file.init(id);
         fs::rename(&tmp, path)?;
@@ -298,7 +342,7 @@ impl DataFile {
         h.magic.store(MAGIC, Ordering::Release);
     }
 
-    /// Opens an existing data file.
+    /// Opens an existing data file of a store of `capacity` series.
     ///
     /// # Safety
     /// The file must be a gpe data file (see [`Mapped::open`]); callers go
@@ -306,9 +350,9 @@ impl DataFile {
     ///
     /// # Errors
     /// Missing, wrong size, or not initialised.
-    pub unsafe fn open(path: &Path) -> io::Result<DataFile> {
+    pub unsafe fn open(path: &Path, capacity: usize) -> io::Result<DataFile> {
         // SAFETY: forwarded to the caller.
-        let map = unsafe { Mapped::open(path, DATA_FILE_BYTES)? };
+        let map = unsafe { Mapped::open(path, data_file_bytes(capacity))? };
         let h = map.header();
         if h.magic.load(Ordering::Acquire) != MAGIC || h.version.load(Ordering::Relaxed) != VERSION
         {
@@ -333,7 +377,7 @@ impl DataFile {
     fn recreate(&mut self, path: &Path) -> io::Result<()> {
         let tmp = path.with_extension("tmp");
         let _ = fs::remove_file(&tmp);
-        let copy = Mapped::create(&tmp, DATA_FILE_BYTES)?;
+        let copy = Mapped::create(&tmp, self.map.len())?;
         copy.copy_from(&self.map);
         if let Err(e) = fs::rename(&tmp, path) {
             let _ = fs::remove_file(&tmp);
@@ -392,7 +436,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = StoreDir::new(dir.path().join("m"));
         assert!(store.prepare().unwrap());
-        let index = Index::create(&store.index_path(), 10, &[1.0]).unwrap();
+        let index = Index::create(&store.index_path(), 1024, 10, &[1.0]).unwrap();
         drop(index);
         MasterFile::create(&store).unwrap();
         std::fs::write(store.path().join("worker-0-1"), b"mine").unwrap();
@@ -407,7 +451,7 @@ mod tests {
         // A file of the right size without the magic is not proven either.
         std::fs::remove_file(store.path().join("worker-0-1")).unwrap();
         let p = store.path().join("index2");
-        std::fs::write(&p, vec![0u8; DATA_FILE_BYTES]).unwrap();
+        std::fs::write(&p, vec![0u8; data_file_bytes(1024)]).unwrap();
         assert!(store.prepare().is_err());
         std::fs::remove_file(&p).unwrap();
         let proof = prove(&store.master_path()).unwrap();
@@ -418,11 +462,55 @@ mod tests {
     }
 
     #[test]
+    fn a_store_is_sized_by_its_capacity() {
+        let dir = tempfile::tempdir().unwrap();
+        let master = StoreDir::new(dir.path().join("m")).with_capacity(64);
+        assert!(master.prepare().unwrap());
+        let index = Index::create(&master.index_path(), 64, 10, &[1.0]).unwrap();
+        let w = WorkerFile::create(&master, 0, 1, WorkerKind::Sync).unwrap();
+        let len = |p: PathBuf| fs::metadata(p).unwrap().len();
+        assert_eq!(len(master.index_path()), 512 + 64 * 128);
+        assert_eq!(len(master.worker_path(0, 1)), 1024 + 64 * 128);
+        // A reader without a capacity learns it from the index.
+        let reader = StoreDir::new(master.path());
+        assert_eq!(reader.capacity().unwrap(), 64);
+        let seen = reader.open_data(&master.worker_path(0, 1)).unwrap();
+        w.set_state(WorkerState::Idle);
+        assert_eq!(
+            seen.header().state.load(Ordering::Relaxed),
+            WorkerState::Idle.code()
+        );
+        // A file sized for another capacity is not of this store.
+        let other = StoreDir::new(dir.path().join("o")).with_capacity(128);
+        other.prepare().unwrap();
+        WorkerFile::create(&other, 0, 1, WorkerKind::Sync).unwrap();
+        fs::rename(other.worker_path(0, 1), master.worker_path(0, 2)).unwrap();
+        assert!(WorkerFile::open(&master, 0, 2).is_err());
+        // Both kinds are proven by magic and size; the index is not a data file.
+        assert_eq!(prove(&master.index_path()).map(|p| p.kind), Some(0));
+        assert_eq!(
+            prove(&master.worker_path(0, 1)).map(|p| p.kind),
+            Some(FileKind::Worker as u32)
+        );
+        assert!(reader.open_data(&master.index_path()).is_err());
+        // Every entry of the index can be given out, and then it is full.
+        let mut m = index::Mirror::default();
+        for slot in 0..64 {
+            let key = index::Key::new(Family::WorkerRequests, &[&slot.to_string()]);
+            m.resolve(&index, &key).unwrap();
+        }
+        assert_eq!(index.used(), 64);
+        let key = index::Key::new(Family::WorkerRequests, &["64"]);
+        assert!(m.resolve(&index, &key).is_err());
+        assert!(Index::create(&dir.path().join("i2"), 63, 10, &[1.0]).is_err());
+    }
+
+    #[test]
     fn fold_moves_counts_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = StoreDir::new(dir.path().join("m"));
         assert!(store.prepare().unwrap());
-        let index = Index::create(&store.index_path(), 100, &[1.0]).unwrap();
+        let index = Index::create(&store.index_path(), 1024, 100, &[1.0]).unwrap();
         let retired = RetiredFile::create(&store).unwrap();
         let w = WorkerFile::create(&store, 1, 7, WorkerKind::Sync).unwrap();
         let raw = store.open_data(&store.worker_path(1, 7)).unwrap();

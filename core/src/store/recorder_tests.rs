@@ -8,9 +8,10 @@ fn setup(cap: u32) -> (tempfile::TempDir, StoreDir, Recorder) {
     let dir = tempfile::tempdir().unwrap();
     let store = StoreDir::new(dir.path().join("s"));
     store.prepare().unwrap();
-    Index::create(&store.index_path(), cap, &[0.001, 1.0]).unwrap();
+    Index::create(&store.index_path(), 4096, cap, &[0.001, 1.0]).unwrap();
     DataFile::create(
         &store.worker_path(0, 1),
+        4096,
         FileIdentity {
             kind: FileKind::Worker,
             slot: 0,

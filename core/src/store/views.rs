@@ -27,7 +27,7 @@ impl StoreDir {
         // touches them only through the store's atomic views. A foreign or
         // half-created file fails the size check (before mapping) or the magic and
         // version check (an atomic, valid for any bits) before anything else is read.
-        unsafe { DataFile::open(path) }
+        unsafe { DataFile::open(path, self.capacity()?) }
     }
 
     /// Opens the series index of this store directory.
@@ -61,7 +61,11 @@ impl MasterFile {
     /// # Errors
     /// Creating or mapping the file failed.
     pub fn create(store: &StoreDir) -> io::Result<MasterFile> {
-        let file = DataFile::create(&store.master_path(), identity(FileKind::Master))?;
+        let file = DataFile::create(
+            &store.master_path(),
+            store.capacity()?,
+            identity(FileKind::Master),
+        )?;
         file.header()
             .pid
             .store(std::process::id(), Ordering::Relaxed);
@@ -148,7 +152,12 @@ impl RetiredFile {
     /// # Errors
     /// Creating or mapping the file failed.
     pub fn create(store: &StoreDir) -> io::Result<RetiredFile> {
-        DataFile::create(&store.retired_path(), identity(FileKind::Retired)).map(RetiredFile)
+        DataFile::create(
+            &store.retired_path(),
+            store.capacity()?,
+            identity(FileKind::Retired),
+        )
+        .map(RetiredFile)
     }
 
     /// Opens the fold window (the retired epoch becomes odd) until the window
@@ -279,6 +288,7 @@ impl WorkerFile {
         let path = store.worker_path(slot, generation);
         let file = DataFile::create(
             &path,
+            store.capacity()?,
             FileIdentity {
                 kind: FileKind::Worker,
                 slot,
@@ -409,7 +419,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = StoreDir::new(dir.path().join("m"));
         store.prepare().unwrap();
-        Index::create(&store.index_path(), 10, &[1.0]).unwrap();
+        Index::create(&store.index_path(), 64, 10, &[1.0]).unwrap();
         let m = MasterFile::create(&store).unwrap();
         m.count_signal(MasterSignal::Hup);
         m.count_signal(MasterSignal::Hup);
@@ -427,14 +437,14 @@ mod tests {
         assert_eq!(MasterFile::open(&store).unwrap().pid(), std::process::id());
         // A retired file under the master's name is refused.
         std::fs::remove_file(store.master_path()).unwrap();
-        DataFile::create(&store.master_path(), identity(FileKind::Retired)).unwrap();
+        DataFile::create(&store.master_path(), 64, identity(FileKind::Retired)).unwrap();
         assert!(MasterFile::open(&store).is_err());
     }
 
     #[test]
     fn a_sibling_sees_state_and_connections() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StoreDir::new(dir.path().join("w"));
+        let store = StoreDir::new(dir.path().join("w")).with_capacity(64);
         store.prepare().unwrap();
         let w = WorkerFile::create(&store, 2, 5, WorkerKind::Thread).unwrap();
         let sibling = WorkerFile::open(&store, 2, 5).unwrap();
@@ -452,7 +462,7 @@ mod tests {
     #[test]
     fn a_spare_file_comes_back_zeroed_under_a_new_name() {
         let dir = tempfile::tempdir().unwrap();
-        let store = StoreDir::new(dir.path().join("w"));
+        let store = StoreDir::new(dir.path().join("w")).with_capacity(64);
         store.prepare().unwrap();
         let w = WorkerFile::create(&store, 0, 1, WorkerKind::Thread).unwrap();
         w.set_state(WorkerState::Idle);
