@@ -19,7 +19,7 @@ use memmap2::MmapRaw;
 /// Magic number at the start of every store file ("GPESTORE").
 pub const MAGIC: u64 = 0x4750_4553_544f_5245;
 /// Layout version; bumped whenever a struct below changes.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Number of series every file can hold (index entries and value rows).
 pub const CAPACITY: usize = 16_384;
 /// `u64` cells per series row: up to 14 finite buckets, `+Inf`, and the sum.
@@ -70,8 +70,9 @@ pub(super) struct Header {
     /// Set to 1 by the master once this file's counters were folded into the
     /// retired totals; readers must then skip it.
     pub folded: AtomicU32,
-    /// Padding.
-    pub _pad0: AtomicU32,
+    /// Master only: 1 while it runs (not stopping) and every desired worker
+    /// has booted, else 0; the exporter answers `/readyz` from it.
+    pub ready: AtomicU32,
     /// Monotonic time (nanoseconds) of the last state change; add
     /// `clock_offset_ns` for Unix time.
     pub state_since_ns: AtomicU64,
