@@ -16,7 +16,7 @@
   graceful_timeout and 5 s more. With --gpe, each gpe.toml is also checked
   with `BIN check -c`.
 
-Exits 0 when every document passes, 1 otherwise, 2 when a package is missing.
+Exits 0 when every document passes, 1 otherwise (a missing package is named).
 """
 
 import argparse
