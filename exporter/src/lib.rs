@@ -1,4 +1,4 @@
-//! The gpe exporter: serves `/metrics` (and `/healthz`) from a store
+//! The gpe exporter: serves `/metrics` (and `/healthz`, `/readyz`) from a store
 //! directory. It runs as a supervised child of the master, or alone as a
 //! sidecar (`gpe exporter --metrics-dir DIR`). It never talks to a worker:
 //! everything comes from the store and `/proc`.
@@ -98,6 +98,30 @@ async fn respond(req: Request<Incoming>, store: &StoreDir, path: &str) -> Respon
     answer(&Request::from_parts(head, ()), store, path)
 }
 
+/// `/readyz`: 200 while the master runs with every desired worker booted,
+/// 503 while they boot, while it stops, or when the store cannot be read.
+fn readyz(store: &StoreDir) -> Response<Full<Bytes>> {
+    let (status, body) = match Snapshot::read(store).map(|s| s.master) {
+        Ok(Some(m)) if m.ready => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(Some(m)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: {} of {} workers serving\n",
+                m.workers, m.workers_desired
+            ),
+        ),
+        Ok(None) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no master has written the store\n".to_owned(),
+        ),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("store unreadable: {e}\n"),
+        ),
+    };
+    reply(status, "text/plain", Bytes::from(body))
+}
+
 /// Answers one exporter request whose body has been read.
 fn answer(req: &Request<()>, store: &StoreDir, path: &str) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -117,6 +141,9 @@ fn answer(req: &Request<()>, store: &StoreDir, path: &str) -> Response<Full<Byte
                 Bytes::from(format!("store unreadable: {e}\n")),
             ),
         };
+    }
+    if uri_path == "/readyz" {
+        return readyz(store);
     }
     if uri_path != path {
         return reply(

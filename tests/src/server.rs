@@ -91,6 +91,30 @@ impl Server {
         panic!("no free pair of ports in 5 tries");
     }
 
+    /// Starts gpe-testapp and returns as soon as its exporter answers, without
+    /// waiting for the workers (for tests of booting).
+    pub fn launch(testapp: &str, opts: Opts) -> Server {
+        for _ in 0..5 {
+            let mut server = Server::spawn(testapp, &opts);
+            wait_until(Duration::from_secs(20), || {
+                http(server.metrics, "GET", "/healthz", &[], b"").is_ok()
+                    || server
+                        .child
+                        .as_mut()
+                        .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+            });
+            if http(server.metrics, "GET", "/healthz", &[], b"").is_ok() {
+                return server;
+            }
+            assert!(
+                server.log().contains("Address already in use"),
+                "the exporter does not answer; log:\n{}",
+                server.log()
+            );
+        }
+        panic!("no free pair of ports in 5 tries");
+    }
+
     fn spawn(testapp: &str, opts: &Opts) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();

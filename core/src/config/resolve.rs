@@ -191,7 +191,7 @@ impl Kind {
             Kind::Choice(words) => words.join(", "),
             Kind::Text | Kind::Path => "a string".to_owned(),
             Kind::UrlPath => {
-                "a path starting with / other than /healthz, without blanks or control characters"
+                "a path starting with / other than /healthz and /readyz, without blanks or control characters"
                     .to_owned()
             }
             Kind::Addrs => format!("one or more addresses: {ADDR_SYNTAX}"),
@@ -213,6 +213,7 @@ impl Kind {
             (Kind::UrlPath, Value::Text(s)) => {
                 s.starts_with('/')
                     && s != "/healthz"
+                    && s != "/readyz"
                     && !s.chars().any(|c| c.is_whitespace() || c.is_control())
             }
             (Kind::Addrs, Value::List(l)) => !l.is_empty(),

@@ -45,7 +45,7 @@ pub enum Kind {
     Text,
     /// A file or directory path.
     Path,
-    /// An HTTP path: starts with `/`, no blanks or control characters, not `/healthz`.
+    /// An HTTP path: starts with `/`, no blanks or control characters, not `/healthz` or `/readyz`.
     UrlPath,
     /// A non-empty list of listening addresses (`HOST:PORT`, `[IPV6]:PORT`, `unix:PATH`).
     Addrs,

@@ -245,13 +245,15 @@ fn an_empty_bind_list_is_refused_not_defaulted() {
 
 #[test]
 fn metrics_path_must_be_a_plain_path() {
-    for bad in ["/a b", "metrics", "", "/healthz", "/a\tb", "/a\u{7f}"] {
+    for bad in [
+        "/a b", "metrics", "", "/healthz", "/readyz", "/a\tb", "/a\u{7f}",
+    ] {
         let e = load_flags(&["--metrics-path", bad]).unwrap_err();
         assert_eq!(
             e.to_string(),
             format!(
                 "invalid value {bad:?} for setting `metrics_path`: expected a path starting \
-                 with / other than /healthz, without blanks or control characters"
+                 with / other than /healthz and /readyz, without blanks or control characters"
             )
         );
     }

@@ -47,11 +47,14 @@ pub(super) enum Phase {
     /// Supervising. `ready` once READY=1 went out for the current generation;
     /// `boot_failures` counts boot errors in a row.
     Running { ready: bool, boot_failures: u32 },
-    /// Every worker was told to stop; SIGKILL at `deadline`. `failure` is
-    /// what [`Arbiter::run`] returns once all children are gone.
+    /// Every worker was told to stop; SIGKILL at `deadline`. The exporter
+    /// (answering `/readyz` with 503) gets SIGTERM once no worker is left
+    /// (`exporter_stopped`), SIGKILL at `deadline`. `failure` is what
+    /// [`Arbiter::run`] returns once all children are gone.
     Stopping {
         deadline: Instant,
         graceful: bool,
+        exporter_stopped: bool,
         exporter_killed: bool,
         failure: Option<MasterError>,
     },
@@ -499,18 +502,25 @@ impl<O: Os> Arbiter<O> {
         };
     }
 
-    fn publish(&self) {
+    /// Publishes the worker counts and the readiness (`/readyz`): running,
+    /// at least one worker desired, and every desired worker booted.
+    pub(super) fn publish(&self) {
+        let ready = self.running() && self.desired > 0 && self.booted() >= self.desired as usize;
         self.master_file
-            .publish_workers(self.serving() as u32, self.desired);
+            .publish_workers(self.serving() as u32, self.desired, ready);
+    }
+
+    /// Serving workers that have booted.
+    fn booted(&self) -> usize {
+        self.procs
+            .iter()
+            .filter(|p| p.serving() && p.booted)
+            .count()
     }
 
     /// Sends READY=1 once every desired worker of the current generation booted.
     fn notify_ready(&mut self) {
-        let booted = self
-            .procs
-            .iter()
-            .filter(|p| p.serving() && p.booted)
-            .count();
+        let booted = self.booted();
         let Phase::Running { ready, .. } = &mut self.phase else {
             return;
         };

@@ -34,21 +34,29 @@ impl<O: Os> Arbiter<O> {
             Phase::Stopping { failure, .. } => failure.take(),
             Phase::Running { .. } => None,
         };
+        let exporter_stopped = match &self.phase {
+            Phase::Stopping {
+                exporter_stopped, ..
+            } => *exporter_stopped,
+            Phase::Running { .. } => false,
+        };
         self.phase = Phase::Stopping {
             deadline,
             graceful,
+            exporter_stopped,
             exporter_killed: false,
             failure,
         };
+        // `/readyz` turns 503 before anything closes, so that load balancers
+        // stop sending while the workers drain; the exporter keeps answering
+        // until the last worker is gone.
+        self.publish();
         self.os.notify(Notice::Stopping);
         // Listeners close first (the workers close theirs on the signal), so
         // new clients are refused at once rather than accepted and dropped.
         self.os.close_listeners();
         for p in &mut self.procs {
             p.retire(&mut self.os, ExitReason::Shutdown, deadline, sig);
-        }
-        if let Exporter::Up { pid, .. } = self.exporter {
-            self.os.signal(pid, Signal::SIGTERM);
         }
     }
 
@@ -60,6 +68,8 @@ impl<O: Os> Arbiter<O> {
         }
     }
 
+    /// Kills what outlived its deadline; while stopping, stops the exporter
+    /// once no worker is left.
     pub(super) fn enforce_deadlines(&mut self) {
         let now = self.os.now();
         for p in &mut self.procs {
@@ -68,12 +78,17 @@ impl<O: Os> Arbiter<O> {
         if let (
             Phase::Stopping {
                 deadline,
+                exporter_stopped,
                 exporter_killed,
                 ..
             },
             Exporter::Up { pid, .. },
         ) = (&mut self.phase, self.exporter)
         {
+            if self.procs.is_empty() && !*exporter_stopped {
+                self.os.signal(pid, Signal::SIGTERM);
+                *exporter_stopped = true;
+            }
             if now >= *deadline && !*exporter_killed {
                 self.os.signal(pid, Signal::SIGKILL);
                 *exporter_killed = true;

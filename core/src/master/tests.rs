@@ -391,7 +391,6 @@ fn a_quick_stop_kills_after_one_second() {
             Event::Notified(Notice::Stopping),
             Event::Sent(a, Signal::SIGQUIT),
             Event::Sent(b, Signal::SIGQUIT),
-            Event::Sent(exporter, Signal::SIGTERM),
         ]
     );
     assert!(!h.step_after(QUICK_STOP - Duration::from_millis(1)));
@@ -587,7 +586,11 @@ fn usr2_starts_one_new_master_and_quit_leaves_it_running() {
     assert_eq!(h.events(), vec![], "a second upgrade is refused");
     h.signal(Signal::SIGQUIT);
     let sent = h.sent();
-    assert_eq!(sent.len(), 3);
+    assert_eq!(
+        sent.len(),
+        2,
+        "the two workers; the exporter once they are gone"
+    );
     assert!(sent.iter().all(|(p, _)| *p != pid(103)), "{sent:?}");
     let workers_and_exporter: Vec<Pid> =
         h.os.0
@@ -706,4 +709,47 @@ fn a_store_file_cut_short_stops_the_server_naming_it() {
         msg.contains(&h.store.index_path().display().to_string()),
         "{msg}"
     );
+}
+
+fn ready(h: &Harness) -> bool {
+    Snapshot::read(&h.store).unwrap().master.unwrap().ready
+}
+
+#[test]
+fn readiness_waits_for_every_desired_worker_and_ends_with_the_stop() {
+    let mut h = Harness::new(config(2, |_| {}), true, None);
+    h.step_after(Duration::from_millis(1));
+    assert!(!ready(&h), "booting");
+    let first = h.workers()[0];
+    WorkerFile::open(&h.store, first.1, first.2)
+        .unwrap()
+        .set_state(WorkerState::Idle);
+    h.step_after(Duration::from_millis(1));
+    assert!(!ready(&h), "one of two booted");
+    h.boot_all();
+    assert!(ready(&h));
+    h.signal(Signal::SIGTTIN);
+    assert!(!ready(&h), "the third worker boots");
+    h.boot_all();
+    assert!(ready(&h));
+    h.signal(Signal::SIGWINCH);
+    assert!(!ready(&h), "no worker is desired after WINCH");
+    let exporter = h.pid_of(Child::Exporter);
+    h.events();
+    h.signal(Signal::SIGTERM);
+    assert!(!ready(&h), "still 503 once stopping");
+    assert!(
+        !h.sent().contains(&(exporter, Signal::SIGTERM)),
+        "the exporter answers while the workers drain"
+    );
+    let workers: Vec<Pid> = h.workers().iter().map(|w| w.0).collect();
+    for w in workers {
+        h.exit(w, Ended::Exited(0));
+    }
+    assert_eq!(
+        h.sent(),
+        vec![(exporter, Signal::SIGTERM)],
+        "the exporter stops once the last worker is gone"
+    );
+    assert!(h.exit(exporter, Ended::Signaled(15)));
 }

@@ -21,7 +21,7 @@ pub const MAGIC: u64 = 0x4750_4553_544f_5245;
 /// Magic number at the start of the series index ("GPEINDEX").
 pub const INDEX_MAGIC: u64 = 0x4750_4549_4e44_4558;
 /// Layout version; bumped whenever a struct below changes.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// Series a store holds unless `metrics_store_series` says otherwise: index
 /// entries, and value rows in every data file.
 pub const DEFAULT_CAPACITY: usize = 16_384;
@@ -77,8 +77,9 @@ pub(super) struct Header {
     /// Set to 1 by the master once this file's counters were folded into the
     /// retired totals; readers must then skip it.
     pub folded: AtomicU32,
-    /// Padding.
-    pub _pad0: AtomicU32,
+    /// Master only: 1 while it runs (not stopping) and every desired worker
+    /// has booted, else 0; the exporter answers `/readyz` from it.
+    pub ready: AtomicU32,
     /// Monotonic time (nanoseconds) of the last state change; add
     /// `clock_offset_ns` for Unix time.
     pub state_since_ns: AtomicU64,

@@ -64,6 +64,8 @@ pub struct MasterView {
     pub workers_desired: u64,
     /// Completed reloads.
     pub reloads: u64,
+    /// Running (not stopping) with every desired worker booted.
+    pub ready: bool,
 }
 
 /// A consistent, merged view of a store directory.
@@ -255,6 +257,7 @@ fn read_once(
             workers: h.workers.load(Ordering::Relaxed),
             workers_desired: h.workers_desired.load(Ordering::Relaxed),
             reloads: h.reloads.load(Ordering::Relaxed),
+            ready: h.ready.load(Ordering::Relaxed) == 1,
             ..MasterView::default()
         };
         for (v, c) in view.signals.iter_mut().zip(&h.signals) {

@@ -132,9 +132,11 @@ impl MasterFile {
         self.0.header().reloads.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Publishes the number of serving and of desired workers.
-    pub fn publish_workers(&self, serving: u32, desired: u32) {
+    /// Publishes the number of serving and of desired workers, and whether
+    /// the server is ready (running, every desired worker booted).
+    pub fn publish_workers(&self, serving: u32, desired: u32, ready: bool) {
         let h = self.0.header();
+        h.ready.store(u32::from(ready), Ordering::Relaxed);
         h.workers.store(u64::from(serving), Ordering::Relaxed);
         h.workers_desired
             .store(u64::from(desired), Ordering::Relaxed);
@@ -425,8 +427,9 @@ mod tests {
         m.count_signal(MasterSignal::Hup);
         m.count_exit(ExitReason::Crash);
         m.count_reload();
-        m.publish_workers(3, 4);
+        m.publish_workers(3, 4, true);
         let view = Snapshot::read(&store).unwrap().master.unwrap();
+        assert!(view.ready);
         assert_eq!(view.pid, std::process::id());
         assert_eq!(view.signals[MasterSignal::Hup.code() as usize], 2);
         assert_eq!(view.exits[ExitReason::Crash.code() as usize], 1);

@@ -14,7 +14,9 @@
 //!   that it is resident, and keeps it for the life of the worker process;
 //! - anything else answers 404.
 //!
-//! With `TESTAPP_BOOT_FAIL=1` the app factory fails, for boot-error tests.
+//! With `TESTAPP_BOOT_FAIL=1` the app factory fails, for boot-error tests;
+//! with `TESTAPP_BOOT_DELAY_MS=N` it first sleeps N ms (at most 60 s), for
+//! tests of booting.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -77,6 +79,12 @@ fn main() -> ExitCode {
     gpe::serve(|| {
         if std::env::var_os("TESTAPP_BOOT_FAIL").is_some() {
             return Err("TESTAPP_BOOT_FAIL is set".into());
+        }
+        if let Some(ms) = std::env::var("TESTAPP_BOOT_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            std::thread::sleep(Duration::from_millis(ms.min(60_000)));
         }
         Ok(handler(|req: Request| async move {
             match req
