@@ -54,7 +54,16 @@ fn start(worker: &str, root: &Path) -> Server {
         TESTAPP,
         Opts {
             bin: Some(PathBuf::from(GPE)),
-            ..Opts::new(worker, 1).args(&["--app", "static", "--root", root.to_str().unwrap()])
+            // On sync `timeout` caps one request; a 1 GiB transfer on a busy
+            // host may take longer than the default 30 s.
+            ..Opts::new(worker, 1).args(&[
+                "--app",
+                "static",
+                "--root",
+                root.to_str().unwrap(),
+                "--timeout",
+                "300",
+            ])
         },
     )
 }
