@@ -173,6 +173,20 @@ fn top_shows_an_unreachable_url_or_a_missing_directory_and_lives_on() {
     t.keys("q");
     t.wait_for("exit status 0", |sc| sc.contains("EXIT=0"));
 
+    // A listener that never answers: the reader waits out its 3 s timeout
+    // while the screen still redraws and answers keys.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let t = Tmux::start(&format!("{GPE} top http://{addr}/metrics"));
+    t.wait_for("the timeout", |sc| sc.contains("no answer within 3 s"));
+    t.keys("s");
+    t.wait_for("the sort changed while the reader waits", |sc| {
+        sc.contains("sort: req/s")
+    });
+    t.keys("q");
+    t.wait_for("exit status 0", |sc| sc.contains("EXIT=0"));
+    drop(silent);
+
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("gone");
     let t = Tmux::start(&format!("{GPE} top {}", missing.display()));
