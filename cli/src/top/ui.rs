@@ -5,7 +5,7 @@ use std::time::Instant;
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Borders, Paragraph, Row, Table};
+use ratatui::widgets::{Block, Borders, Paragraph, Row, Table, Wrap};
 use ratatui::Frame;
 
 use super::view::{Slot, View};
@@ -130,7 +130,8 @@ fn counts(title: &str, items: &[(String, f64)]) -> Line<'static> {
         } else {
             Style::new()
         };
-        spans.push(Span::styled(format!("{k} {v:.0}  "), style));
+        spans.push(Span::styled(format!("{k} {v:.0}"), style));
+        spans.push(Span::raw("  "));
     }
     Line::from(spans)
 }
@@ -144,11 +145,37 @@ pub fn draw(f: &mut Frame<'_>, screen: &Screen) {
         slots.sort_by(|a, b| screen.sort.key(b).total_cmp(&screen.sort.key(a)));
     }
     let rows = u16::try_from(slots.len()).unwrap_or(u16::MAX);
+    let t = &v.total;
+    let total = Line::from(vec![
+        Span::styled("Total    ", Style::new().add_modifier(Modifier::BOLD)),
+        Span::raw(format!(
+            "req/s {}  requests {:.0}  in-flight {}  errors {:.0} ({})  p50 {}  p99 {}",
+            dash(t.rate, |x| format!("{x:.1}")),
+            t.requests,
+            dash(v.in_flight, |x| format!("{x:.0}")),
+            t.errors,
+            dash(t.error_ratio, pct),
+            dash(t.p50, seconds),
+            dash(t.p99, seconds),
+        )),
+    ]);
+    let summary_lines = vec![
+        total,
+        counts("Restarts", &v.exits),
+        counts("Signals", &v.signals),
+    ];
+    // Each line takes as many rows as it wraps to at this width.
+    let width = usize::from(f.area().width.max(1));
+    let summary_rows: usize = summary_lines
+        .iter()
+        .map(|l| l.width().max(1).div_ceil(width))
+        .sum();
+    let summary_rows = u16::try_from(summary_rows).unwrap_or(u16::MAX);
     let [head, status, workers, summary, routes, foot] = Layout::vertical([
         Constraint::Length(1),
         Constraint::Length(1),
         Constraint::Length(rows.saturating_add(2)),
-        Constraint::Length(4),
+        Constraint::Length(summary_rows.saturating_add(1)),
         Constraint::Min(3),
         Constraint::Length(1),
     ])
@@ -230,27 +257,10 @@ pub fn draw(f: &mut Frame<'_>, screen: &Screen) {
         workers,
     );
 
-    let t = &v.total;
-    let total = Line::from(vec![
-        Span::styled("Total    ", Style::new().add_modifier(Modifier::BOLD)),
-        Span::raw(format!(
-            "req/s {}  requests {:.0}  in-flight {}  errors {:.0} ({})  p50 {}  p99 {}",
-            dash(t.rate, |x| format!("{x:.1}")),
-            t.requests,
-            dash(v.in_flight, |x| format!("{x:.0}")),
-            t.errors,
-            dash(t.error_ratio, pct),
-            dash(t.p50, seconds),
-            dash(t.p99, seconds),
-        )),
-    ]);
     f.render_widget(
-        Paragraph::new(vec![
-            total,
-            counts("Restarts", &v.exits),
-            counts("Signals", &v.signals),
-        ])
-        .block(Block::new().borders(Borders::TOP)),
+        Paragraph::new(summary_lines)
+            .wrap(Wrap { trim: false })
+            .block(Block::new().borders(Borders::TOP)),
         summary,
     );
 
@@ -291,10 +301,10 @@ pub fn draw(f: &mut Frame<'_>, screen: &Screen) {
         routes,
     );
 
-    let keys = "s sort  + worker (TTIN)  - worker (TTOU)  r reload (HUP)  q quit";
+    // The keys, shorter when there is a note to show beside them.
     let foot_text = match &screen.note {
-        Some(n) => format!("{keys}   {n}"),
-        None => keys.to_owned(),
+        Some(n) => format!("s sort  +/- workers  r reload  q quit   {n}"),
+        None => "s sort  +/- workers (TTIN/TTOU)  r reload (HUP)  q quit".to_owned(),
     };
     f.render_widget(
         Paragraph::new(foot_text).style(Style::new().add_modifier(Modifier::REVERSED)),
@@ -317,6 +327,50 @@ mod tests {
         assert_eq!(uptime(184.0), "3m04s");
         assert_eq!(uptime(7500.0), "2h05m");
         assert_eq!(uptime(3.0 * 86400.0 + 4.0 * 3600.0), "3d04h");
+    }
+
+    #[test]
+    fn an_80_column_screen_wraps_the_counts_instead_of_cutting_them() {
+        use ratatui::backend::TestBackend;
+        let names = |n: &[&str]| n.iter().map(|s| ((*s).to_owned(), 0.0)).collect();
+        let view = View {
+            exits: names(&[
+                "crash",
+                "timeout",
+                "max_requests",
+                "reload",
+                "scale_down",
+                "shutdown",
+                "boot_error",
+            ]),
+            signals: names(&[
+                "HUP", "USR1", "USR2", "CHLD", "TTIN", "TTOU", "TERM", "INT", "QUIT", "WINCH",
+            ]),
+            slots: vec![Slot {
+                slot: 0,
+                pid: Some(42),
+                state: Some("idle".into()),
+                ..Slot::default()
+            }],
+            ..View::default()
+        };
+        let screen = Screen {
+            source: "http://127.0.0.1:9091/metrics".into(),
+            view: Some(view),
+            ..Screen::default()
+        };
+        let mut t = ratatui::Terminal::new(TestBackend::new(80, 24)).unwrap();
+        t.draw(|f| draw(f, &screen)).unwrap();
+        let buf = t.backend().buffer();
+        let text: String = (0..24)
+            .map(|y| {
+                let row: String = (0..80).map(|x| buf[(x, y)].symbol().to_owned()).collect();
+                row + "\n"
+            })
+            .collect();
+        for want in ["boot_error 0", "WINCH 0", "0     42       idle", "q quit"] {
+            assert!(text.contains(want), "{want} missing from:\n{text}");
+        }
     }
 
     #[test]

@@ -234,7 +234,8 @@ impl View {
         let row = |route: Option<&str>| {
             let pick = |m: &BTreeMap<String, f64>| match route {
                 Some(r) => m.get(r).copied().unwrap_or(0.0),
-                None => m.values().sum(),
+                // A fold from +0: an empty f64 sum is -0, shown as `-0`.
+                None => m.values().fold(0.0, |a, b| a + b),
             };
             let requests = pick(&reqs);
             let errors = pick(&errs);
@@ -429,6 +430,14 @@ gpe_master_info{pid="99"} 1
         // No request on /u/{id} in the interval: no ratio, no quantile.
         let u = v.routes.iter().find(|r| r.route == "/u/{id}").unwrap();
         assert_eq!((u.error_ratio, u.p50), (None, None));
+    }
+
+    #[test]
+    fn an_empty_reading_gives_zeroes_not_minus_zero() {
+        let v = View::new(&reading("", Instant::now()), None);
+        assert!(v.total.requests.is_sign_positive() && v.total.errors.is_sign_positive());
+        assert_eq!(format!("{:.0}", v.total.errors), "0");
+        assert!(v.slots.is_empty() && v.routes.is_empty());
     }
 
     #[test]
