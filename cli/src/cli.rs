@@ -1,5 +1,6 @@
-//! The command line: `gpe serve`, `gpe exporter`, `gpe check`, `gpe top`. `main` parses
-//! and calls [`run`]; errors become exit statuses only in [`exit_status`].
+//! The command line: `gpe serve`, `gpe exporter`, `gpe check`, `gpe top`.
+//! `main` parses and calls [`run`]; errors become exit statuses only in
+//! [`exit_status`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
