@@ -1,5 +1,6 @@
-//! The command line: `gpe serve`, `gpe exporter`, `gpe check`. `main` parses
-//! and calls [`run`]; errors become exit statuses only in [`exit_status`].
+//! The command line: `gpe serve`, `gpe exporter`, `gpe check`, `gpe top`.
+//! `main` parses and calls [`run`]; errors become exit statuses only in
+//! [`exit_status`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,6 +31,9 @@ pub enum Command {
     Exporter(ExporterArgs),
     /// Validate a config file and print the resolved settings.
     Check(CheckArgs),
+    /// Watch a running server live (or print one table with --once).
+    #[cfg(feature = "top")]
+    Top(crate::top::TopArgs),
 }
 
 /// Settings shared by `gpe serve` and binaries built on the gpe library.
@@ -146,6 +150,8 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             run_server(args.server, factory)
         }
         Command::Exporter(args) => run_exporter(args),
+        #[cfg(feature = "top")]
+        Command::Top(args) => crate::top::run(args).map_err(Failure::from),
         Command::Check(args) => {
             let config = Config::load(
                 RawSettings::default(),

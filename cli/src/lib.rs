@@ -21,6 +21,8 @@ pub mod apps;
 pub mod cli;
 #[cfg(feature = "axum")]
 mod route_layer;
+#[cfg(feature = "top")]
+pub mod top;
 pub mod workers;
 
 #[cfg(feature = "axum")]

@@ -255,6 +255,12 @@ impl Scrape {
         )?;
         gauge(
             enc,
+            "gpe_worker_requests_in_flight",
+            "Requests in progress in each worker's newest process",
+            &per_worker(&|w| Some(w.in_flight as f64)),
+        )?;
+        gauge(
+            enc,
             "gpe_worker_resident_memory_bytes",
             "Resident memory of each worker's own process",
             &per_worker(&|w| {
@@ -386,6 +392,13 @@ impl Scrape {
             "gpe_master_reloads",
             "Reloads (HUP) completed",
             &[(vec![], m.reloads)],
+        )?;
+        let pid = m.pid.to_string();
+        info(
+            enc,
+            "gpe_master",
+            "Identity of the master process",
+            &[vec![("pid", pid.as_str())]],
         )?;
         if let Some(p) = &self.procs.master {
             counter(
@@ -671,6 +684,14 @@ mod tests {
                 [r#"gpe_worker_connections{worker="0"} 1.0"#]
             );
             assert_eq!(
+                samples("gpe_worker_requests_in_flight"),
+                [r#"gpe_worker_requests_in_flight{worker="0"} 1.0"#]
+            );
+            assert_eq!(
+                samples("gpe_master_info"),
+                [r#"gpe_master_info{pid="4200"} 1"#]
+            );
+            assert_eq!(
                 samples("gpe_worker_resident_memory_bytes"),
                 [r#"gpe_worker_resident_memory_bytes{worker="0"} 8388608.0"#]
             );
@@ -776,8 +797,8 @@ mod tests {
                 .collect()
         };
         assert_eq!(types(&text), types(&om));
-        // 6 HTTP, 11 worker, 5 master, 6 process and 2 store families.
-        assert_eq!(types(&text).len(), 30);
+        // 6 HTTP, 12 worker, 6 master, 6 process and 2 store families.
+        assert_eq!(types(&text).len(), 32);
         assert!(om.ends_with("# EOF\n"));
         assert!(!text.contains("# EOF"));
         assert_eq!(

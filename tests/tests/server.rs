@@ -517,7 +517,8 @@ fn exposition_passes_promtool(worker: &str) {
         for (name, labels, _) in &m.samples {
             for (k, v) in labels {
                 let numeric = k != "le" && v.parse::<f64>().is_ok_and(|x| x > 1e6);
-                let info = name == "gpe_worker_info";
+                // The identity metrics, one series per process.
+                let info = name == "gpe_worker_info" || name == "gpe_master_info";
                 assert!(
                     info || (k != "pid" && !numeric),
                     "{name} has label {k}={v}: no pid or timestamp labels"
