@@ -38,8 +38,8 @@ use nix::sys::signal::Signal;
 
 /// How long the loop waits at most before refreshing the heartbeat.
 const TICK: Duration = Duration::from_millis(500);
-/// Most connections accepted from one ready socket, and most complete heads
-/// served, before polling again (so other sockets and signals get their turn).
+/// Most connections accepted from one ready socket before polling again (so
+/// other sockets and signals get their turn).
 const BURST: usize = 32;
 
 /// The sync worker.
@@ -155,10 +155,16 @@ impl Worker for SyncWorker {
             });
             if let Some(i) = polled.listener {
                 first = i + 1;
-                // Like Gunicorn's sync worker: take the clients waiting on a
-                // ready socket one after another, polling once per burst.
+                // Take the clients waiting on a ready socket one after
+                // another, until one has its head complete: that one is
+                // served first, and the rest of the backlog stays for
+                // whichever worker is free (the balance Gunicorn's sync
+                // workers get from accepting one at a time).
                 for _ in 0..BURST {
-                    if waiting.len() + ready.len() >= cap || shared.stop.load(Ordering::Relaxed) {
+                    if !ready.is_empty()
+                        || waiting.len() >= cap
+                        || shared.stop.load(Ordering::Relaxed)
+                    {
                         break;
                     }
                     let accepted = match shared.lock().get(i) {
@@ -189,9 +195,9 @@ impl Worker for SyncWorker {
                     }
                 }
             }
-            // Serve complete heads in order, one request at a time.
-            for _ in 0..BURST {
-                let Some(w) = ready.pop_front() else { break };
+            // Serve complete heads in order, one request at a time, polling
+            // between them so that heads that arrive meanwhile queue behind.
+            if let Some(w) = ready.pop_front() {
                 let (stream, peer, prefix) = w.into_parts();
                 let served = rt.block_on(async {
                     let io = heads::Prefixed::new(prefix, Conn::from_std(stream)?.into_hyper());
@@ -204,9 +210,6 @@ impl Worker for SyncWorker {
                     gpe_core::log_warn!("cannot serve a connection: {e}");
                 }
                 recorder.beat();
-                if shared.stop.load(Ordering::Relaxed) || ctx.max_requests_reached() {
-                    break;
-                }
             }
         }
     }
