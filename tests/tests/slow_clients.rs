@@ -1,0 +1,136 @@
+//! Black-box tests of slow and silent clients: connections that send nothing
+//! or trickle their head never hold a worker, and are closed and counted
+//! once `header_timeout` has passed.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gpe_tests::*;
+
+const TESTAPP: &str = env!("CARGO_BIN_EXE_gpe-testapp");
+
+const SILENT: usize = 500;
+const TRICKLING: usize = 64;
+const HEADER_TIMEOUT: Duration = Duration::from_secs(4);
+
+per_worker!(silent_and_trickling_clients_hold_no_worker);
+
+/// Raises this process's soft fd limit (inherited by the server it starts)
+/// so that the test's connections and the server's fit.
+fn raise_fd_limit(want: u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if soft < want {
+        setrlimit(Resource::RLIMIT_NOFILE, want.min(hard), hard).unwrap();
+    }
+}
+
+/// Whether the server has closed `c` (an EOF or a reset), without waiting.
+fn closed(mut c: &TcpStream) -> bool {
+    let mut b = [0u8; 16];
+    match c.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted),
+    }
+}
+
+fn silent_and_trickling_clients_hold_no_worker(worker: &str) {
+    raise_fd_limit(8192);
+    let secs = HEADER_TIMEOUT.as_secs().to_string();
+    let s = Server::start(
+        TESTAPP,
+        Opts::new(worker, 2).args(&["--header-timeout", &secs]),
+    );
+    let opened = Instant::now();
+    let mut conns: Vec<TcpStream> = (0..SILENT + TRICKLING)
+        .map(|_| TcpStream::connect(s.addr).unwrap())
+        .collect();
+    let last_opened = Instant::now();
+    for c in &conns {
+        c.set_nonblocking(true).unwrap();
+    }
+    // The tricklers send one byte of a head every 500 ms, never its end.
+    let stop = Arc::new(AtomicBool::new(false));
+    let tricklers: Vec<TcpStream> = conns[SILENT..]
+        .iter()
+        .map(|c| c.try_clone().unwrap())
+        .collect();
+    let trickle = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let head = b"GET /trickle HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+            let mut tricklers = tricklers;
+            let deadline = Instant::now() + HEADER_TIMEOUT * 3;
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let b = head.get(i).copied().unwrap_or(b'a');
+                for c in &mut tricklers {
+                    // A closed connection refuses the write: that is expected.
+                    let _ = c.write(&[b]);
+                }
+                i += 1;
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    // Every connection is accepted and held open by the workers.
+    let all = (SILENT + TRICKLING) as f64;
+    let mut seen = 0.0;
+    let held = wait_until(Duration::from_secs(10), || {
+        seen = s
+            .try_scrape()
+            .map_or(0.0, |m| m.sum("gpe_worker_connections", &[]));
+        seen >= all
+    });
+    assert!(held, "{worker}: {seen} of {all} connections open");
+    // A normal request is still answered within 1 s, several times over.
+    for _ in 0..5 {
+        let start = Instant::now();
+        let r = get(s.addr, "/");
+        let took = start.elapsed();
+        assert_eq!(r.status, 200, "{worker}");
+        assert!(
+            took < Duration::from_secs(1),
+            "{worker}: answered in {took:?}"
+        );
+    }
+    // None is closed before its head is due...
+    let early = opened + HEADER_TIMEOUT - Duration::from_millis(500);
+    if Instant::now() < early {
+        let open = conns.iter().filter(|c| !closed(c)).count();
+        assert_eq!(open, SILENT + TRICKLING, "{worker}: closed early");
+    }
+    // ...and all are closed soon after it.
+    let mut left = conns.len();
+    let shut = wait_until(
+        (last_opened + HEADER_TIMEOUT + Duration::from_secs(2))
+            .saturating_duration_since(Instant::now()),
+        || {
+            conns.retain(|c| !closed(c));
+            left = conns.len();
+            left == 0
+        },
+    );
+    stop.store(true, Ordering::Relaxed);
+    trickle.join().unwrap();
+    assert!(
+        shut,
+        "{worker}: {left} connections still open after header_timeout + 2 s"
+    );
+    assert!(
+        opened.elapsed() >= HEADER_TIMEOUT - Duration::from_millis(500),
+        "{worker}: closed before header_timeout"
+    );
+    // Each counted once as a timeout, with no request; the normal requests
+    // counted exactly.
+    wait_sum(&s, "gpe_http_errors_total", &[("kind", "timeout")], all);
+    let m = s.scrape();
+    assert_eq!(m.sum("gpe_http_errors_total", &[]), all, "{worker}");
+    assert_eq!(m.sum("gpe_http_requests_total", &[]), 5.0, "{worker}");
+    assert_eq!(m.sum("gpe_worker_connections", &[]), 0.0, "{worker}");
+}
