@@ -19,7 +19,7 @@ use memmap2::MmapRaw;
 /// Magic number at the start of every store file ("GPESTORE").
 pub const MAGIC: u64 = 0x4750_4553_544f_5245;
 /// Layout version; bumped whenever a struct below changes.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Number of series every file can hold (index entries and value rows).
 pub const CAPACITY: usize = 16_384;
 /// `u64` cells per series row: up to 14 finite buckets, `+Inf`, and the sum.
@@ -112,8 +112,38 @@ const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_BYTES);
 /// One series' cells: counter value in cell 0, or histogram buckets then sum.
 pub(super) type Row = [AtomicU64; CELLS];
 
+/// Byte offset of the in-flight table in a data file, after the value rows.
+pub const IN_FLIGHT_OFFSET: usize = HEADER_BYTES + CAPACITY * std::mem::size_of::<Row>();
+
+/// Entries of the in-flight table: the requests a worker names when the
+/// master aborts it.
+pub const IN_FLIGHT_ENTRIES: usize = 32;
+/// Bytes of a request's path one in-flight entry keeps.
+pub const IN_FLIGHT_PATH: usize = 256;
+
+/// One request in flight in a worker (see `store/in_flight.rs` for the
+/// protocol). Kept in its own struct, after the rows, so that the rest of
+/// the layout does not move when it changes.
+#[repr(C)]
+#[derive(Debug)]
+pub(super) struct InFlightEntry {
+    /// Monotonic ns the request began; 0 when free, `u64::MAX` while its
+    /// writer fills it in.
+    pub start_ns: AtomicU64,
+    /// The method label, up to 8 bytes, zero-padded, little-endian.
+    pub method: AtomicU64,
+    /// Bytes of `path` in use.
+    pub path_len: AtomicU64,
+    /// The path, 8 bytes per word, little-endian.
+    pub path: [AtomicU64; IN_FLIGHT_PATH / 8],
+}
+
+/// The in-flight table of a data file (used in worker files only).
+pub(super) type InFlightTable = [InFlightEntry; IN_FLIGHT_ENTRIES];
+
 /// Total size of a data file.
-pub const DATA_FILE_BYTES: usize = HEADER_BYTES + CAPACITY * std::mem::size_of::<Row>();
+pub const DATA_FILE_BYTES: usize = IN_FLIGHT_OFFSET + std::mem::size_of::<InFlightTable>();
+const _: () = assert!(IN_FLIGHT_OFFSET % 8 == 0);
 
 /// Header of the series index shared by every process of one server.
 #[repr(C)]
@@ -315,6 +345,15 @@ impl Mapped {
                 .as_ptr()
                 .add(HEADER_BYTES + id * std::mem::size_of::<Row>()) as *const Row)
         }
+    }
+
+    /// The in-flight table of a data file.
+    pub fn in_flight(&self) -> &InFlightTable {
+        assert!(self.map.len() >= DATA_FILE_BYTES);
+        // SAFETY: the table lies inside the mapping (checked above), at an
+        // 8-byte aligned offset of a page-aligned mapping, and is `repr(C)`
+        // atomics only, valid for any bits (zeroes: every entry free).
+        unsafe { &*(self.map.as_ptr().add(IN_FLIGHT_OFFSET) as *const InFlightTable) }
     }
 
     /// The index header. The mapping must be an index file.

@@ -8,6 +8,7 @@
 //! in `layout`, the catalogue of families in `catalogue`.
 
 pub mod catalogue;
+mod in_flight;
 pub mod index;
 pub mod layout;
 mod recorder;
@@ -23,8 +24,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 pub use catalogue::{ExitReason, Family, MasterSignal, WorkerKind, WorkerState};
+pub use in_flight::InFlightRequest;
 pub use index::Index;
-pub use recorder::{ErrorKind, Recorder, RequestRecord};
+pub use recorder::{ErrorKind, Recorder, RequestRecord, Tracked};
 pub use snapshot::{MasterView, Series, Snapshot, WorkerView};
 pub use views::{MasterFile, RetiredFile, WorkerFile};
 
