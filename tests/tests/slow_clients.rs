@@ -134,3 +134,66 @@ fn silent_and_trickling_clients_hold_no_worker(worker: &str) {
     assert_eq!(m.sum("gpe_http_requests_total", &[]), 5.0, "{worker}");
     assert_eq!(m.sum("gpe_worker_connections", &[]), 0.0, "{worker}");
 }
+
+per_worker!(the_head_budget_bounds_a_connection);
+
+/// A request with `fields` header lines of `len` bytes each (with CRLF).
+fn head_of(fields: usize, len: usize) -> Vec<u8> {
+    let mut h = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".to_vec();
+    for i in 0..fields {
+        let name = format!("X-{i:03}: ");
+        h.extend_from_slice(name.as_bytes());
+        h.extend(std::iter::repeat_n(b'v', len - name.len() - 2));
+        h.extend_from_slice(b"\r\n");
+    }
+    h.extend_from_slice(b"\r\n");
+    h
+}
+
+/// Sends `raw` on a new connection; the status of the answer, if one came.
+fn status_for(addr: std::net::SocketAddr, raw: &[u8]) -> Option<u16> {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(raw).unwrap();
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    String::from_utf8_lossy(&out)
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn the_head_budget_bounds_a_connection(worker: &str) {
+    let s = Server::start(TESTAPP, Opts::new(worker, 1));
+    let pid = s.worker_pids()["0"];
+    // Every line within limit_request_field_size (8,190); in all under and
+    // over the default head budget of 65,536 bytes.
+    let under = head_of(8, 8000);
+    let over = head_of(9, 8000);
+    assert!(under.len() < 65_536 && over.len() > 65_536);
+    for _ in 0..3 {
+        assert_eq!(
+            status_for(s.addr, &under),
+            Some(200),
+            "{worker}: under the budget"
+        );
+        assert_eq!(
+            status_for(s.addr, &over),
+            Some(431),
+            "{worker}: over the budget"
+        );
+    }
+    // Refused by hyper while reading (method and route `unknown`) or by gpe
+    // once parsed (route `unknown`, counted as a 431 request): three in all.
+    wait_sum(&s, "gpe_http_errors_total", &[("kind", "bad_request")], 3.0);
+    let m = s.scrape();
+    assert_eq!(m.sum("gpe_http_errors_total", &[("route", "unknown")]), 3.0);
+    assert_eq!(m.sum("gpe_http_errors_total", &[]), 3.0, "{worker}");
+    assert_eq!(
+        m.sum("gpe_http_requests_total", &[("status", "200")]),
+        3.0,
+        "{worker}"
+    );
+    assert_eq!(s.worker_pids()["0"], pid, "{worker}: the worker lives on");
+}

@@ -228,6 +228,14 @@ macro_rules! with_settings {
                 flag: Some(Flag::long("BYTES")),
                 doc: "Longest header field in bytes",
             },
+            limit_request_head = "limit_request_head": usize {
+                kind: Kind::Int { min: 8192, max: 1 << 30 },
+                default: Some("65536"),
+                env: "GPE_LIMIT_REQUEST_HEAD",
+                restart_only: false,
+                flag: Some(Flag::long("BYTES")),
+                doc: "Largest request head in bytes (request line and all header lines), the most a connection buffers for one head",
+            },
             max_body_size = "max_body_size": u64 {
                 kind: Kind::Int { min: 0, max: 1 << 40 },
                 default: Some("10485760"),

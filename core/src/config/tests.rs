@@ -69,7 +69,16 @@ fn defaults() {
     assert_eq!(c.metrics_max_connections, 64);
     assert_eq!(c.histogram_buckets, DEFAULT_DURATION_BUCKETS.to_vec());
     assert_eq!(c.metrics_max_series, 1000);
-    assert_eq!(c.max_head_bytes(), 823_296);
+    assert_eq!(c.limit_request_head, 65_536);
+    assert_eq!(c.max_head_bytes(), 65_536);
+    let mut small = c.clone();
+    small.limit_request_fields = 2;
+    small.limit_request_field_size = 100;
+    small.limit_request_line = 100;
+    assert_eq!(small.max_head_bytes(), 8192);
+    small.limit_request_fields = 10;
+    small.limit_request_field_size = 1000;
+    assert_eq!(small.max_head_bytes(), 10_122);
 }
 
 #[test]
