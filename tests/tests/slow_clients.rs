@@ -197,3 +197,56 @@ fn the_head_budget_bounds_a_connection(worker: &str) {
     );
     assert_eq!(s.worker_pids()["0"], pid, "{worker}: the worker lives on");
 }
+
+/// The keep-alive types.
+const KEEPALIVE: [&str; 3] = ["thread", "eventloop", "greenlet"];
+
+#[test]
+fn the_idle_and_head_deadlines_are_kept_apart() {
+    for worker in KEEPALIVE {
+        let s = Server::start(
+            TESTAPP,
+            Opts::new(worker, 1).args(&["--keepalive", "1", "--header-timeout", "3"]),
+        );
+        let mut silent = KeepAlive::connect(s.addr).unwrap();
+        let opened = Instant::now();
+        let mut idle = KeepAlive::connect(s.addr).unwrap();
+        let mut begun = KeepAlive::connect(s.addr).unwrap();
+        assert_eq!(idle.request("GET", "/", b"").unwrap().status, 200);
+        let idle_since = Instant::now();
+        assert_eq!(begun.request("GET", "/", b"").unwrap().status, 200);
+        // The next head begins and stalls.
+        begun.send_raw(b"GET / HT").unwrap();
+        let begun_at = Instant::now();
+        let limit = Duration::from_secs(10);
+        // Idle: closed after keepalive (1 s), long before header_timeout.
+        assert!(idle.closed_by_server_within(limit), "{worker}: idle");
+        let took = idle_since.elapsed();
+        assert!(
+            took >= Duration::from_millis(800) && took < Duration::from_millis(2500),
+            "{worker}: idle keep-alive closed after {took:?}"
+        );
+        // A head that began, and a fresh silent connection: header_timeout.
+        assert!(begun.closed_by_server_within(limit), "{worker}: begun");
+        let took = begun_at.elapsed();
+        assert!(
+            took >= Duration::from_millis(2500) && took < Duration::from_millis(4500),
+            "{worker}: a stalled keep-alive head closed after {took:?}"
+        );
+        assert!(silent.closed_by_server_within(limit), "{worker}: silent");
+        let took = opened.elapsed();
+        assert!(
+            took >= Duration::from_millis(2500) && took < Duration::from_millis(4500),
+            "{worker}: a silent connection closed after {took:?}"
+        );
+        s.wait_for("gpe_worker_connections", &[], 0.0);
+        let m = s.scrape();
+        assert_eq!(
+            m.sum("gpe_http_errors_total", &[("kind", "timeout")]),
+            2.0,
+            "{worker}: the stalled head and the silent connection"
+        );
+        assert_eq!(m.sum("gpe_http_errors_total", &[]), 2.0, "{worker}");
+        assert_eq!(m.sum("gpe_http_requests_total", &[]), 2.0, "{worker}");
+    }
+}

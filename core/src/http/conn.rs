@@ -417,3 +417,41 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_head_and_idle_deadlines_follow_the_connection() {
+        let d = Deadlines {
+            timer: Arc::new(hyper_util::rt::TokioTimer::new()),
+            head: Duration::from_secs(10),
+            idle: Duration::from_secs(2),
+        };
+        let s = 1_000_000_000u64;
+        let w = Watch {
+            started: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+            waiting_since: AtomicU64::new(100 * s),
+            first_byte: AtomicU64::new(0),
+        };
+        // Fresh: the head is due 10 s after the accept, bytes or not.
+        assert_eq!(w.check(101 * s, &d), Err(Duration::from_secs(9)));
+        w.first_byte.store(105 * s, Ordering::Relaxed);
+        assert_eq!(w.check(110 * s, &d), Ok(Expiry::Head));
+        // In a request: no deadline; looked at again later.
+        w.started.store(1, Ordering::Relaxed);
+        assert!(w.check(500 * s, &d).is_err());
+        // Answered: idle for 2 s at most...
+        w.finished.store(1, Ordering::Relaxed);
+        w.first_byte.store(0, Ordering::Relaxed);
+        w.waiting_since.store(200 * s, Ordering::Relaxed);
+        assert_eq!(w.check(201 * s, &d), Err(Duration::from_secs(1)));
+        assert_eq!(w.check(202 * s, &d), Ok(Expiry::Idle));
+        // ...unless the next head began: 10 s from its first byte.
+        w.first_byte.store(201 * s, Ordering::Relaxed);
+        assert_eq!(w.check(202 * s, &d), Err(Duration::from_secs(9)));
+        assert_eq!(w.check(211 * s, &d), Ok(Expiry::Head));
+    }
+}
