@@ -32,7 +32,7 @@ pub use http::app::{
 pub use http::body::Body;
 
 // The HTTP layer the workers share.
-pub use http::conn::{builder as http1_builder, serve_io};
+pub use http::conn::{builder as http1_builder, serve_io, ConnectionGuard, Deadlines};
 pub use http::instrument::Instrumented;
 pub use http::run::{
     allow_blocking, catching, run_blocking, start as start_call, Failure, Inline, Runner,

@@ -189,6 +189,11 @@ impl KeepAlive {
         read_response(&mut self.reader, method == "HEAD")
     }
 
+    /// Writes `bytes` as they are (a partial head, say).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.writer.write_all(bytes)
+    }
+
     /// Waits up to `limit` for the server to close the connection; true if
     /// it did (end of stream or reset) without sending anything more.
     pub fn closed_by_server_within(&mut self, limit: Duration) -> bool {

@@ -260,14 +260,17 @@ fn timeouts(s: &Server) -> f64 {
 }
 
 fn trickled_body_keeps_the_worker(worker: &str) {
+    // Longer than TIMEOUT: a loop tick delayed by a busy shared host must
+    // not be what this test sees.
+    const TRICKLE_TIMEOUT: u64 = 4;
     let s = Server::start(
         TESTAPP,
-        Opts::new(worker, 1).args(&["--timeout", &TIMEOUT.to_string()]),
+        Opts::new(worker, 1).args(&["--timeout", &TRICKLE_TIMEOUT.to_string()]),
     );
     let pid = s.worker_pids()["0"];
     let addr = s.addr;
     // One byte a second for 2 × timeout.
-    let len = 2 * TIMEOUT;
+    let len = 2 * TRICKLE_TIMEOUT;
     let slow = std::thread::spawn(move || {
         let mut c = TcpStream::connect(addr).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();

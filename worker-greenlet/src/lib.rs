@@ -23,7 +23,7 @@ use gpe_core::yield_when_idle;
 use gpe_core::Instrumented;
 use gpe_core::Stream;
 use gpe_core::WorkerKind;
-use gpe_core::{http1_builder as builder, serve_io};
+use gpe_core::{http1_builder as builder, serve_io, Deadlines};
 use gpe_core::{supervise, take_listeners, Admission, Event, Gate, TICK};
 use gpe_core::{Worker, WorkerContext, WorkerExit};
 use smol::{Async, LocalExecutor, Timer};
@@ -67,6 +67,7 @@ impl Worker for GreenletWorker {
 struct Connections {
     service: Rc<Instrumented>,
     builder: hyper::server::conn::http1::Builder,
+    deadlines: Deadlines,
     runner: CompatRunner,
 }
 
@@ -94,8 +95,8 @@ impl Connections {
     {
         let io = FuturesIo::new(eager::Eager::new(io));
         let drained = admission.drained();
-        let (svc, b) = (&self.service, &self.builder);
-        serve_io(io, admission, peer, svc, b, &self.runner, drained).await;
+        let (svc, b, d) = (&self.service, &self.builder, &self.deadlines);
+        serve_io(io, admission, peer, svc, b, d, &self.runner, drained).await;
     }
 }
 
@@ -110,6 +111,7 @@ async fn serve(
     let connections = Rc::new(Connections {
         service: ctx.service.clone(),
         builder: builder(&ctx.config, true, SmolTimer::new()),
+        deadlines: Deadlines::new(&ctx.config, SmolTimer::new()),
         runner,
     });
 

@@ -1,38 +1,46 @@
-//! The sync worker: one connection at a time, one request per connection
+//! The sync worker: one request at a time, one request per connection
 //! (`Connection: close`), the app called inline. Like Gunicorn's sync worker,
 //! it suits apps whose requests are short and CPU-bound; `timeout` also caps
 //! one request's time, since a busy worker sends no heartbeat.
 //!
-//! hyper needs a runtime even for one connection, so each process runs a tokio
+//! A connection whose head has not arrived must not hold the worker: the
+//! serving thread reads heads itself, without blocking, from a poll set of
+//! waiting connections (at most `worker_connections`, see [`heads`]), and
+//! hands a connection to hyper only once its head is complete. hyper needs a
+//! runtime even for one connection, so each process runs a tokio
 //! current-thread runtime and blocks on one connection at a time. A second
 //! thread reads the signal pipe, so that a stop closes the listening sockets
 //! at once even while the app is inside a request.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod heads;
+
+use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gpe_core::Conn;
 use gpe_core::Listener;
 use gpe_core::WorkerKind;
 use gpe_core::{allow_blocking, Inline};
-use gpe_core::{http1_builder as builder, serve_io};
+use gpe_core::{http1_builder as builder, serve_io, Deadlines};
 use gpe_core::{AcceptFailure, ACCEPT_BACKOFF};
-use gpe_core::{Worker, WorkerContext, WorkerExit};
+use gpe_core::{ErrorKind, Worker, WorkerContext, WorkerExit};
+use heads::{Head, Waiting};
 use hyper_util::rt::TokioTimer;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
 
-/// How long the accept loop waits before refreshing the heartbeat.
+/// How long the loop waits at most before refreshing the heartbeat.
 const TICK: Duration = Duration::from_millis(500);
-/// Most connections served from one ready socket before polling again (so
+/// Most connections accepted from one ready socket before polling again (so
 /// other sockets and signals get their turn).
-const ACCEPT_BURST: usize = 32;
+const BURST: usize = 32;
 
 /// The sync worker.
 #[derive(Debug, Default, Clone, Copy)]
@@ -61,6 +69,7 @@ impl Worker for SyncWorker {
         // The app runs on this thread, one request at a time: it may block.
         allow_blocking();
         let builder = builder(&ctx.config, false, TokioTimer::new());
+        let deadlines = Deadlines::new(&ctx.config, TokioTimer::new());
         let recorder = ctx.recorder().clone();
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
@@ -74,72 +83,133 @@ impl Worker for SyncWorker {
         std::thread::Builder::new()
             .name("gpe-signals".into())
             .spawn(move || watch_signals(&pipe, &watcher, wake))?;
-        // The listener whose burst goes on, and how many accepts it has left.
-        let mut burst: Option<(usize, usize)> = None;
-        // Where the next poll starts looking, so that every socket gets its turn.
+        let cap = (ctx.config.worker_connections as usize).max(1);
+        let head_timeout = ctx.config.header_timeout;
+        let mut head = Head::new(&ctx.config);
+        // Connections whose head is still arriving, and those whose head is
+        // complete, in the order they completed.
+        let mut waiting: Vec<Waiting> = Vec::new();
+        let mut ready: VecDeque<Waiting> = VecDeque::new();
+        // Where the next accept starts looking, so that every socket gets its turn.
         let mut first = 0;
+        let mut exit = None;
         loop {
             if shared.reopen.swap(false, Ordering::Relaxed) {
                 reopen_logs(&ctx);
             }
-            if shared.stop.load(Ordering::Relaxed) {
-                recorder.draining();
-                return Ok(WorkerExit::Stopped);
+            if exit.is_none() {
+                if shared.stop.load(Ordering::Relaxed) {
+                    exit = Some(WorkerExit::Stopped);
+                } else if ctx.max_requests_reached() {
+                    exit = Some(WorkerExit::MaxRequests);
+                }
+                if exit.is_some() {
+                    recorder.draining();
+                    // Accept no more: another worker takes the backlog.
+                    shared.lock().clear();
+                }
             }
-            if ctx.max_requests_reached() {
-                recorder.draining();
-                return Ok(WorkerExit::MaxRequests);
+            // A stopping worker still answers the connections it accepted:
+            // the complete heads now, the others as their heads complete or
+            // expire.
+            if let Some(exit) = exit {
+                if waiting.is_empty() && ready.is_empty() {
+                    return Ok(exit);
+                }
             }
-            let (i, left) = match burst.take() {
-                Some(b) => b,
-                None => {
-                    let ready = poll_listeners(&shared.lock(), &woken, first)?;
-                    recorder.beat();
-                    drain(&woken);
-                    match ready {
-                        Some(i) => {
-                            first = i + 1;
-                            (i, ACCEPT_BURST)
-                        }
-                        None => continue,
+            let room = waiting.len() + ready.len() < cap;
+            let wait = if ready.is_empty() {
+                let now = Instant::now();
+                waiting
+                    .iter()
+                    .map(|w| (w.since + head_timeout).saturating_duration_since(now))
+                    .min()
+                    .map_or(TICK, |d| d.min(TICK) + Duration::from_millis(1))
+            } else {
+                Duration::ZERO
+            };
+            let polled = poll_all(&shared.lock(), room, &waiting, &woken, first, wait)?;
+            recorder.beat();
+            drain(&woken);
+            // Heads that arrived, in the order of the poll set.
+            let mut k = 0;
+            while k < waiting.len() {
+                if polled.readable.get(k).copied().unwrap_or(false) {
+                    match waiting[k].read(&mut head) {
+                        heads::Progress::More => k += 1,
+                        heads::Progress::Complete => ready.push_back(waiting.swap_remove(k)),
+                        heads::Progress::Gone => drop(waiting.swap_remove(k)),
+                    }
+                } else {
+                    k += 1;
+                }
+            }
+            // Heads not complete in time: closed, counted as a timeout.
+            let now = Instant::now();
+            waiting.retain(|w| {
+                let alive = now.saturating_duration_since(w.since) < head_timeout;
+                if !alive {
+                    recorder.error_without_request(ErrorKind::Timeout);
+                }
+                alive
+            });
+            if let Some(i) = polled.listener {
+                first = i + 1;
+                // Take the clients waiting on a ready socket one after
+                // another, until one has its head complete: that one is
+                // served first, and the rest of the backlog stays for
+                // whichever worker is free (the balance Gunicorn's sync
+                // workers get from accepting one at a time).
+                for _ in 0..BURST {
+                    if !ready.is_empty()
+                        || waiting.len() >= cap
+                        || shared.stop.load(Ordering::Relaxed)
+                    {
+                        break;
+                    }
+                    let accepted = match shared.lock().get(i) {
+                        Some(l) => l.accept(),
+                        None => break,
+                    };
+                    let (stream, peer) = match accepted {
+                        Ok(c) => c,
+                        Err(e) => match AcceptFailure::of(&e) {
+                            // None waiting, another worker took it, or the client gave up.
+                            AcceptFailure::Transient => break,
+                            AcceptFailure::Exhausted => {
+                                gpe_core::log_error!("accept: {e}; backing off");
+                                std::thread::sleep(ACCEPT_BACKOFF);
+                                break;
+                            }
+                            AcceptFailure::Fatal => return Err(e),
+                        },
+                    };
+                    let Some(mut w) = Waiting::new(stream, peer, recorder.clone()) else {
+                        continue;
+                    };
+                    // The head is often there already.
+                    match w.read(&mut head) {
+                        heads::Progress::More => waiting.push(w),
+                        heads::Progress::Complete => ready.push_back(w),
+                        heads::Progress::Gone => {}
                     }
                 }
-            };
-            if shared.stop.load(Ordering::Relaxed) {
-                continue;
             }
-            // Like Gunicorn's sync worker: serve the clients waiting on a
-            // ready socket one after another, polling once per burst instead
-            // of once per connection.
-            let accepted = match shared.lock().get(i) {
-                Some(l) => l.accept(),
-                None => continue,
-            };
-            let (stream, peer) = match accepted {
-                Ok(c) => c,
-                Err(e) => match AcceptFailure::of(&e) {
-                    // None waiting, another worker took it, or the client gave up.
-                    AcceptFailure::Transient => continue,
-                    AcceptFailure::Exhausted => {
-                        gpe_core::log_error!("accept: {e}; backing off");
-                        std::thread::sleep(ACCEPT_BACKOFF);
-                        continue;
-                    }
-                    AcceptFailure::Fatal => return Err(e),
-                },
-            };
-            let served = rt.block_on(async {
-                let io = Conn::from_std(stream)?.into_hyper();
-                let never = std::future::pending::<()>();
-                serve_io(io, (), &peer, &ctx.service, &builder, &Inline, never).await;
-                Ok::<_, io::Error>(())
-            });
-            if let Err(e) = served {
-                gpe_core::log_warn!("cannot serve a connection: {e}");
-            }
-            recorder.beat();
-            if left > 1 {
-                burst = Some((i, left - 1));
+            // Serve complete heads in order, one request at a time, polling
+            // between them so that heads that arrive meanwhile queue behind.
+            if let Some(w) = ready.pop_front() {
+                let (stream, peer, prefix) = w.into_parts();
+                let served = rt.block_on(async {
+                    let io = heads::Prefixed::new(prefix, Conn::from_std(stream)?.into_hyper());
+                    let never = std::future::pending::<()>();
+                    let (svc, b, d) = (&ctx.service, &builder, &deadlines);
+                    serve_io(io, (), &peer, svc, b, d, &Inline, never).await;
+                    Ok::<_, io::Error>(())
+                });
+                if let Err(e) = served {
+                    gpe_core::log_warn!("cannot serve a connection: {e}");
+                }
+                recorder.beat();
             }
         }
     }
@@ -163,30 +233,50 @@ impl Shared {
     }
 }
 
-/// Waits up to a [`TICK`] for a ready listener or a wake-up from the signal
-/// watcher; returns the first ready listener from `first` on (wrapping).
-fn poll_listeners(
+/// What one poll found.
+#[derive(Debug, Default)]
+struct Polled {
+    /// The first ready listener from `first` on (wrapping).
+    listener: Option<usize>,
+    /// Per waiting connection: readable (or closed, or failed).
+    readable: Vec<bool>,
+}
+
+/// Waits up to `wait` for a wake-up from the signal watcher, a ready
+/// listener (only with `room` for a connection) or a waiting connection's
+/// bytes.
+fn poll_all(
     listeners: &[Listener],
+    room: bool,
+    waiting: &[Waiting],
     woken: &UnixStream,
     first: usize,
-) -> io::Result<Option<usize>> {
-    let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(listeners.len() + 1);
+    wait: Duration,
+) -> io::Result<Polled> {
+    let n = if room { listeners.len() } else { 0 };
+    let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(1 + n + waiting.len());
     fds.push(PollFd::new(woken.as_fd(), PollFlags::POLLIN));
-    for l in listeners {
+    for l in &listeners[..n] {
         fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
     }
-    let ms = TICK.as_millis() as u16;
+    for w in waiting {
+        fds.push(PollFd::new(w.as_fd(), PollFlags::POLLIN));
+    }
+    let ms = wait.as_millis().min(u128::from(u16::MAX)) as u16;
     match poll(&mut fds, PollTimeout::from(ms)) {
         Ok(_) => {}
-        Err(nix::errno::Errno::EINTR) => return Ok(None),
+        Err(nix::errno::Errno::EINTR) => return Ok(Polled::default()),
         Err(e) => return Err(e.into()),
     }
-    let n = listeners.len();
-    Ok((0..n).map(|k| (first + k) % n).find(|&i| {
-        fds.get(i + 1)
+    let ready = |i: usize| {
+        fds.get(i)
             .and_then(PollFd::revents)
             .is_some_and(|r| !r.is_empty())
-    }))
+    };
+    Ok(Polled {
+        listener: (0..n).map(|k| (first + k) % n).find(|&i| ready(i + 1)),
+        readable: (0..waiting.len()).map(|k| ready(1 + n + k)).collect(),
+    })
 }
 
 /// Empties the wake-up socket.

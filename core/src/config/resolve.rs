@@ -448,7 +448,7 @@ impl Config {
                 "metrics_max_series",
                 self.metrics_max_series,
                 format!(
-                    "at most {} with metrics_store_series = {} and {} workers \
+                    "at most {} with `metrics_store_series` = {} and `workers` = {} \
                      (the store must hold {} families of it plus 3 series per worker)",
                     (u64::from(self.metrics_store_series)
                         .saturating_sub(3 * u64::from(self.workers)))
@@ -487,14 +487,16 @@ impl Config {
         Config::resolve(raw, config_file)
     }
 
-    /// Bytes hyper may buffer for one request head, derived from the request
-    /// line and header limits.
+    /// Bytes a connection may buffer for one request head: the head budget
+    /// `limit_request_head`, or less when the request line and header limits
+    /// allow less in all (never below hyper's smallest buffer, 8,192).
     pub fn max_head_bytes(&self) -> usize {
         (self.limit_request_line + 2)
             .saturating_add(
                 self.limit_request_fields
                     .saturating_mul(self.limit_request_field_size + 2),
             )
+            .min(self.limit_request_head)
             .max(8192)
     }
 }

@@ -171,6 +171,14 @@ macro_rules! with_settings {
                 flag: Some(Flag::short('t', "SECONDS")),
                 doc: "Seconds without a heartbeat before a worker is killed; 0 = off",
             },
+            max_worker_memory = "max_worker_memory": u64 {
+                kind: Kind::Int { min: 0, max: 1 << 50 },
+                default: Some("0"),
+                env: "GPE_MAX_WORKER_MEMORY",
+                restart_only: false,
+                flag: Some(Flag::long("BYTES")),
+                doc: "Resident set in bytes above which a worker is retired and replaced; 0 = off",
+            },
             graceful_timeout = "graceful_timeout": Duration {
                 kind: Kind::Int { min: 0, max: 86_400 },
                 default: Some("30"),
@@ -226,6 +234,14 @@ macro_rules! with_settings {
                 restart_only: false,
                 flag: Some(Flag::long("BYTES")),
                 doc: "Longest header field in bytes",
+            },
+            limit_request_head = "limit_request_head": usize {
+                kind: Kind::Int { min: 8192, max: 1 << 30 },
+                default: Some("65536"),
+                env: "GPE_LIMIT_REQUEST_HEAD",
+                restart_only: false,
+                flag: Some(Flag::long("BYTES")),
+                doc: "Largest request head in bytes (request line and all header lines), the most a connection buffers for one head",
             },
             max_body_size = "max_body_size": u64 {
                 kind: Kind::Int { min: 0, max: 1 << 40 },

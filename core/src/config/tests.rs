@@ -70,7 +70,16 @@ fn defaults() {
     assert_eq!(c.histogram_buckets, DEFAULT_DURATION_BUCKETS.to_vec());
     assert_eq!(c.metrics_max_series, 1000);
     assert_eq!(c.metrics_store_series, 16_384);
-    assert_eq!(c.max_head_bytes(), 823_296);
+    assert_eq!(c.limit_request_head, 65_536);
+    assert_eq!(c.max_head_bytes(), 65_536);
+    let mut small = c.clone();
+    small.limit_request_fields = 2;
+    small.limit_request_field_size = 100;
+    small.limit_request_line = 100;
+    assert_eq!(small.max_head_bytes(), 8192);
+    small.limit_request_fields = 10;
+    small.limit_request_field_size = 1000;
+    assert_eq!(small.max_head_bytes(), 10_122);
 }
 
 #[test]
@@ -94,7 +103,7 @@ fn the_store_must_hold_every_family_full() {
     .to_string();
     assert!(err.contains("metrics_max_series"), "{err}");
     assert!(
-        err.contains("at most 169 with metrics_store_series = 1024"),
+        err.contains("at most 169 with `metrics_store_series` = 1024 and `workers` = 2"),
         "{err}"
     );
     let err = load_flags(&["--metrics-store-series", "1024"])

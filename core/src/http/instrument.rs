@@ -16,7 +16,7 @@ use super::body::{Body, BodyState, OnEnd, Recorded};
 use super::limits::HeadLimits;
 use super::run::{Failure, Runner};
 use crate::log::AccessLog;
-use crate::store::{ErrorKind, Recorder, RequestRecord};
+use crate::store::{ErrorKind, Recorder, RequestRecord, Tracked};
 
 /// The response type handed back to hyper.
 pub(crate) type HttpResponse = hyper::Response<Recorded<Finish>>;
@@ -149,6 +149,9 @@ impl Instrumented {
         let start = self.recorder.begin();
         let (parts, incoming) = req.into_parts();
         let method = method_label(&parts.method);
+        // Named in the worker's file while in flight, for the master's log
+        // if it aborts this worker.
+        let tracked = self.recorder.track(start, method, parts.uri.path());
         // If hyper drops this future (the client went away mid-request), the
         // guard still ends the request's in-flight accounting.
         let mut pending = Abandoned {
@@ -157,6 +160,7 @@ impl Instrumented {
             start,
             method,
             uri: Some(parts.uri.clone()),
+            tracked: Some(tracked),
         };
         let head_only = parts.method == Method::HEAD;
         let uri = parts.uri.clone();
@@ -276,6 +280,7 @@ impl Instrumented {
             })
         });
         pending.uri = None;
+        let tracked = pending.tracked.take();
         let no_body = head_only
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
@@ -289,6 +294,7 @@ impl Instrumented {
             error,
             state,
             log,
+            _tracked: tracked,
         };
         resp.map(|body| Recorded::new(body, finish, no_body))
     }
@@ -357,6 +363,8 @@ pub(crate) struct Finish {
     error: Option<ErrorKind>,
     state: Option<Arc<BodyState>>,
     log: Option<Box<LogLine>>,
+    /// The request's in-flight entry, freed when the response ends.
+    _tracked: Option<Tracked>,
 }
 
 /// An access-log line waiting for its byte count.
@@ -425,6 +433,8 @@ struct Abandoned<'a> {
     method: &'static str,
     /// `Some` until the request is answered.
     uri: Option<http::Uri>,
+    /// The in-flight entry, handed to [`Finish`] once answered.
+    tracked: Option<Tracked>,
 }
 
 impl Drop for Abandoned<'_> {

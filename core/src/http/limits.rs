@@ -1,5 +1,6 @@
-//! The per-line limits of a request head (`limit_request_line`,
-//! `limit_request_field_size`), checked once hyper has parsed the head.
+//! The limits of a request head (`limit_request_line`,
+//! `limit_request_field_size`, and the head budget `limit_request_head`),
+//! checked once hyper has parsed the head.
 
 use http::{header, HeaderValue, StatusCode};
 
@@ -16,6 +17,10 @@ pub struct HeadLimits {
     /// Longest header line (`name: value` and its CRLF), as Gunicorn counts
     /// `limit_request_field_size`.
     pub field: usize,
+    /// Largest whole head (request line, header lines, their CRLFs and the
+    /// blank line): `limit_request_head`. hyper's buffer bound is the same
+    /// figure but soft (one read may take it past it), so it is checked here.
+    pub head: usize,
 }
 
 impl HeadLimits {
@@ -24,11 +29,13 @@ impl HeadLimits {
         HeadLimits {
             line: config.limit_request_line,
             field: config.limit_request_field_size,
+            head: config.limit_request_head,
         }
     }
 
     /// `414 URI Too Long` for a request line over the limit, `431 Request
-    /// Header Fields Too Large` for a header field over it, else `None`.
+    /// Header Fields Too Large` for a header field or a whole head over its
+    /// limit, else `None`.
     pub fn check(&self, parts: &http::request::Parts) -> Option<StatusCode> {
         let uri = &parts.uri;
         let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
@@ -42,10 +49,13 @@ impl HeadLimits {
         let too_large = |(name, value): (&header::HeaderName, &HeaderValue)| {
             name.as_str().len() + 2 + value.len() + 2 > self.field
         };
-        parts
+        let total = parts.method.as_str().len() + target + 10 + 2 + 2;
+        let fields = parts
             .headers
             .iter()
-            .any(too_large)
+            .map(|(n, v)| n.as_str().len() + 2 + v.len() + 2);
+        let total = fields.fold(total, usize::saturating_add);
+        (parts.headers.iter().any(too_large) || total > self.head)
             .then_some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
     }
 }
@@ -65,7 +75,25 @@ mod tests {
     const LIMITS: HeadLimits = HeadLimits {
         line: 100,
         field: 50,
+        head: 200,
     };
+
+    #[test]
+    fn the_head_budget_counts_every_line_and_the_blank_one() {
+        // "GET / HTTP/1.1" CRLF (16), four 40-byte fields (160), CRLF (2): 178.
+        let v = "v".repeat(40 - 5 - 2);
+        let mut at = vec![("x-a", v.as_str()), ("x-b", &v), ("x-c", &v), ("x-d", &v)];
+        // And 22 bytes more: exactly 200.
+        let fill = "f".repeat(22 - 7);
+        at.push(("x-e", &fill));
+        assert_eq!(LIMITS.check(&parts("GET", "/", &at)), None);
+        let more = format!("{fill}f");
+        at[4] = ("x-e", &more);
+        assert_eq!(
+            LIMITS.check(&parts("GET", "/", &at)),
+            Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
+    }
 
     #[test]
     fn the_request_line_limit_counts_method_target_and_version() {

@@ -22,6 +22,9 @@ pub(super) const BACKOFF_AFTER: u32 = 3;
 pub(super) const BACKOFF_BASE: Duration = Duration::from_millis(250);
 /// The longest back-off.
 pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How often a worker's resident set is read for `max_worker_memory`: the
+/// workers' heartbeat tick.
+pub(super) const MEMORY_TICK: Duration = crate::async_worker::TICK;
 
 /// The wait before the next respawn after `fast_crashes` fast crashes in a
 /// row (none below [`BACKOFF_AFTER`]).
@@ -170,8 +173,10 @@ impl<O: Os> Arbiter<O> {
         }
         Ok(())
     }
-    /// Notes booted workers and enforces the heartbeat timeout.
+    /// Notes booted workers, enforces the heartbeat timeout and the memory
+    /// limit.
     pub(super) fn check_workers(&mut self) {
+        self.check_memory();
         let now_mono = self.os.mono_ns();
         let now = self.os.now();
         for p in &mut self.procs {
@@ -188,6 +193,38 @@ impl<O: Os> Arbiter<O> {
             let stale = now_mono.saturating_sub(p.file.heartbeat_ns()) > timeout.as_nanos() as u64;
             if p.serving() && stale {
                 p.time_out(&mut self.os, timeout.as_secs(), now + QUICK_STOP);
+                self.vacated.push(p.slot);
+            }
+        }
+    }
+
+    /// `max_worker_memory`: reads each serving worker's resident set once a
+    /// worker heartbeat tick; a worker found above the limit on two reads in
+    /// a row is retired gracefully (counted as `memory`) and its slot is
+    /// filled again at once.
+    fn check_memory(&mut self) {
+        let limit = self.config.max_worker_memory;
+        if limit == 0 {
+            return;
+        }
+        let now = self.os.now();
+        let deadline = now + self.config.graceful_timeout;
+        for p in self.procs.iter_mut().filter(|p| p.serving() && p.booted) {
+            let (last, over) = p.memory;
+            if last.is_some_and(|t| now.saturating_duration_since(t) < MEMORY_TICK) {
+                continue;
+            }
+            let rss = self.os.rss_bytes(p.pid);
+            let above = rss.is_some_and(|r| r > limit);
+            p.memory = (Some(now), if above { over + 1 } else { 0 });
+            if p.memory.1 >= 2 {
+                log_warn!(
+                    "worker {} (pid {}): resident set {} bytes is above max_worker_memory ({limit}); retiring it",
+                    p.slot,
+                    p.pid,
+                    rss.unwrap_or(0)
+                );
+                p.retire(&mut self.os, ExitReason::Memory, deadline, Signal::SIGTERM);
                 self.vacated.push(p.slot);
             }
         }

@@ -63,4 +63,6 @@ pub(super) trait Os {
     fn close_listeners(&mut self);
     /// Reopens the error log (USR1, HUP).
     fn reopen_errorlog(&mut self, config: &Config);
+    /// The resident set of `pid` in bytes, if it can be read.
+    fn rss_bytes(&self, pid: Pid) -> Option<u64>;
 }

@@ -2,13 +2,13 @@
 //! [`Life`] and moves on only through the named transitions below, which log
 //! and send the signal that goes with them.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use super::os::Os;
-use crate::store::{ExitReason, WorkerFile};
+use crate::store::{ExitReason, InFlightRequest, WorkerFile};
 use crate::sys::Ended;
 use crate::worker::{EXIT_BOOT_ERROR, EXIT_MAX_REQUESTS};
 use crate::{log_error, log_warn};
@@ -37,6 +37,9 @@ pub(super) struct Proc {
     pub file: WorkerFile,
     pub life: Life,
     pub booted: bool,
+    /// The memory watch: when its resident set was last read, and how many
+    /// reads in a row found it above `max_worker_memory`.
+    pub memory: (Option<Instant>, u32),
 }
 
 impl Proc {
@@ -49,6 +52,7 @@ impl Proc {
             file,
             life: Life::Serving,
             booted: false,
+            memory: (None, 0),
         }
     }
 
@@ -80,13 +84,16 @@ impl Proc {
     }
 
     /// Serving → TimedOut: the heartbeat is stale; sends SIGABRT, SIGKILL
-    /// follows at `deadline`.
+    /// follows at `deadline`. The log names the requests the worker had in
+    /// flight (method, path, age), read from its store file.
     pub fn time_out(&mut self, os: &mut impl Os, timeout_secs: u64, deadline: Instant) {
         debug_assert!(self.serving());
+        let (named, all) = self.file.in_flight();
         log_error!(
-            "worker {} (pid {}) timed out after {timeout_secs}s without a heartbeat",
+            "worker {} (pid {}) timed out after {timeout_secs}s without a heartbeat; {}",
             self.slot,
-            self.pid
+            self.pid,
+            describe_in_flight(&named, all, os.mono_ns())
         );
         self.life = Life::TimedOut {
             deadline,
@@ -134,6 +141,40 @@ impl Proc {
     }
 }
 
+/// "in flight: GET /a for 2.1s, POST /b for 0.3s and 3 more", or "no request
+/// in flight".
+fn describe_in_flight(named: &[InFlightRequest], all: u64, now_ns: u64) -> String {
+    if named.is_empty() && all == 0 {
+        return "no request in flight".to_owned();
+    }
+    let mut s = String::from("in flight: ");
+    for (i, r) in named.iter().enumerate() {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        let age = Duration::from_nanos(now_ns.saturating_sub(r.start_ns));
+        let path: String = r
+            .path
+            .chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
+        s.push_str(&format!(
+            "{} {path} for {:.1}s",
+            r.method,
+            age.as_secs_f64()
+        ));
+    }
+    let more = all.saturating_sub(named.len() as u64);
+    if more > 0 {
+        if named.is_empty() {
+            s.push_str(&format!("{more} unnamed requests"));
+        } else {
+            s.push_str(&format!(" and {more} more"));
+        }
+    }
+    s
+}
+
 fn exit_reason(life: Life, ended: Ended) -> ExitReason {
     match (life, ended) {
         (Life::Retiring { reason, .. }, _) => reason,
@@ -147,6 +188,29 @@ fn exit_reason(life: Life, ended: Ended) -> ExitReason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn in_flight_requests_are_described_with_their_age() {
+        let r = |method: &str, path: &str, start_ns| InFlightRequest {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            start_ns,
+        };
+        let s = 1_000_000_000;
+        assert_eq!(describe_in_flight(&[], 0, s), "no request in flight");
+        assert_eq!(
+            describe_in_flight(
+                &[r("GET", "/sleep/60000", s / 2), r("POST", "/a\nb", s)],
+                4,
+                s * 3
+            ),
+            "in flight: GET /sleep/60000 for 2.5s, POST /a?b for 2.0s and 2 more"
+        );
+        assert_eq!(
+            describe_in_flight(&[], 2, s),
+            "in flight: 2 unnamed requests"
+        );
+    }
 
     #[test]
     fn exit_reasons_follow_the_rules() {

@@ -246,6 +246,18 @@ impl Os for SystemOs<'_> {
         self.listeners.clear();
     }
 
+    fn rss_bytes(&self, pid: Pid) -> Option<u64> {
+        // statm: sizes in pages; the second field is the resident set.
+        let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+        let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .and_then(|p| u64::try_from(p).ok())
+            .unwrap_or(4096);
+        Some(pages.saturating_mul(page))
+    }
+
     fn reopen_errorlog(&mut self, config: &Config) {
         if let Err(e) = crate::log::open_errorlog(&config.errorlog) {
             log_error!("cannot reopen the error log: {e}");

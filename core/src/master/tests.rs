@@ -50,6 +50,8 @@ struct World {
     alive: Vec<(Pid, Child)>,
     events: Vec<Event>,
     reload: Option<Config>,
+    /// Resident sets the fake reports, by pid.
+    rss: Vec<(Pid, u64)>,
 }
 
 #[derive(Debug, Clone)]
@@ -113,6 +115,14 @@ impl Os for FakeOs {
     }
     fn close_listeners(&mut self) {}
     fn reopen_errorlog(&mut self, _: &Config) {}
+    fn rss_bytes(&self, pid: Pid) -> Option<u64> {
+        self.0
+            .borrow()
+            .rss
+            .iter()
+            .find(|(p, _)| *p == pid)
+            .map(|r| r.1)
+    }
 }
 
 /// An arbiter over a fake OS and a real store in a temporary directory.
@@ -148,6 +158,7 @@ impl Harness {
             alive: Vec::new(),
             events: Vec::new(),
             reload: None,
+            rss: Vec::new(),
         })));
         let arbiter = Arbiter::new(
             os.clone(),
@@ -752,4 +763,39 @@ fn readiness_waits_for_every_desired_worker_and_ends_with_the_stop() {
         "the exporter stops once the last worker is gone"
     );
     assert!(h.exit(exporter, Ended::Signaled(15)));
+}
+
+#[test]
+fn a_worker_above_max_worker_memory_on_two_reads_in_a_row_is_retired_and_replaced() {
+    use super::health::MEMORY_TICK;
+    let mut h = Harness::new(config(1, |c| c.max_worker_memory = 1000), false, None);
+    h.boot_all();
+    let w = h.workers()[0].0;
+    h.world().rss.push((w, 2000));
+    h.events();
+    // Above once, then below: no retirement.
+    h.step_after(MEMORY_TICK);
+    h.world().rss = vec![(w, 500)];
+    h.step_after(MEMORY_TICK);
+    h.world().rss = vec![(w, 2000)];
+    h.step_after(MEMORY_TICK);
+    assert_eq!(h.events(), vec![]);
+    // Above on the next read too: TERM, and the slot is filled at once.
+    h.step_after(MEMORY_TICK);
+    assert_eq!(
+        h.events(),
+        vec![
+            Event::Sent(w, Signal::SIGTERM),
+            Event::Spawned(
+                pid(101),
+                Child::Worker {
+                    slot: 0,
+                    generation: 2
+                }
+            )
+        ]
+    );
+    h.exit(w, Ended::Exited(0));
+    assert_eq!(h.exits(ExitReason::Memory), 1);
+    assert_eq!(h.exits(ExitReason::Crash), 0);
 }

@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use crate::async_worker::{
     accept_retrying, supervise, take_listeners, Admission, Event, Gate, TICK,
 };
-use crate::http::conn::{builder, serve_io};
+use crate::http::conn::{builder, serve_io, Deadlines};
 use crate::http::instrument::Instrumented;
 use crate::http::run::Runner;
 use crate::listener::{Listener, Stream};
@@ -222,6 +222,7 @@ where
     struct Connections<R> {
         service: std::rc::Rc<Instrumented>,
         builder: hyper::server::conn::http1::Builder,
+        deadlines: Deadlines,
         runner: R,
     }
 
@@ -231,6 +232,7 @@ where
     let connections = std::rc::Rc::new(Connections {
         service: ctx.service.clone(),
         builder: builder(&ctx.config, true, hyper_util::rt::TokioTimer::new()),
+        deadlines: Deadlines::new(&ctx.config, hyper_util::rt::TokioTimer::new()),
         runner,
     });
     let events = std::pin::pin!(worker_events(ctx)?);
@@ -244,8 +246,8 @@ where
                     tokio::task::spawn_local(async move {
                         let drained = admission.drained();
                         let io = conn.into_hyper();
-                        let (svc, b, r) = (&c.service, &c.builder, &c.runner);
-                        serve_io(io, admission, &peer, svc, b, r, drained).await;
+                        let (svc, b, d, r) = (&c.service, &c.builder, &c.deadlines, &c.runner);
+                        serve_io(io, admission, &peer, svc, b, d, r, drained).await;
                     });
                 })
                 .boxed_local()

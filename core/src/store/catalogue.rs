@@ -240,6 +240,8 @@ code_enum!(
         Shutdown = 5 => "shutdown",
         /// Its app factory failed.
         BootError = 6 => "boot_error",
+        /// Retired for a resident set above `max_worker_memory`.
+        Memory = 7 => "memory",
     }
 );
 

@@ -21,7 +21,7 @@ pub const MAGIC: u64 = 0x4750_4553_544f_5245;
 /// Magic number at the start of the series index ("GPEINDEX").
 pub const INDEX_MAGIC: u64 = 0x4750_4549_4e44_4558;
 /// Layout version; bumped whenever a struct below changes.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 /// Series a store holds unless `metrics_store_series` says otherwise: index
 /// entries, and value rows in every data file.
 pub const DEFAULT_CAPACITY: usize = 16_384;
@@ -113,22 +113,55 @@ pub(super) struct Header {
     pub clock_offset_ns: AtomicI64,
 }
 
-/// Byte offset of the value rows in a data file.
+/// Bytes of the header of a data file.
 pub const HEADER_BYTES: usize = 1024;
 const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_BYTES);
 
 /// One series' cells: counter value in cell 0, or histogram buckets then sum.
 pub(super) type Row = [AtomicU64; CELLS];
 
+/// Byte offset of the in-flight table in a data file, right after the
+/// header.
+pub const IN_FLIGHT_OFFSET: usize = HEADER_BYTES;
+
+/// Entries of the in-flight table: the requests a worker names when the
+/// master aborts it.
+pub const IN_FLIGHT_ENTRIES: usize = 32;
+/// Bytes of a request's path one in-flight entry keeps.
+pub const IN_FLIGHT_PATH: usize = 256;
+
+/// One request in flight in a worker (see `store/in_flight.rs` for the
+/// protocol). Kept in its own struct, between the header and the rows.
+#[repr(C)]
+#[derive(Debug)]
+pub(super) struct InFlightEntry {
+    /// Monotonic ns the request began; 0 when free, `u64::MAX` while its
+    /// writer fills it in.
+    pub start_ns: AtomicU64,
+    /// The method label, up to 8 bytes, zero-padded, little-endian.
+    pub method: AtomicU64,
+    /// Bytes of `path` in use.
+    pub path_len: AtomicU64,
+    /// The path, 8 bytes per word, little-endian.
+    pub path: [AtomicU64; IN_FLIGHT_PATH / 8],
+}
+
+/// The in-flight table of a data file (used in worker files only).
+pub(super) type InFlightTable = [InFlightEntry; IN_FLIGHT_ENTRIES];
+
+/// Byte offset of the value rows in a data file, after the in-flight table.
+pub const ROWS_OFFSET: usize = IN_FLIGHT_OFFSET + std::mem::size_of::<InFlightTable>();
+const _: () = assert!(ROWS_OFFSET % 8 == 0);
+
 /// Size of a data file with room for `capacity` series.
 pub const fn data_file_bytes(capacity: usize) -> usize {
-    HEADER_BYTES + capacity * std::mem::size_of::<Row>()
+    ROWS_OFFSET + capacity * std::mem::size_of::<Row>()
 }
 
 /// The number of series a data file of `len` bytes has room for, if `len` is
 /// the size of a data file.
 pub fn data_capacity(len: u64) -> Option<usize> {
-    capacity_of(len, HEADER_BYTES, std::mem::size_of::<Row>())
+    capacity_of(len, ROWS_OFFSET, std::mem::size_of::<Row>())
 }
 
 fn capacity_of(len: u64, header: usize, stride: usize) -> Option<usize> {
@@ -322,7 +355,7 @@ impl Mapped {
 
     /// Value rows of a data file: how many series it has room for.
     pub fn rows(&self) -> usize {
-        self.map.len().saturating_sub(HEADER_BYTES) / std::mem::size_of::<Row>()
+        self.map.len().saturating_sub(ROWS_OFFSET) / std::mem::size_of::<Row>()
     }
 
     /// Entries of an index file: how many series it has room for.
@@ -353,14 +386,23 @@ impl Mapped {
         let id = id as usize;
         assert!(id < self.rows());
         // SAFETY: the row lies inside the mapping (bounds checked above), rows are
-        // 8-byte aligned (HEADER_BYTES and the row size are multiples of 8 and the
+        // 8-byte aligned (ROWS_OFFSET and the row size are multiples of 8 and the
         // mapping is page-aligned), and a row is an array of atomics, valid for any bits.
         unsafe {
             &*(self
                 .map
                 .as_ptr()
-                .add(HEADER_BYTES + id * std::mem::size_of::<Row>()) as *const Row)
+                .add(ROWS_OFFSET + id * std::mem::size_of::<Row>()) as *const Row)
         }
+    }
+
+    /// The in-flight table of a data file.
+    pub fn in_flight(&self) -> &InFlightTable {
+        assert!(self.map.len() >= ROWS_OFFSET);
+        // SAFETY: the table lies inside the mapping (checked above), at an
+        // 8-byte aligned offset of a page-aligned mapping, and is `repr(C)`
+        // atomics only, valid for any bits (zeroes: every entry free).
+        unsafe { &*(self.map.as_ptr().add(IN_FLIGHT_OFFSET) as *const InFlightTable) }
     }
 
     /// The index header. The mapping must be an index file.

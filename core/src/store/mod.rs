@@ -8,6 +8,7 @@
 //! in `layout`, the catalogue of families in `catalogue`.
 
 pub mod catalogue;
+mod in_flight;
 pub mod index;
 pub mod layout;
 mod recorder;
@@ -23,8 +24,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 pub use catalogue::{ExitReason, Family, MasterSignal, WorkerKind, WorkerState};
+pub use in_flight::InFlightRequest;
 pub use index::Index;
-pub use recorder::{ErrorKind, Recorder, RequestRecord};
+pub use recorder::{ErrorKind, Recorder, RequestRecord, Tracked};
 pub use snapshot::{MasterView, Series, Snapshot, WorkerView};
 pub use views::{MasterFile, RetiredFile, WorkerFile};
 
@@ -470,7 +472,10 @@ mod tests {
         let w = WorkerFile::create(&master, 0, 1, WorkerKind::Sync).unwrap();
         let len = |p: PathBuf| fs::metadata(p).unwrap().len();
         assert_eq!(len(master.index_path()), 512 + 64 * 128);
-        assert_eq!(len(master.worker_path(0, 1)), 1024 + 64 * 128);
+        assert_eq!(
+            len(master.worker_path(0, 1)),
+            (layout::ROWS_OFFSET + 64 * 128) as u64
+        );
         // A reader without a capacity learns it from the index.
         let reader = StoreDir::new(master.path());
         assert_eq!(reader.capacity().unwrap(), 64);

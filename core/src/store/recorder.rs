@@ -4,7 +4,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::catalogue::{Buckets, Family, Shape, WorkerState, SIZE_BUCKETS};
 use super::index::{Index, Key, Mirror, Resolved};
@@ -55,6 +55,22 @@ pub struct RequestRecord<'a> {
     pub response_bytes: u64,
     /// The error kind, if the request failed.
     pub error: Option<ErrorKind>,
+}
+
+/// A request named in the in-flight table ([`Recorder::track`]); dropping it
+/// frees the entry.
+#[derive(Debug)]
+pub struct Tracked {
+    recorder: Arc<Recorder>,
+    entry: Option<u32>,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if let Some(i) = self.entry {
+            self.recorder.file.release_in_flight(i);
+        }
+    }
 }
 
 /// Ids resolved once at start-up.
@@ -341,6 +357,16 @@ impl Recorder {
         h.heartbeat_ns.store(end, Ordering::Relaxed);
         if self.add_signed(&h.in_flight, -1) == 1 {
             self.transition(WorkerState::Idle, end);
+        }
+    }
+
+    /// Names a request that began at `start` in the file's in-flight table
+    /// (for the master's log when it aborts this worker) until the returned
+    /// guard is dropped. When the table is full the request is not named.
+    pub fn track(self: &Arc<Self>, start: u64, method: &str, path: &str) -> Tracked {
+        Tracked {
+            entry: self.file.claim_in_flight(start, method, path),
+            recorder: self.clone(),
         }
     }
 

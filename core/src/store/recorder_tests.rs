@@ -107,3 +107,35 @@ fn overflow_goes_to_other_and_counts_drops() {
     assert_eq!(reqs.iter().map(|s| s.cells[0]).sum::<u64>(), 50);
     assert_eq!(snap.dropped[Family::HttpRequests.code() as usize], 45);
 }
+
+#[test]
+fn tracked_requests_are_named_in_the_file_until_dropped() {
+    let (_d, store, rec) = setup(100);
+    let rec = Arc::new(rec);
+    let file = crate::store::WorkerFile::open(&store, 0, 1).unwrap();
+    let long = format!("/{}", "é".repeat(200));
+    let a = rec.track(5, "GET", "/sleep/60000");
+    let b = rec.track(7, "OPTIONS", &long);
+    let (named, _) = file.in_flight();
+    assert_eq!(named.len(), 2);
+    assert_eq!(
+        (
+            named[0].method.as_str(),
+            named[0].path.as_str(),
+            named[0].start_ns
+        ),
+        ("GET", "/sleep/60000", 5)
+    );
+    // Cut to 256 bytes at a character boundary; the method to 8 bytes.
+    assert_eq!(named[1].method, "OPTIONS");
+    assert!(named[1].path.len() <= 256 && long.starts_with(&named[1].path));
+    assert_eq!(named[1].path.len(), 255);
+    drop(a);
+    assert_eq!(file.in_flight().0.len(), 1);
+    // A full table names no more, and frees what it was given.
+    let many: Vec<_> = (0..40).map(|i| rec.track(10 + i, "PUT", "/x")).collect();
+    assert_eq!(file.in_flight().0.len(), 32);
+    drop(many);
+    drop(b);
+    assert_eq!(file.in_flight().0, vec![]);
+}

@@ -11,7 +11,9 @@ use std::sync::atomic::{fence, Ordering};
 
 use super::index::{Key, Mirror};
 use super::layout::FileKind;
-use super::{DataFile, ExitReason, Family, FileIdentity, Index, MasterSignal, StoreDir};
+use super::{
+    DataFile, ExitReason, Family, FileIdentity, InFlightRequest, Index, MasterSignal, StoreDir,
+};
 use super::{WorkerKind, WorkerState};
 
 impl StoreDir {
@@ -357,6 +359,13 @@ impl WorkerFile {
     /// Whether the worker has finished booting (left the booting state).
     pub fn booted(&self) -> bool {
         self.file.header().state.load(Ordering::Relaxed) != WorkerState::Booting.code()
+    }
+
+    /// The requests the worker names as in flight, oldest first, and how
+    /// many it has in flight in all (some may have found no free entry).
+    pub fn in_flight(&self) -> (Vec<InFlightRequest>, u64) {
+        let all = self.file.header().in_flight.load(Ordering::Relaxed).max(0) as u64;
+        (self.file.in_flight_requests(), all)
     }
 
     /// The worker's last sign of life, in monotonic nanoseconds.

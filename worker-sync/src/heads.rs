@@ -1,0 +1,243 @@
+//! Request heads read by the sync worker before hyper sees the connection.
+//!
+//! The serving thread reads each waiting connection without blocking and
+//! keeps what arrived. A head counts as complete when httparse says so; a
+//! head that httparse refuses, one at the head budget (`max_head_bytes`), or
+//! one cut by the client's FIN is handed over too, so that hyper gives the
+//! answer it gives on every worker type (400, 431, or a counted disconnect).
+//! hyper then reads the kept bytes first ([`Prefixed`]).
+
+use std::io::{self, Read};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use gpe_core::{Config, ConnectionGuard, Recorder, Stream};
+use hyper::rt::{Read as HyperRead, ReadBufCursor, Write as HyperWrite};
+
+/// Bytes read from a socket at a time.
+const CHUNK: usize = 4096;
+
+/// What the head check needs, reused across connections.
+#[derive(Debug)]
+pub struct Head {
+    /// The head budget: more is not read here.
+    max: usize,
+    /// httparse's header slots: one more than `limit_request_fields`, so that
+    /// a head with too many fields is handed to hyper, which refuses it.
+    fields: usize,
+}
+
+impl Head {
+    /// The limits of `config`.
+    pub fn new(config: &Config) -> Head {
+        Head {
+            max: config.max_head_bytes(),
+            fields: config.limit_request_fields.saturating_add(1),
+        }
+    }
+
+    /// Whether `buf` holds all a head needs, given that bytes from `new_from`
+    /// on just arrived: the blank line that ends a head (looked for only in
+    /// the new bytes, so that a trickled head costs linear time), then a
+    /// parse. A head that does not parse is handed over too.
+    fn complete(&self, buf: &[u8], new_from: usize) -> bool {
+        if buf.len() >= self.max {
+            return true;
+        }
+        let from = new_from.saturating_sub(3);
+        let tail = &buf[from..];
+        let ends = tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n");
+        if !ends {
+            return false;
+        }
+        let mut headers = vec![httparse::EMPTY_HEADER; self.fields];
+        !matches!(
+            httparse::Request::new(&mut headers).parse(buf),
+            Ok(httparse::Status::Partial)
+        )
+    }
+}
+
+/// What reading a waiting connection came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// The head is not complete yet.
+    More,
+    /// Ready for hyper.
+    Complete,
+    /// Closed before a byte arrived, or failed: dropped without a word.
+    Gone,
+}
+
+/// An accepted connection whose head is still arriving.
+#[derive(Debug)]
+pub struct Waiting {
+    stream: Stream,
+    peer: String,
+    buf: Vec<u8>,
+    /// When it was accepted: its head is due `header_timeout` later.
+    pub since: Instant,
+    /// Counts it in `gpe_worker_connections` while it waits.
+    _open: ConnectionGuard,
+}
+
+impl Waiting {
+    /// A connection just accepted, made non-blocking (`None` if that fails).
+    pub fn new(stream: Stream, peer: String, recorder: Arc<Recorder>) -> Option<Waiting> {
+        stream.set_nonblocking(true).ok()?;
+        Some(Waiting {
+            stream,
+            peer,
+            buf: Vec::new(),
+            since: Instant::now(),
+            _open: ConnectionGuard::new(recorder),
+        })
+    }
+
+    /// Reads what has arrived, up to the head budget.
+    pub fn read(&mut self, head: &mut Head) -> Progress {
+        let mut chunk = [0u8; CHUNK];
+        loop {
+            let room = head.max.saturating_sub(self.buf.len()).clamp(1, CHUNK);
+            let got = match &self.stream {
+                Stream::Tcp(s) => (&*s).read(&mut chunk[..room]),
+                Stream::Unix(s) => (&*s).read(&mut chunk[..room]),
+            };
+            match got {
+                // The client's FIN: hyper answers what came before it (or
+                // counts the cut head); nothing came: gone.
+                Ok(0) if self.buf.is_empty() => return Progress::Gone,
+                Ok(0) => return Progress::Complete,
+                Ok(n) => {
+                    let from = self.buf.len();
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    if head.complete(&self.buf, from) {
+                        return Progress::Complete;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Progress::More,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Progress::Gone,
+            }
+        }
+    }
+
+    /// The stream, the peer and the bytes read so far, for hyper. The
+    /// connection stops being counted here; `serve_io` counts it again.
+    pub fn into_parts(self) -> (Stream, String, Vec<u8>) {
+        (self.stream, self.peer, self.buf)
+    }
+}
+
+impl AsFd for Waiting {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match &self.stream {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
+/// A transport that yields `prefix` before what it reads from `io`.
+#[derive(Debug)]
+pub struct Prefixed<I> {
+    prefix: Vec<u8>,
+    at: usize,
+    io: I,
+}
+
+impl<I> Prefixed<I> {
+    /// `io`, with `prefix` read first.
+    pub fn new(prefix: Vec<u8>, io: I) -> Prefixed<I> {
+        Prefixed { prefix, at: 0, io }
+    }
+}
+
+impl<I: HyperRead + Unpin> HyperRead for Prefixed<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.at < this.prefix.len() {
+            let n = (this.prefix.len() - this.at).min(buf.remaining());
+            buf.put_slice(&this.prefix[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: HyperWrite + Unpin> HyperWrite for Prefixed<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head() -> Head {
+        Head {
+            max: 8192,
+            fields: 4,
+        }
+    }
+
+    #[test]
+    fn a_head_is_complete_at_its_blank_line() {
+        let h = head();
+        let full = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        for cut in 0..full.len() {
+            assert!(!h.complete(&full[..cut], cut.saturating_sub(1)), "{cut}");
+        }
+        // Byte by byte, the last byte completes it.
+        assert!(h.complete(full, full.len() - 1));
+        assert!(h.complete(b"GET / HTTP/1.0\n\n", 0));
+    }
+
+    #[test]
+    fn refused_and_oversized_heads_go_to_hyper() {
+        let h = head();
+        // Too many fields for httparse's slots: hyper refuses it.
+        let many = b"GET / HTTP/1.1\r\na: 1\r\nb: 1\r\nc: 1\r\nd: 1\r\ne: 1\r\n\r\n";
+        assert!(h.complete(many, 0));
+        assert!(h.complete(b"\x01\x02 nonsense\r\n\r\n", 0));
+        let big = vec![b'a'; 8192];
+        assert!(h.complete(&big, 8000));
+    }
+}
