@@ -675,6 +675,8 @@ mod tests {
     fn leaf(issuer: &Issuer<'_, KeyPair>, eku: ExtendedKeyUsagePurpose) -> (String, String) {
         let mut p = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
         p.extended_key_usages = vec![eku];
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "gpe test leaf");
         let key = KeyPair::generate().unwrap();
         (
             p.signed_by(&key, issuer).unwrap().pem(),
@@ -685,6 +687,9 @@ mod tests {
     fn ca() -> (String, Issuer<'static, KeyPair>) {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // A subject of its own: one equal to the leaf's reads as self-signed.
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "gpe test CA");
         let key = KeyPair::generate().unwrap();
         let pem = p.self_signed(&key).unwrap().pem();
         (pem, Issuer::new(p, key))
