@@ -152,8 +152,10 @@ pub struct WebConfig {
 }
 
 /// Reads `path` (at most [`MAX_FILE`] bytes) and records its stamp as read.
+/// A file that cannot be opened is recorded as missing, so that its
+/// appearance is noticed too.
 fn read(path: &Path, stamps: &mut Vec<Stamp>) -> std::io::Result<Vec<u8>> {
-    let f = File::open(path)?;
+    let f = File::open(path).inspect_err(|_| stamps.push(Stamp::now(path)))?;
     stamps.push(Stamp::of_meta(path, f.metadata().ok()));
     let mut buf = Vec::new();
     f.take(MAX_FILE + 1).read_to_end(&mut buf)?;
@@ -173,19 +175,24 @@ impl WebConfig {
     /// that cannot be read, or its key does not match its certificate; the
     /// message names the field.
     pub fn load(file: &Path) -> Result<WebConfig, WebConfigError> {
+        WebConfig::load_into(file, &mut Vec::new())
+    }
+
+    /// [`WebConfig::load`], recording in `stamps` every file it read or
+    /// tried to read, also when it fails.
+    fn load_into(file: &Path, stamps: &mut Vec<Stamp>) -> Result<WebConfig, WebConfigError> {
         let err = |detail: String| WebConfigError {
             file: file.to_owned(),
             detail,
         };
-        let mut stamps = Vec::new();
-        let text = read(file, &mut stamps).map_err(|e| err(format!("cannot read: {e}")))?;
+        let text = read(file, stamps).map_err(|e| err(format!("cannot read: {e}")))?;
         let spec: FileSpec = if text.iter().all(u8::is_ascii_whitespace) {
             FileSpec::default()
         } else {
             serde_yaml_ng::from_slice(&text).map_err(|e| err(e.to_string()))?
         };
         let tls = match spec.tls_server_config {
-            Some(t) => tls_config(t, &mut stamps).map_err(err)?,
+            Some(t) => tls_config(t, stamps).map_err(err)?,
             None => None,
         };
         let users = spec.basic_auth_users.unwrap_or_default();
@@ -201,7 +208,7 @@ impl WebConfig {
             tls,
             users,
             headers,
-            stamps,
+            stamps: stamps.clone(),
         })
     }
 
@@ -505,30 +512,23 @@ impl Watched {
     pub fn current(&self) -> Rc<WebConfig> {
         let changed = self.tried.borrow().iter().any(Stamp::changed);
         if changed {
-            match WebConfig::load(&self.file) {
+            let mut stamps = Vec::new();
+            match WebConfig::load_into(&self.file, &mut stamps) {
                 Ok(new) => {
                     gpe_core::log_info!("exporter: web config {} re-read", self.file.display());
-                    *self.tried.borrow_mut() = new.stamps.clone();
                     *self.current.borrow_mut() = Rc::new(new);
                 }
                 Err(e) => {
                     gpe_core::log_error!(
                         "exporter: setting `metrics_web_config`: {e}; the previous web config stays in force"
                     );
-                    // Watch the files of the old config and the file itself.
-                    let mut stamps: Vec<Stamp> = self
-                        .current
-                        .borrow()
-                        .stamps
-                        .iter()
-                        .map(|s| Stamp::now(&s.path))
-                        .collect();
-                    if !stamps.iter().any(|s| s.path == self.file) {
-                        stamps.push(Stamp::now(&self.file));
-                    }
-                    *self.tried.borrow_mut() = stamps;
+                    // The files of the config in force, as they are now.
+                    let current = self.current.borrow();
+                    stamps.extend(current.stamps.iter().map(|s| Stamp::now(&s.path)));
                 }
             }
+            // Watched from now on: what this attempt read or tried to read.
+            *self.tried.borrow_mut() = stamps;
         }
         self.current.borrow().clone()
     }
@@ -853,6 +853,38 @@ mod tests {
         std::fs::copy(
             pki.dir.path().join("client.key"),
             pki.dir.path().join("server.key"),
+        )
+        .unwrap();
+        assert!(w.current().tls().is_some());
+        // A file it names that appears later is noticed too.
+        std::fs::write(&file, "").unwrap();
+        std::fs::write(pki.dir.path().join("new.yml"), "").unwrap();
+        std::fs::rename(pki.dir.path().join("new.yml"), &file).unwrap();
+        assert!(w.current().tls().is_none());
+        let later = TLS
+            .replace("{dir}", &pki.path(""))
+            .replace("server.pem", "later.pem")
+            .replace("server.key", "later.key");
+        std::fs::write(pki.dir.path().join("new.yml"), later).unwrap();
+        std::fs::rename(pki.dir.path().join("new.yml"), &file).unwrap();
+        assert!(w.current().tls().is_none(), "later.pem is missing");
+        assert!(w.current().tls().is_none(), "and nothing changed since");
+        // (server.key holds the client's key now: use the client's pair.)
+        std::fs::copy(
+            pki.dir.path().join("client.pem"),
+            pki.dir.path().join("later.pem"),
+        )
+        .unwrap();
+        std::fs::copy(
+            pki.dir.path().join("server.pem"),
+            pki.dir.path().join("later.key"),
+        )
+        .unwrap();
+        assert!(w.current().tls().is_none(), "later.key holds no key yet");
+        std::fs::remove_file(pki.dir.path().join("later.key")).unwrap();
+        std::fs::copy(
+            pki.dir.path().join("client.key"),
+            pki.dir.path().join("later.key"),
         )
         .unwrap();
         assert!(w.current().tls().is_some());
