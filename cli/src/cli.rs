@@ -162,6 +162,9 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             .map_err(anyhow::Error::from)?;
             crate::workers::select(&config.worker)
                 .map_err(|e| anyhow::anyhow!("setting `worker`: {e}"))?;
+            if let Some(file) = &config.metrics_web_config {
+                check_web_config(file)?;
+            }
             use std::io::Write as _;
             // A closed stdout (`gpe check ... | head`) is not an error of the config.
             let _ = writeln!(

@@ -404,20 +404,11 @@ fn headers(
         }
         let v = HeaderValue::from_str(&value)
             .map_err(|_| format!("http_server_config.headers.{name}: not a header value"))?;
-        out.push((HeaderName::from_static(canon_lower(canon)), v));
+        let n = HeaderName::from_bytes(canon.as_bytes())
+            .map_err(|_| format!("http_server_config.headers.{name}: not a header name"))?;
+        out.push((n, v));
     }
     Ok(out)
-}
-
-/// The lower-case spelling `HeaderName::from_static` needs.
-fn canon_lower(h: &str) -> &'static str {
-    match h {
-        "Strict-Transport-Security" => "strict-transport-security",
-        "X-Content-Type-Options" => "x-content-type-options",
-        "X-Frame-Options" => "x-frame-options",
-        "X-XSS-Protection" => "x-xss-protection",
-        _ => "content-security-policy",
-    }
 }
 
 /// `RequestClientCert` and `RequireAnyClientCert`: asks for a certificate

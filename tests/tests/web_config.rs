@@ -519,7 +519,7 @@ fn refused(mut cmd: Command) -> (i32, String) {
 }
 
 #[test]
-fn refused_web_configs_stop_start_up_of_serve_and_exporter_naming_the_field() {
+fn refused_web_configs_stop_start_up_of_serve_exporter_and_check_naming_the_field() {
     let pki = Pki::new();
     let tls = |cert: &str, key: &str| {
         format!(
@@ -557,7 +557,15 @@ fn refused_web_configs_stop_start_up_of_serve_and_exporter_naming_the_field() {
             .args(["exporter", "--metrics-dir", store.path().to_str().unwrap()])
             .args(["--metrics-bind", &format!("127.0.0.1:{}", free_port())])
             .args(["--metrics-web-config", web.to_str().unwrap()]);
-        for (what, cmd) in [("serve", serve), ("exporter", exporter)] {
+        let toml = store.path().join("gpe.toml");
+        std::fs::write(
+            &toml,
+            format!("metrics_web_config = {:?}\n", web.to_str().unwrap()),
+        )
+        .unwrap();
+        let mut check = Command::new(GPE);
+        check.args(["check", "-c", toml.to_str().unwrap()]);
+        for (what, cmd) in [("serve", serve), ("exporter", exporter), ("check", check)] {
             let (code, stderr) = refused(cmd);
             assert_eq!(code, 2, "{what} {yaml:?}: {stderr}");
             assert!(
