@@ -128,8 +128,13 @@ async fn respond(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes
         .headers()
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
-    let mut resp = match shared.auth.check(&web, auth).await {
-        Err(why) if !public => {
+    let admitted = if public {
+        Ok(())
+    } else {
+        shared.auth.check(&web, auth).await
+    };
+    let mut resp = match admitted {
+        Err(why) => {
             shared.failures.count(why);
             let mut r = reply(
                 StatusCode::UNAUTHORIZED,
@@ -140,7 +145,7 @@ async fn respond(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic"));
             r
         }
-        _ => read_and_answer(req, shared).await,
+        Ok(()) => read_and_answer(req, shared).await,
     };
     for (name, value) in web.headers() {
         resp.headers_mut().insert(name.clone(), value.clone());
