@@ -106,6 +106,13 @@ pub struct ExporterArgs {
     /// Path of the metrics endpoint
     #[arg(long, default_value = "/metrics")]
     pub metrics_path: String,
+    /// Exporter-toolkit web config (YAML): TLS, client certificates, basic
+    /// auth, headers; re-read when it changes
+    #[arg(long, value_name = "FILE")]
+    pub metrics_web_config: Option<PathBuf>,
+    /// Serve /healthz without the basic auth of the web config
+    #[arg(long, value_name = "BOOL", default_value_t = false, action = clap::ArgAction::Set)]
+    pub metrics_health_public: bool,
 }
 
 /// `gpe check`.
@@ -161,6 +168,9 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             .map_err(anyhow::Error::from)?;
             crate::workers::select(&config.worker)
                 .map_err(|e| anyhow::anyhow!("setting `worker`: {e}"))?;
+            if let Some(file) = &config.metrics_web_config {
+                check_web_config(file)?;
+            }
             use std::io::Write as _;
             // A closed stdout (`gpe check ... | head`) is not an error of the config.
             let _ = writeln!(
@@ -179,6 +189,9 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
 /// Invalid settings, start-up failures, repeated boot failures.
 pub fn run_server(args: ServerArgs, factory: AppFactory) -> Result<(), Failure> {
     let config = args.load().map_err(MasterError::from)?;
+    if let (true, Some(file)) = (config.metrics, &config.metrics_web_config) {
+        check_web_config(file)?;
+    }
     let reload_args = args.clone();
     let spec = ServerSpec {
         config,
@@ -190,9 +203,21 @@ pub fn run_server(args: ServerArgs, factory: AppFactory) -> Result<(), Failure> 
     gpe_core::run(spec).map_err(Failure::from)
 }
 
+/// Refuses a web config the exporter could not serve with, before anything
+/// starts; the exporter reads it again itself.
+fn check_web_config(file: &std::path::Path) -> Result<gpe_exporter::WebConfig, Failure> {
+    gpe_exporter::WebConfig::load(file)
+        .map_err(|e| anyhow::anyhow!("setting `metrics_web_config`: {e}").into())
+}
+
 fn run_exporter(args: ExporterArgs) -> Result<(), Failure> {
     let addr = TcpAddr::parse("metrics_bind", &args.metrics_bind).map_err(anyhow::Error::from)?;
     gpe_core::check_setting("metrics_path", &args.metrics_path).map_err(anyhow::Error::from)?;
+    let web = args
+        .metrics_web_config
+        .as_deref()
+        .map(check_web_config)
+        .transpose()?;
     let listener = std::net::TcpListener::bind(&addr).map_err(|e| Failure {
         code: 1,
         error: anyhow::anyhow!("setting `metrics_bind`: cannot listen on {addr}: {e}"),
@@ -204,8 +229,12 @@ fn run_exporter(args: ExporterArgs) -> Result<(), Failure> {
             args.metrics_dir.display()
         );
     }
+    let scheme = match web.as_ref().and_then(gpe_exporter::WebConfig::tls) {
+        Some(_) => "https",
+        None => "http",
+    };
     gpe_core::log_info!(
-        "Exporter serving {} at http://{addr}{}",
+        "Exporter serving {} at {scheme}://{addr}{}",
         args.metrics_dir.display(),
         args.metrics_path
     );
@@ -215,6 +244,10 @@ fn run_exporter(args: ExporterArgs) -> Result<(), Failure> {
         args.metrics_path,
         gpe_core::LogTarget::Std,
         gpe_exporter::Limits::default(),
+        gpe_exporter::Access {
+            web_config: args.metrics_web_config,
+            health_public: args.metrics_health_public,
+        },
     )
     .context("exporter failed")
     .map_err(Failure::from)

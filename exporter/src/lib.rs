@@ -8,9 +8,12 @@
 mod conns;
 pub mod procstat;
 pub mod render;
+pub mod web_config;
 
+use std::cell::Cell;
 use std::io::Write as _;
 use std::net::TcpListener;
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -22,8 +25,10 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use render::{render, Format};
+pub use web_config::{AuthFailure, WebConfig, WebConfigError};
 
 /// How long a connection may take to deliver a complete request head, and
 /// how long an idle keep-alive connection stays open, by default.
@@ -56,6 +61,42 @@ impl Default for Limits {
     }
 }
 
+/// Who may read the exporter's endpoints.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Access {
+    /// The exporter-toolkit web config file (`metrics_web_config`): TLS,
+    /// client certificates, basic auth, extra headers. `None` serves plain
+    /// HTTP to anyone.
+    pub web_config: Option<PathBuf>,
+    /// `/healthz` and `/readyz` answer without basic auth (`metrics_health_public`).
+    pub health_public: bool,
+}
+
+/// Refusals counted per reason, for `gpe_exporter_auth_failures_total`.
+#[derive(Debug, Default)]
+struct Failures([Cell<u64>; AuthFailure::ALL.len()]);
+
+impl Failures {
+    fn count(&self, why: AuthFailure) {
+        let c = &self.0[why as usize];
+        c.set(c.get() + 1);
+    }
+
+    fn get(&self) -> [u64; AuthFailure::ALL.len()] {
+        std::array::from_fn(|i| self.0[i].get())
+    }
+}
+
+/// What every connection of one exporter shares.
+struct Shared {
+    store: StoreDir,
+    path: String,
+    web: Option<web_config::Watched>,
+    health_public: bool,
+    auth: web_config::BasicAuth,
+    failures: Failures,
+}
+
 fn reply(status: StatusCode, ctype: &'static str, body: Bytes) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body));
     *r.status_mut() = status;
@@ -77,7 +118,44 @@ fn too_large() -> Response<Full<Bytes>> {
 
 /// Answers one exporter request, reading at most [`MAX_BODY`] bytes of its
 /// body first.
-async fn respond(req: Request<Incoming>, store: &StoreDir, path: &str) -> Response<Full<Bytes>> {
+async fn respond(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
+    let web = shared.web.as_ref().map(web_config::Watched::current);
+    let Some(web) = web else {
+        return read_and_answer(req, shared).await;
+    };
+    let public = shared.health_public && matches!(req.uri().path(), "/healthz" | "/readyz");
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    let admitted = if public {
+        Ok(())
+    } else {
+        shared.auth.check(&web, auth).await
+    };
+    let mut resp = match admitted {
+        Err(why) => {
+            shared.failures.count(why);
+            let mut r = reply(
+                StatusCode::UNAUTHORIZED,
+                "text/plain",
+                Bytes::from_static(b"Unauthorized\n"),
+            );
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic"));
+            r
+        }
+        Ok(()) => read_and_answer(req, shared).await,
+    };
+    for (name, value) in web.headers() {
+        resp.headers_mut().insert(name.clone(), value.clone());
+    }
+    resp
+}
+
+/// Reads the body of an admitted request (at most [`MAX_BODY`] bytes) and
+/// answers it.
+async fn read_and_answer(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     if req.body().size_hint().lower() > MAX_BODY {
         return too_large();
     }
@@ -95,7 +173,7 @@ async fn respond(req: Request<Incoming>, store: &StoreDir, path: &str) -> Respon
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return r;
     }
-    answer(&Request::from_parts(head, ()), store, path)
+    answer(&Request::from_parts(head, ()), shared)
 }
 
 /// `/readyz`: 200 while the master runs with every desired worker booted,
@@ -123,7 +201,8 @@ fn readyz(store: &StoreDir) -> Response<Full<Bytes>> {
 }
 
 /// Answers one exporter request whose body has been read.
-fn answer(req: &Request<()>, store: &StoreDir, path: &str) -> Response<Full<Bytes>> {
+fn answer(req: &Request<()>, shared: &Shared) -> Response<Full<Bytes>> {
+    let (store, path) = (&shared.store, shared.path.as_str());
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -157,7 +236,9 @@ fn answer(req: &Request<()>, store: &StoreDir, path: &str) -> Response<Full<Byte
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok()),
     );
-    let text = match render::Scrape::collect(store).map(|s| render(s, format)) {
+    let text = match render::Scrape::collect(store)
+        .map(|s| render(s.with_auth_failures(shared.failures.get()), format))
+    {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             return reply(
@@ -204,20 +285,31 @@ fn answer(req: &Request<()>, store: &StoreDir, path: &str) -> Response<Full<Byte
     resp
 }
 
-/// Serves the store at `store` on `listener` within `limits` until the
-/// process is killed. On USR1 the error log (if a file) is reopened.
+/// Serves the store at `store` on `listener` within `limits` and `access`
+/// until the process is killed. On USR1 the error log (if a file) is
+/// reopened. The web config, if any, is read before anything is served and
+/// again whenever it or a file it names changes.
 ///
 /// # Errors
-/// The runtime cannot start, or accepting fails with an error other than a
-/// transient one or running out of file descriptors (which pauses accepting
-/// for [`gpe_core::ACCEPT_BACKOFF`] and is logged once per episode).
+/// The web config is refused (the error names the field), the runtime
+/// cannot start, or accepting fails with an error other than a transient one
+/// or running out of file descriptors (which pauses accepting for
+/// [`gpe_core::ACCEPT_BACKOFF`] and is logged once per episode).
 pub fn serve(
     listener: TcpListener,
     store: StoreDir,
     path: String,
     errorlog: LogTarget,
     limits: Limits,
+    access: Access,
 ) -> std::io::Result<()> {
+    let web = match access.web_config {
+        Some(file) => Some(
+            web_config::Watched::load(file)
+                .map_err(|e| std::io::Error::other(format!("setting `metrics_web_config`: {e}")))?,
+        ),
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -239,7 +331,14 @@ pub fn serve(
         });
         let mut listener = gpe_core::TokioListener::new(listener, "exporter")?;
         let conns = conns::Conns::new(limits.max_connections);
-        let shared = Rc::new((store, path));
+        let shared = Rc::new(Shared {
+            store,
+            path,
+            web,
+            health_public: access.health_public,
+            auth: web_config::BasicAuth::default(),
+            failures: Failures::default(),
+        });
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
@@ -249,16 +348,22 @@ pub fn serve(
             let shared = shared.clone();
             let builder = builder.clone();
             tokio::task::spawn_local(async move {
-                let service = hyper::service::service_fn(|req| {
-                    let shared = shared.clone();
-                    async move {
-                        Ok::<_, std::convert::Infallible>(respond(req, &shared.0, &shared.1).await)
+                let tls = shared.web.as_ref().and_then(|w| w.current().tls().cloned());
+                match tls {
+                    None => serve_conn(&builder, stream, shared, &slot).await,
+                    Some(tls) => {
+                        let accept = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
+                        // The handshake is part of the head: the same deadline.
+                        let accepted = tokio::select! {
+                            r = tokio::time::timeout(limits.header_timeout, accept) => r,
+                            () = slot.close.notified() => return,
+                        };
+                        match accepted {
+                            Ok(Ok(stream)) => serve_conn(&builder, stream, shared, &slot).await,
+                            Ok(Err(e)) => shared.failures.count(AuthFailure::of_handshake(&e)),
+                            Err(_elapsed) => shared.failures.count(AuthFailure::TlsHandshake),
+                        }
                     }
-                });
-                let conn = builder.serve_connection(TokioIo::new(stream), service);
-                tokio::select! {
-                    _ = conn => {}
-                    () = slot.close.notified() => {}
                 }
                 drop(slot);
             });
@@ -266,6 +371,27 @@ pub fn serve(
         .await;
         Err(e)
     })
+}
+
+/// Serves HTTP/1.1 on one accepted (and, under TLS, handshaken) connection
+/// until it ends or its slot is asked to close.
+async fn serve_conn<I>(
+    builder: &hyper::server::conn::http1::Builder,
+    io: I,
+    shared: Rc<Shared>,
+    slot: &conns::Slot,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let service = hyper::service::service_fn(|req| {
+        let shared = shared.clone();
+        async move { Ok::<_, std::convert::Infallible>(respond(req, &shared).await) }
+    });
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::select! {
+        _ = conn => {}
+        () = slot.close.notified() => {}
+    }
 }
 
 /// The exporter process' entry point when forked by the master.
@@ -278,6 +404,10 @@ pub fn exporter_main(ctx: ExporterContext) -> i32 {
         Limits {
             header_timeout: ctx.header_timeout,
             max_connections: ctx.max_connections,
+        },
+        Access {
+            web_config: ctx.web_config,
+            health_public: ctx.health_public,
         },
     ) {
         Ok(()) => 0,

@@ -14,6 +14,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::procstat::{self, ProcStat};
+use crate::web_config::AuthFailure;
 
 /// Which exposition format to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +49,8 @@ pub struct Scrape {
     snap: Snapshot,
     procs: Procs,
     now: f64,
+    /// The exporter's own refusals, by [`AuthFailure`] reason.
+    auth_failures: [u64; AuthFailure::ALL.len()],
 }
 
 /// `/proc` figures read together with the store, inside its fold window.
@@ -98,7 +101,14 @@ impl Scrape {
             snap,
             procs,
             now: gpe_core::unix_now_ns() as f64 / 1e9,
+            auth_failures: [0; AuthFailure::ALL.len()],
         })
+    }
+
+    /// Adds the exporter's refusals by reason, in [`AuthFailure::ALL`] order.
+    pub fn with_auth_failures(mut self, counts: [u64; AuthFailure::ALL.len()]) -> Scrape {
+        self.auth_failures = counts;
+        self
     }
 }
 
@@ -464,6 +474,16 @@ impl Scrape {
             "Observations recorded into a family's `other` series because it reached its series cap",
             &samples,
         )?;
+        let failures: Vec<_> = AuthFailure::ALL
+            .iter()
+            .map(|r| (vec![("reason", r.label())], self.auth_failures[*r as usize]))
+            .collect();
+        counter(
+            enc,
+            "gpe_exporter_auth_failures",
+            "Clients the exporter refused under metrics_web_config, by reason",
+            &failures,
+        )?;
         info(
             enc,
             "gpe_build",
@@ -609,6 +629,7 @@ mod tests {
             snap,
             procs,
             now: 1_001.0,
+            auth_failures: [0, 2, 1, 0, 0],
         }
     }
 
@@ -797,8 +818,16 @@ mod tests {
                 .collect()
         };
         assert_eq!(types(&text), types(&om));
-        // 6 HTTP, 12 worker, 6 master, 6 process and 2 store families.
-        assert_eq!(types(&text).len(), 32);
+        // 6 HTTP, 12 worker, 6 master, 6 process, 2 store and 1 exporter
+        // families.
+        assert_eq!(types(&text).len(), 33);
+        for t in [&text, &om] {
+            assert!(t.contains(r#"gpe_exporter_auth_failures_total{reason="wrong_credentials"} 2"#));
+            assert!(
+                t.contains(r#"gpe_exporter_auth_failures_total{reason="missing_client_cert"} 1"#)
+            );
+            assert!(t.contains(r#"gpe_exporter_auth_failures_total{reason="tls_handshake"} 0"#));
+        }
         assert!(om.ends_with("# EOF\n"));
         assert!(!text.contains("# EOF"));
         assert_eq!(

@@ -339,6 +339,22 @@ macro_rules! with_settings {
                 flag: Some(Flag::long("N")),
                 doc: "Concurrent connections the exporter serves; more wait in the backlog",
             },
+            metrics_web_config = "metrics_web_config": Option<PathBuf> {
+                kind: Kind::Path,
+                default: None,
+                env: "GPE_METRICS_WEB_CONFIG",
+                restart_only: true,
+                flag: Some(Flag::long("FILE")),
+                doc: "Exporter-toolkit web config (YAML) for the metrics endpoint: TLS, client certificates, basic auth, headers; re-read when it changes",
+            },
+            metrics_health_public = "metrics_health_public": bool {
+                kind: Kind::Bool,
+                default: Some("false"),
+                env: "GPE_METRICS_HEALTH_PUBLIC",
+                restart_only: true,
+                flag: Some(Flag::long("BOOL")),
+                doc: "Serve /healthz and /readyz without the basic auth of metrics_web_config",
+            },
             histogram_buckets = "histogram_buckets": Vec<f64> {
                 kind: Kind::Buckets,
                 default: Some("0.005,0.01,0.025,0.05,0.1,0.25,0.5,1,2.5,5,10"),

@@ -78,6 +78,10 @@ pub struct ExporterContext {
     pub header_timeout: std::time::Duration,
     /// Connections served at once (`metrics_max_connections`).
     pub max_connections: usize,
+    /// The exporter-toolkit web config file (`metrics_web_config`).
+    pub web_config: Option<PathBuf>,
+    /// `/healthz` needs no basic auth (`metrics_health_public`).
+    pub health_public: bool,
 }
 
 /// Runs the exporter in its own process; returns its exit code.
@@ -496,7 +500,14 @@ pub fn run(spec: ServerSpec) -> Result<(), MasterError> {
     }
     crate::log_info!("Using worker: {}", config.worker);
     if let Some(addr) = os.metrics_listener().and_then(|m| m.local_addr().ok()) {
-        crate::log_info!("Metrics at: http://{addr}{}", config.metrics_path);
+        match &config.metrics_web_config {
+            None => crate::log_info!("Metrics at: http://{addr}{}", config.metrics_path),
+            Some(web) => crate::log_info!(
+                "Metrics at: {addr}{} (web config {})",
+                config.metrics_path,
+                web.display()
+            ),
+        }
     }
     let exporter = os.has_exporter();
     let mut arbiter = arbiter::Arbiter::new(

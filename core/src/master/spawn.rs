@@ -194,6 +194,8 @@ impl Os for SystemOs<'_> {
                     errorlog: config.errorlog.clone(),
                     header_timeout: config.header_timeout,
                     max_connections: config.metrics_max_connections as usize,
+                    web_config: config.metrics_web_config.clone(),
+                    health_public: config.metrics_health_public,
                 });
                 std::process::exit(code);
             }
