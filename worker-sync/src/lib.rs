@@ -21,7 +21,7 @@ use gpe_core::Conn;
 use gpe_core::Listener;
 use gpe_core::WorkerKind;
 use gpe_core::{allow_blocking, Inline};
-use gpe_core::{http1_builder as builder, serve_io};
+use gpe_core::{conn_policy, serve_conn, TlsAcceptor};
 use gpe_core::{AcceptFailure, ACCEPT_BACKOFF};
 use gpe_core::{Worker, WorkerContext, WorkerExit};
 use hyper_util::rt::TokioTimer;
@@ -54,13 +54,21 @@ impl Worker for SyncWorker {
         false
     }
 
+    /// One request per connection: HTTP/1.1 only, also under TLS (ALPN
+    /// offers `http/1.1` alone).
+    fn serves_http2(&self) -> bool {
+        false
+    }
+
     fn run(&self, mut ctx: WorkerContext) -> io::Result<WorkerExit> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         // The app runs on this thread, one request at a time: it may block.
         allow_blocking();
-        let builder = builder(&ctx.config, false, TokioTimer::new());
+        // HTTP/1.1 only: one request per connection, so HTTP/2 would gain nothing.
+        let policy = conn_policy(&ctx.config, false, false, TokioTimer::new());
+        let tls = ctx.tls.clone().map(TlsAcceptor::from);
         let recorder = ctx.recorder().clone();
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
@@ -129,9 +137,10 @@ impl Worker for SyncWorker {
                 },
             };
             let served = rt.block_on(async {
-                let io = Conn::from_std(stream)?.into_hyper();
+                let conn = Conn::from_std(stream)?;
                 let never = std::future::pending::<()>();
-                serve_io(io, (), &peer, &ctx.service, &builder, &Inline, never).await;
+                let (svc, tls) = (&ctx.service, tls.as_ref());
+                serve_conn(conn, tls, (), &peer, svc, &policy, &Inline, never).await;
                 Ok::<_, io::Error>(())
             });
             if let Err(e) = served {

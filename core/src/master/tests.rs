@@ -105,6 +105,9 @@ impl Os for FakeOs {
     fn reload(&mut self) -> Option<Result<Config, ConfigError>> {
         self.0.borrow().reload.clone().map(Ok)
     }
+    fn check_tls(&self, _: &Config) -> Result<(), ConfigError> {
+        Ok(())
+    }
     fn choose_worker(&mut self, _: &str) -> Result<(), String> {
         Ok(())
     }
