@@ -74,9 +74,9 @@ pub fn server_config(config: &Config, h2: bool) -> Result<Option<Arc<ServerConfi
             };
             let mut roots = RootCertStore::empty();
             for cert in certificates("ca_certs", ca)? {
-                roots.add(cert).map_err(|e| {
-                    refused("ca_certs", ca, format!("valid CA certificates ({e})"))
-                })?;
+                roots
+                    .add(cert)
+                    .map_err(|e| refused("ca_certs", ca, format!("valid CA certificates ({e})")))?;
             }
             let builder =
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
@@ -85,9 +85,9 @@ pub fn server_config(config: &Config, h2: bool) -> Result<Option<Arc<ServerConfi
             } else {
                 builder
             };
-            builder.build().map_err(|e| {
-                refused("ca_certs", ca, format!("usable CA certificates ({e})"))
-            })?
+            builder
+                .build()
+                .map_err(|e| refused("ca_certs", ca, format!("usable CA certificates ({e})")))?
         }
     };
     let mut server = ServerConfig::builder_with_provider(provider)
@@ -125,7 +125,13 @@ fn certificates(
     setting: &'static str,
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
-    let bad = |e: String| refused(setting, path, format!("a readable PEM certificate file ({e})"));
+    let bad = |e: String| {
+        refused(
+            setting,
+            path,
+            format!("a readable PEM certificate file ({e})"),
+        )
+    };
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| bad(e.to_string()))?
         .collect::<Result<Vec<_>, _>>()
@@ -147,7 +153,11 @@ fn provider(ciphers: Option<&str>) -> Result<CryptoProvider, ConfigError> {
     };
     let known = |s: &rustls::SupportedCipherSuite| format!("{:?}", s.suite());
     let mut chosen = Vec::new();
-    for name in list.split([':', ',']).map(str::trim).filter(|n| !n.is_empty()) {
+    for name in list
+        .split([':', ','])
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+    {
         match provider.cipher_suites.iter().find(|s| known(s) == name) {
             Some(s) if !chosen.contains(s) => chosen.push(*s),
             Some(_) => {}
@@ -162,7 +172,11 @@ fn provider(ciphers: Option<&str>) -> Result<CryptoProvider, ConfigError> {
         }
     }
     if chosen.is_empty() {
-        return Err(ConfigError::invalid("ciphers", list, "at least one cipher suite"));
+        return Err(ConfigError::invalid(
+            "ciphers",
+            list,
+            "at least one cipher suite",
+        ));
     }
     provider.cipher_suites = chosen;
     Ok(provider)
@@ -231,12 +245,23 @@ mod tests {
             (&[("certfile", &junk), ("keyfile", &k)], "certfile"),
             (&[("certfile", &c), ("keyfile", &junk)], "keyfile"),
             (&[("certfile", &c), ("keyfile", &k2)], "keyfile"),
-            (&[("certfile", &c), ("keyfile", &k), ("cert_reqs", "required")], "ca_certs"),
             (
-                &[("certfile", &c), ("keyfile", &k), ("cert_reqs", "optional"), ("ca_certs", &junk)],
+                &[("certfile", &c), ("keyfile", &k), ("cert_reqs", "required")],
                 "ca_certs",
             ),
-            (&[("certfile", &c), ("keyfile", &k), ("ciphers", "RC4-MD5")], "ciphers"),
+            (
+                &[
+                    ("certfile", &c),
+                    ("keyfile", &k),
+                    ("cert_reqs", "optional"),
+                    ("ca_certs", &junk),
+                ],
+                "ca_certs",
+            ),
+            (
+                &[("certfile", &c), ("keyfile", &k), ("ciphers", "RC4-MD5")],
+                "ciphers",
+            ),
         ];
         for (pairs, want) in cases {
             let e = server_config(&config(pairs), true).unwrap_err();
@@ -248,7 +273,10 @@ mod tests {
             ("keyfile", &k),
             ("cert_reqs", "required"),
             ("ca_certs", &c2),
-            ("ciphers", "TLS13_AES_128_GCM_SHA256:TLS13_CHACHA20_POLY1305_SHA256"),
+            (
+                "ciphers",
+                "TLS13_AES_128_GCM_SHA256:TLS13_CHACHA20_POLY1305_SHA256",
+            ),
         ]);
         assert!(server_config(&cfg, true).unwrap().is_some());
     }

@@ -153,7 +153,11 @@ impl Policy {
         }
     }
 
-    fn http2_builder<'a>(&self, h2: &H2Limits, streams: Streams<'a>) -> http2::Builder<Streams<'a>> {
+    fn http2_builder<'a>(
+        &self,
+        h2: &H2Limits,
+        streams: Streams<'a>,
+    ) -> http2::Builder<Streams<'a>> {
         let mut b = http2::Builder::new(streams);
         b.max_concurrent_streams(h2.max_concurrent_streams)
             .max_header_list_size(h2.max_header_list_size)
@@ -285,7 +289,14 @@ async fn sniff<I: Read + Unpin>(mut io: I) -> std::io::Result<(bool, Rewind<I>)>
         prefix.extend_from_slice(buf.filled());
     }
     let h2 = prefix == PREFACE;
-    Ok((h2, Rewind { prefix, read: 0, io }))
+    Ok((
+        h2,
+        Rewind {
+            prefix,
+            read: 0,
+            io,
+        },
+    ))
 }
 
 /// Classifies an error returned by a hyper connection for `gpe_http_errors_total`.
@@ -445,26 +456,33 @@ pub async fn serve_io<I, H, R, D>(
     let served = AtomicU64::new(0);
     let draining = AtomicBool::new(false);
     let (served, draining) = (&served, &draining);
-    let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-        served.fetch_add(1, Ordering::Relaxed);
-        let h1 = req.version() < http::Version::HTTP_2;
-        let mut resp = svc.handle(req, peer, runner).await;
-        if h1 && draining.load(Ordering::Relaxed) {
-            resp.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        Ok::<_, std::convert::Infallible>(resp)
-    });
+    let service =
+        hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+            served.fetch_add(1, Ordering::Relaxed);
+            let h1 = req.version() < http::Version::HTTP_2;
+            let mut resp = svc.handle(req, peer, runner).await;
+            if h1 && draining.load(Ordering::Relaxed) {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, std::convert::Infallible>(resp)
+        });
     let result = match (protocol, &policy.h2) {
         (Protocol::Sniff, Some(h2)) => {
             let sniffed = policy.timer.sleep(policy.first_bytes);
             match futures_util::future::select(std::pin::pin!(sniff(io)), sniffed).await {
                 futures_util::future::Either::Left((Ok((true, io)), _)) => {
-                    let io = Held { io, _hold: (hold, guard) };
+                    let io = Held {
+                        io,
+                        _hold: (hold, guard),
+                    };
                     serve_h2(io, service, policy, h2, drain, draining).await
                 }
                 futures_util::future::Either::Left((Ok((false, io)), _)) => {
-                    let io = Held { io, _hold: (hold, guard) };
+                    let io = Held {
+                        io,
+                        _hold: (hold, guard),
+                    };
                     serve_h1(io, service, svc, policy, drain, served, draining).await
                 }
                 // The client went away, or said nothing in time.
@@ -476,11 +494,17 @@ pub async fn serve_io<I, H, R, D>(
             }
         }
         (Protocol::Http2, Some(h2)) => {
-            let io = Held { io, _hold: (hold, guard) };
+            let io = Held {
+                io,
+                _hold: (hold, guard),
+            };
             serve_h2(io, service, policy, h2, drain, draining).await
         }
         _ => {
-            let io = Held { io, _hold: (hold, guard) };
+            let io = Held {
+                io,
+                _hold: (hold, guard),
+            };
             serve_h1(io, service, svc, policy, drain, served, draining).await
         }
     };

@@ -16,8 +16,8 @@ use crate::http::conn::{policy, serve_io, Policy};
 use crate::http::instrument::Instrumented;
 use crate::http::run::Runner;
 use crate::listener::{Listener, Stream};
-use crate::worker::WorkerContext;
 use crate::store::ErrorKind;
+use crate::worker::WorkerContext;
 use crate::worker::WorkerExit;
 
 pub use super::idle::tokio_runtime as runtime;
@@ -176,7 +176,17 @@ pub async fn serve_conn<H, R, D>(
 {
     let Some(acceptor) = tls else {
         let io = conn.into_hyper();
-        serve_io(io, hold, peer, svc, policy, policy.protocol(None), runner, drain).await;
+        serve_io(
+            io,
+            hold,
+            peer,
+            svc,
+            policy,
+            policy.protocol(None),
+            runner,
+            drain,
+        )
+        .await;
         return;
     };
     match tokio::time::timeout(policy.handshake_timeout(), acceptor.accept(conn)).await {
