@@ -50,6 +50,8 @@ struct World {
     alive: Vec<(Pid, Child)>,
     events: Vec<Event>,
     reload: Option<Config>,
+    /// The TLS files fail to load (HUP).
+    tls_refused: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -106,6 +108,13 @@ impl Os for FakeOs {
         self.0.borrow().reload.clone().map(Ok)
     }
     fn check_tls(&self, _: &Config) -> Result<(), ConfigError> {
+        if self.0.borrow().tls_refused {
+            return Err(ConfigError::invalid(
+                "certfile",
+                "cert.pem",
+                "a certificate",
+            ));
+        }
         Ok(())
     }
     fn choose_worker(&mut self, _: &str) -> Result<(), String> {
@@ -150,6 +159,7 @@ impl Harness {
             alive: Vec::new(),
             events: Vec::new(),
             reload: None,
+            tls_refused: false,
         })));
         let arbiter = Arbiter::new(
             os.clone(),
@@ -509,6 +519,27 @@ fn hup_forks_the_new_generation_before_retiring_the_old_and_is_ready_once_it_boo
     assert_eq!(
         (view.reloads, view.workers, view.workers_desired),
         (1, 3, 3)
+    );
+}
+
+#[test]
+fn hup_with_tls_files_that_do_not_load_keeps_the_running_workers() {
+    let mut h = Harness::new(config(2, |_| {}), false, None);
+    h.boot_all();
+    h.events();
+    h.world().reload = Some(config(3, |_| {}));
+    h.world().tls_refused = true;
+    h.signal(Signal::SIGHUP);
+    assert_eq!(h.events(), vec![], "nothing forked, nothing signalled");
+    assert_eq!(h.workers().len(), 2);
+    let view = Snapshot::read(&h.store).unwrap().master.unwrap();
+    assert_eq!((view.reloads, view.workers_desired), (0, 2));
+    // Once the files load again, a HUP reloads.
+    h.world().tls_refused = false;
+    h.signal(Signal::SIGHUP);
+    assert_eq!(
+        h.events().first(),
+        Some(&Event::Notified(Notice::Reloading))
     );
 }
 
