@@ -658,3 +658,91 @@ where
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::config::RawSettings;
+    use tokio::io::AsyncWriteExt;
+
+    fn config(pairs: &[(&str, &str)]) -> Config {
+        let mut raw = RawSettings::default();
+        for (k, v) in pairs {
+            raw.set(k, v).unwrap();
+        }
+        Config::resolve(raw, None).unwrap()
+    }
+
+    fn protocols(http2: &str, worker_h2: bool) -> [Protocol; 3] {
+        let p = policy(
+            &config(&[("http2", http2)]),
+            true,
+            worker_h2,
+            hyper_util::rt::TokioTimer::new(),
+        );
+        [
+            p.protocol(Some(crate::tls::ALPN_H2)),
+            p.protocol(Some(crate::tls::ALPN_HTTP1)),
+            p.protocol(None),
+        ]
+    }
+
+    #[test]
+    fn the_protocol_follows_alpn_the_setting_and_the_worker_type() {
+        use Protocol::{Http1, Http2, Sniff};
+        assert_eq!(protocols("tls", true), [Http2, Http1, Http1]);
+        assert_eq!(protocols("always", true), [Http2, Sniff, Sniff]);
+        assert_eq!(protocols("off", true), [Http1, Http1, Http1]);
+        assert_eq!(protocols("always", false), [Http1, Http1, Http1]);
+        let p = policy(&config(&[]), true, true, hyper_util::rt::TokioTimer::new());
+        assert!(p.offers_h2());
+        assert_eq!(p.handshake_timeout(), Duration::from_secs(10));
+    }
+
+    /// Everything `io` yields until its end.
+    async fn read_all<I: Read + Unpin>(mut io: I) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 7];
+            let mut buf = hyper::rt::ReadBuf::uninit(&mut chunk);
+            std::future::poll_fn(|cx| Pin::new(&mut io).poll_read(cx, buf.unfilled()))
+                .await
+                .unwrap();
+            if buf.filled().is_empty() {
+                return out;
+            }
+            out.extend_from_slice(buf.filled());
+        }
+    }
+
+    #[test]
+    fn sniffing_finds_the_preface_and_hands_every_byte_on() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let h2 = [PREFACE, b"\x00\x00\x00\x04\x00\x00\x00\x00\x00".as_slice()].concat();
+            let cases: [(&[u8], bool); 4] = [
+                (&h2, true),
+                (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", false),
+                (b"PRI * HTTP/1.1\r\n\r\n", false),
+                (b"PR", false),
+            ];
+            for (sent, want) in cases {
+                let (client, server) = tokio::io::duplex(64);
+                let mut client = client;
+                // Written in pieces, then closed.
+                for piece in sent.chunks(5) {
+                    client.write_all(piece).await.unwrap();
+                }
+                drop(client);
+                let io = hyper_util::rt::TokioIo::new(server);
+                let (h2, io) = sniff(io).await.unwrap();
+                assert_eq!(h2, want, "{:?}", String::from_utf8_lossy(sent));
+                assert_eq!(read_all(io).await, sent);
+            }
+        });
+    }
+}
