@@ -54,12 +54,13 @@ wait_port_free() {
   return 1
 }
 
-# Waits until $1 answers 200 (up to $2 seconds) while $SERVER_PID lives.
+# Waits until $1 answers 200 (up to $2 seconds) while $SERVER_PID lives
+# (an https URL's self-signed certificate is not checked).
 wait_http() {
   local url=$1 limit=${2:-20} i
   for i in $(seq 1 $((limit * 10))); do
     kill -0 "$SERVER_PID" 2>/dev/null || return 1
-    if [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" || true) == 200 ]]; then
+    if [[ $(curl -sk -o /dev/null -w '%{http_code}' --max-time 1 "$url" || true) == 200 ]]; then
       return 0
     fi
     sleep 0.1

@@ -194,6 +194,14 @@ def main():
             add(noy, "gpe", kind, "no-yield (metrics on, `--idle-yield false`)", ratio(rps(noy), c),
                 ratio(rps(noy), rps(pexp)))
         chart.append((kind, r_on, r_off, rps(pexp), rps(pplain), c))
+    # HTTPS keep-alive: each type against the TLS ceiling run right before it.
+    for kind in GPE_KINDS:
+        tceil, tls = find("ceiling", "hyper-2t", f"tls before {kind}"), find("gpe", kind, "tls")
+        if tls is None:
+            continue
+        add(tceil, "ceiling (tokio+hyper+rustls)", "2 threads", f"tls before {kind}")
+        add(tls, "gpe", kind, "HTTPS keep-alive (metrics on)", ratio(rps(tls), rps(tceil)))
+        results[kind]["tls_ceiling"] = ratio(rps(tls), rps(tceil))
     for kind in GPE_KINDS:
         pk = PEER_OF[kind]
         pexp, pplain = find("peer", pk, "exporter"), find("peer", pk, "plain")
@@ -476,6 +484,10 @@ RSS is the mean of `/proc/<pid>/statm` resident pages over the worker processes
 measured right before that worker type's runs (the *before TYPE* rows): the
 machine's speed drifts over the run, and this keeps each ratio to one stretch
 of it;
+The *HTTPS keep-alive* rows serve the same hello with `--certfile`/`--keyfile`
+(a self-signed P-256 certificate; wrk speaks HTTP/1.1 over TLS 1.3), each
+against the ceiling with `--tls` (tokio-rustls, same provider) run right
+before it (the *tls before TYPE* rows), {os.environ.get('BENCH_REPEAT', '3')} pairs each, the median shown. Target: 0.90 of that ceiling.
 *gpe/peer* compares with the peer's matching type (sync–sync, thread–gthread,
 eventloop–gevent, greenlet–eventlet), with exporter for metrics-on rows and plain
 for no-metrics rows; *on/off* is metrics-on / metrics-off (for the peer:

@@ -13,6 +13,9 @@
 #     BENCH_SECONDS): the bare tokio+hyper ceiling, gpe for each worker type with
 #     metrics on and off, the same hello through the axum Router of examples/axum-app
 #     (keep-alive types, metrics on), and gunicorn with and without the exporter;
+#     then HTTPS keep-alive rows: the ceiling with tokio-rustls right before each
+#     keep-alive gpe type served with --certfile/--keyfile (a self-signed
+#     certificate made with openssl; wrk speaks HTTP/1.1 over TLS);
 #  3. measures the scrape cost of /metrics with 8 workers x 1,000 label sets, then
 #     again after 200 worker respawns forced by max_requests = 20, for gpe and the peer;
 #  4. counts syscalls, context switches and CPU per request with `perf stat` for the
@@ -24,7 +27,7 @@
 # Environment: BENCH_SECONDS (10), BENCH_WARMUP (2), BENCH_CONNECTIONS (16),
 # BENCH_PORT (18000), BENCH_METRICS_PORT (19091), BENCH_PEER_METRICS_PORT (19092),
 # BENCH_SCRAPES (50), BENCH_RESPAWNS (200), BENCH_REPEAT (3 runs of each gpe row), BENCH_SKIP_PEER=1, BENCH_SKIP_MICRO=1,
-# BENCH_SKIP_PROFILE=1, BENCH_SKIP_AXUM=1, BENCH_SKIP_SCRAPE=1, BENCH_PROFILE_SECONDS (5),
+# BENCH_SKIP_PROFILE=1, BENCH_SKIP_AXUM=1, BENCH_SKIP_SCRAPE=1, BENCH_SKIP_TLS=1, BENCH_PROFILE_SECONDS (5),
 # BENCH_KINDS (gpe worker types to load; default "sync thread eventloop greenlet"),
 # CARGO_TARGET_DIR (default: ./target).
 set -euo pipefail
@@ -86,6 +89,7 @@ setup() {
   command -v wrk >/dev/null || missing+=(wrk)
   command -v gnuplot >/dev/null || missing+=(gnuplot-nox)
   command -v curl >/dev/null || missing+=(curl)
+  command -v openssl >/dev/null || missing+=(openssl)
   command -v ss >/dev/null || missing+=(iproute2)
   command -v pgrep >/dev/null || missing+=(procps)
   [[ -x /usr/bin/time ]] || missing+=(time)
@@ -164,6 +168,38 @@ run_gpe() {
       stop_server
     done
   done
+}
+
+# HTTPS keep-alive: for each keep-alive type, the TLS ceiling right before it,
+# then gpe with metrics on, REPEAT times alternating.
+run_tls() {
+  local kind cert=$OUT/tls-cert.pem key=$OUT/tls-key.pem plain_url=$URL i
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+    -keyout "$key" -out "$cert" 2>"$OUT/logs/openssl.log"
+  URL=https://127.0.0.1:$PORT/
+  for kind in $KINDS; do
+    [[ $kind == sync ]] && continue
+    for i in $(seq 1 "$REPEAT"); do
+      start_server "ceiling-tls-before-$kind" "$CEILING" --bind "127.0.0.1:$PORT" --threads 2 --tls "$cert" "$key"
+      if wait_http "$URL" 10; then
+        measure ceiling hyper-2t "tls before $kind" 0 "echo $SERVER_PID" "1 process, 2-thread tokio runtime, tokio-rustls"
+      else
+        skip_row ceiling hyper-2t "tls before $kind" "did not start (see bench/out/logs/ceiling-tls-before-$kind.log)"
+      fi
+      stop_server
+      start_server "gpe-$kind-tls" "$GPE" serve -k "$kind" -w 2 --certfile "$cert" --keyfile "$key" \
+        --bind "127.0.0.1:$PORT" --metrics-bind "127.0.0.1:$MPORT"
+      if wait_http "$URL" 20; then
+        sleep 0.5
+        measure gpe "$kind" tls 0 "gpe_worker_pids $SERVER_PID"
+      else
+        skip_row gpe "$kind" tls "did not start (see bench/out/logs/gpe-$kind-tls.log)"
+      fi
+      stop_server
+    done
+  done
+  URL=$plain_url
 }
 
 peer_env() { # $1 kind, $2 exporter 0/1, $3 workers
@@ -383,6 +419,7 @@ main() {
   log "throughput: wrk -t1 -c$CONNS, ${WARM}s warm-up + ${SECS}s"
   run_ceiling
   run_gpe
+  [[ ${BENCH_SKIP_TLS:-0} == 1 ]] || run_tls
   [[ ${BENCH_SKIP_PEER:-0} == 1 ]] || run_peer
   [[ ${BENCH_SKIP_PROFILE:-0} == 1 ]] || run_profile
   [[ ${BENCH_SKIP_SCRAPE:-0} == 1 ]] || scrape_gpe

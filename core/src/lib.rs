@@ -6,6 +6,7 @@
 //!   streaming bodies, one request, one connection, where the app runs;
 //! - workers (`worker.rs`, `async_worker.rs`, `rt/`, `listener.rs`): the
 //!   [`Worker`] trait, the shared lifecycle, the tokio edge, sockets;
+//! - TLS on the app listener (`tls.rs`);
 //! - settings (`config/`);
 //! - the shared-memory metric store (`store/`);
 //! - the master (`master/`).
@@ -21,6 +22,7 @@ mod master;
 mod rt;
 mod store;
 mod sys;
+mod tls;
 mod worker;
 
 // The app interface.
@@ -32,7 +34,7 @@ pub use http::app::{
 pub use http::body::Body;
 
 // The HTTP layer the workers share.
-pub use http::conn::{builder as http1_builder, serve_io, ConnectionGuard, Deadlines};
+pub use http::conn::{policy as conn_policy, serve_io, ConnectionGuard, Policy, Protocol};
 pub use http::instrument::Instrumented;
 pub use http::run::{
     allow_blocking, catching, run_blocking, start as start_call, Failure, Inline, Runner,
@@ -43,8 +45,10 @@ pub use async_worker::{accept_retrying, supervise, take_listeners, Admission, Ev
 pub use listener::{AcceptFailure, Listener, Stream, TokioListener, ACCEPT_BACKOFF};
 pub use rt::idle::yield_when_idle;
 pub use rt::tokio::{
-    accept_loop, runtime as tokio_runtime, serve_worker, worker_events, Acceptor, Conn,
+    accept_loop, runtime as tokio_runtime, serve_conn, serve_worker, worker_events, Acceptor, Conn,
+    TlsAcceptor,
 };
+pub use tls::server_config as tls_server_config;
 pub use worker::{Control, Worker, WorkerContext, WorkerExit};
 
 // Settings.

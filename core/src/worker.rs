@@ -60,6 +60,12 @@ pub trait Worker: Send + Sync {
         false
     }
 
+    /// Whether this worker type speaks HTTP/2 (by ALPN, or prior knowledge
+    /// with `http2 = "always"`). The sync worker does not.
+    fn serves_http2(&self) -> bool {
+        true
+    }
+
     /// Whether this worker type serves HTTP/1.1 upgrades (WebSocket). One
     /// that does not answers a request for an upgrade with 501.
     fn serves_upgrades(&self) -> bool {
@@ -80,6 +86,9 @@ pub struct WorkerContext {
     pub slot: u32,
     /// Requests after which this process retires (jitter applied), if any.
     pub max_requests: Option<u64>,
+    /// The TLS configuration of the app listeners (`certfile` set), loaded
+    /// by this process after fork.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     signals: SignalPipe,
     place: Placement,
 }
@@ -222,6 +231,16 @@ pub(crate) fn child_main(
             }
         },
     };
+    // Loaded here, after fork, so that the workers of a reload read the files
+    // as they are now (the master checked them just before).
+    let h2 = worker.serves_http2() && config.http2 != "off";
+    let tls = match crate::tls::server_config(&config, h2) {
+        Ok(tls) => tls,
+        Err(e) => {
+            crate::log_error!("worker {} failed to boot: {e}", place.slot);
+            return EXIT_BOOT_ERROR;
+        }
+    };
     let max_requests = (config.max_requests > 0).then(|| {
         let jitter = if config.max_requests_jitter > 0 {
             rand::random_range(0..=config.max_requests_jitter)
@@ -249,6 +268,7 @@ pub(crate) fn child_main(
         service,
         slot: place.slot,
         max_requests,
+        tls,
         signals,
         place,
     };

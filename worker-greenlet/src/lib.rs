@@ -23,7 +23,7 @@ use gpe_core::yield_when_idle;
 use gpe_core::Instrumented;
 use gpe_core::Stream;
 use gpe_core::WorkerKind;
-use gpe_core::{http1_builder as builder, serve_io, Deadlines};
+use gpe_core::{conn_policy, serve_io, ErrorKind, Policy};
 use gpe_core::{supervise, take_listeners, Admission, Event, Gate, TICK};
 use gpe_core::{Worker, WorkerContext, WorkerExit};
 use smol::{Async, LocalExecutor, Timer};
@@ -66,8 +66,8 @@ impl Worker for GreenletWorker {
 /// What every connection task needs.
 struct Connections {
     service: Rc<Instrumented>,
-    builder: hyper::server::conn::http1::Builder,
-    deadlines: Deadlines,
+    policy: Policy,
+    tls: Option<futures_rustls::TlsAcceptor>,
     runner: CompatRunner,
 }
 
@@ -88,15 +88,36 @@ impl Connections {
         // `admission` (the connection's place under the cap) is released here.
     }
 
+    /// Serves one registered connection; with TLS after a handshake that must
+    /// end within `header_timeout` (as the tokio workers do: a timeout is
+    /// counted, a failed handshake just closes).
     async fn serve_on<T>(&self, io: Async<T>, peer: &str, admission: Admission)
     where
         T: Send + 'static,
         Async<T>: smol::io::AsyncRead + smol::io::AsyncWrite + Unpin,
     {
-        let io = FuturesIo::new(eager::Eager::new(io));
+        let io = eager::Eager::new(io);
         let drained = admission.drained();
-        let (svc, b, d) = (&self.service, &self.builder, &self.deadlines);
-        serve_io(io, admission, peer, svc, b, d, &self.runner, drained).await;
+        let (svc, p) = (&self.service, &self.policy);
+        let Some(acceptor) = &self.tls else {
+            let protocol = p.protocol(None);
+            let io = FuturesIo::new(io);
+            serve_io(io, admission, peer, svc, p, protocol, &self.runner, drained).await;
+            return;
+        };
+        let handshake = std::pin::pin!(acceptor.accept(io));
+        let deadline = Timer::after(p.handshake_timeout());
+        match futures_util::future::select(handshake, deadline).await {
+            futures_util::future::Either::Left((Ok(stream), _)) => {
+                let protocol = p.protocol(stream.get_ref().1.alpn_protocol());
+                let io = FuturesIo::new(stream);
+                serve_io(io, admission, peer, svc, p, protocol, &self.runner, drained).await;
+            }
+            futures_util::future::Either::Left((Err(_), _)) => {}
+            futures_util::future::Either::Right(_) => {
+                svc.recorder().error_without_request(ErrorKind::Timeout);
+            }
+        }
     }
 }
 
@@ -110,8 +131,8 @@ async fn serve(
     let gate = Gate::for_worker(ctx);
     let connections = Rc::new(Connections {
         service: ctx.service.clone(),
-        builder: builder(&ctx.config, true, SmolTimer::new()),
-        deadlines: Deadlines::new(&ctx.config, SmolTimer::new()),
+        policy: conn_policy(&ctx.config, true, true, SmolTimer::new()),
+        tls: ctx.tls.clone().map(futures_rustls::TlsAcceptor::from),
         runner,
     });
 

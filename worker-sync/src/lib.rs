@@ -6,7 +6,9 @@
 //! A connection whose head has not arrived must not hold the worker: the
 //! serving thread reads heads itself, without blocking, from a poll set of
 //! waiting connections (at most `worker_connections`, see [`heads`]), and
-//! hands a connection to hyper only once its head is complete. hyper needs a
+//! hands a connection to hyper only once its head is complete. Under TLS
+//! (`certfile`) the handshake and the head are read on the serving thread,
+//! within `header_timeout`, before the next connection. hyper needs a
 //! runtime even for one connection, so each process runs a tokio
 //! current-thread runtime and blocks on one connection at a time. A second
 //! thread reads the signal pipe, so that a stop closes the listening sockets
@@ -28,7 +30,7 @@ use gpe_core::Conn;
 use gpe_core::Listener;
 use gpe_core::WorkerKind;
 use gpe_core::{allow_blocking, Inline};
-use gpe_core::{http1_builder as builder, serve_io, Deadlines};
+use gpe_core::{conn_policy, serve_conn, serve_io, Protocol, TlsAcceptor};
 use gpe_core::{AcceptFailure, ACCEPT_BACKOFF};
 use gpe_core::{ErrorKind, Worker, WorkerContext, WorkerExit};
 use heads::{Head, Waiting};
@@ -62,14 +64,21 @@ impl Worker for SyncWorker {
         false
     }
 
+    /// One request per connection: HTTP/1.1 only, also under TLS (ALPN
+    /// offers `http/1.1` alone).
+    fn serves_http2(&self) -> bool {
+        false
+    }
+
     fn run(&self, mut ctx: WorkerContext) -> io::Result<WorkerExit> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         // The app runs on this thread, one request at a time: it may block.
         allow_blocking();
-        let builder = builder(&ctx.config, false, TokioTimer::new());
-        let deadlines = Deadlines::new(&ctx.config, TokioTimer::new());
+        // HTTP/1.1 only: one request per connection, so HTTP/2 would gain nothing.
+        let policy = conn_policy(&ctx.config, false, false, TokioTimer::new());
+        let tls = ctx.tls.clone().map(TlsAcceptor::from);
         let recorder = ctx.recorder().clone();
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
@@ -184,6 +193,24 @@ impl Worker for SyncWorker {
                             AcceptFailure::Fatal => return Err(e),
                         },
                     };
+                    if let Some(acceptor) = &tls {
+                        // Encrypted bytes tell nothing of the head: the
+                        // handshake and the head are read here, each within
+                        // `header_timeout`.
+                        let served = rt.block_on(async {
+                            let conn = Conn::from_std(stream)?;
+                            let never = std::future::pending::<()>();
+                            let (svc, p) = (&ctx.service, &policy);
+                            serve_conn(conn, Some(acceptor), (), &peer, svc, p, &Inline, never)
+                                .await;
+                            Ok::<_, io::Error>(())
+                        });
+                        if let Err(e) = served {
+                            gpe_core::log_warn!("cannot serve a connection: {e}");
+                        }
+                        recorder.beat();
+                        continue;
+                    }
                     let Some(mut w) = Waiting::new(stream, peer, recorder.clone()) else {
                         continue;
                     };
@@ -202,8 +229,8 @@ impl Worker for SyncWorker {
                 let served = rt.block_on(async {
                     let io = heads::Prefixed::new(prefix, Conn::from_std(stream)?.into_hyper());
                     let never = std::future::pending::<()>();
-                    let (svc, b, d) = (&ctx.service, &builder, &deadlines);
-                    serve_io(io, (), &peer, svc, b, d, &Inline, never).await;
+                    let (svc, p) = (&ctx.service, &policy);
+                    serve_io(io, (), &peer, svc, p, Protocol::Http1, &Inline, never).await;
                     Ok::<_, io::Error>(())
                 });
                 if let Err(e) = served {

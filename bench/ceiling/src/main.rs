@@ -3,16 +3,20 @@
 //! request with `Hello, World!` and the same headers as gpe's `hello` app.
 //!
 //! ```text
-//! gpe-bench-ceiling [--bind ADDR] [--threads N] [--close]
+//! gpe-bench-ceiling [--bind ADDR] [--threads N] [--close] [--tls CERT KEY]
 //! ```
 //!
 //! `--threads N`: worker threads of the tokio runtime (1 = current-thread
 //! runtime; default 2). `--close`: answer `Connection: close` and close every
 //! connection after one response (to compare with gpe's sync worker).
+//! `--tls CERT KEY`: serve HTTPS with tokio-rustls (ring provider, ALPN
+//! `http/1.1`), the ceiling of gpe's HTTPS rows.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -26,6 +30,7 @@ struct Opts {
     bind: SocketAddr,
     threads: usize,
     close: bool,
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 fn parse() -> Result<Opts, String> {
@@ -33,6 +38,7 @@ fn parse() -> Result<Opts, String> {
         bind: SocketAddr::from(([127, 0, 0, 1], 8000)),
         threads: 2,
         close: false,
+        tls: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -50,8 +56,15 @@ fn parse() -> Result<Opts, String> {
                     .ok_or(format!("--threads {v}: expected an integer >= 1"))?;
             }
             "--close" => opts.close = true,
+            "--tls" => {
+                let cert = args.next().ok_or("--tls needs CERT KEY")?;
+                let key = args.next().ok_or("--tls needs CERT KEY")?;
+                opts.tls = Some((cert.into(), key.into()));
+            }
             "-h" | "--help" => {
-                println!("usage: gpe-bench-ceiling [--bind ADDR] [--threads N] [--close]");
+                println!(
+                    "usage: gpe-bench-ceiling [--bind ADDR] [--threads N] [--close] [--tls CERT KEY]"
+                );
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?}")),
@@ -83,12 +96,36 @@ async fn hello(
     Ok(resp)
 }
 
+/// The rustls configuration of `--tls CERT KEY`.
+fn tls_config(cert: &PathBuf, key: &PathBuf) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
+        .map_err(|e| format!("--tls: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 async fn serve(opts: Opts) -> std::io::Result<()> {
+    let tls = match &opts.tls {
+        Some((cert, key)) => Some(tokio_rustls::TlsAcceptor::from(
+            tls_config(cert, key).map_err(std::io::Error::other)?,
+        )),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(opts.bind).await?;
     eprintln!(
-        "gpe-bench-ceiling listening on {} ({} thread(s), {})",
+        "gpe-bench-ceiling listening on {} ({} thread(s), {}{})",
         opts.bind,
         opts.threads,
+        if tls.is_some() { "TLS, " } else { "" },
         if opts.close {
             "connection close"
         } else {
@@ -105,12 +142,21 @@ async fn serve(opts: Opts) -> std::io::Result<()> {
             }
         };
         let _ = stream.set_nodelay(true);
+        let tls = tls.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| hello(req, close));
-            let _ = http1::Builder::new()
-                .keep_alive(!close)
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let mut builder = http1::Builder::new();
+            builder.keep_alive(!close);
+            match tls {
+                None => {
+                    let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                }
+                Some(acceptor) => {
+                    if let Ok(stream) = acceptor.accept(stream).await {
+                        let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                }
+            }
         });
     }
 }

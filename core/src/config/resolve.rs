@@ -309,6 +309,12 @@ impl FromValue for String {
     }
 }
 
+impl FromValue for Option<String> {
+    fn from_value(s: &Setting, v: Option<Value>) -> Result<Self, ConfigError> {
+        text(s, v)
+    }
+}
+
 impl FromValue for Option<PathBuf> {
     fn from_value(s: &Setting, v: Option<Value>) -> Result<Self, ConfigError> {
         Ok(text(s, v)?.map(PathBuf::from))

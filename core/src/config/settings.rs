@@ -12,6 +12,12 @@ use crate::store::layout::{DEFAULT_CAPACITY, MAX_CAPACITY, MIN_CAPACITY};
 /// The four worker types.
 pub const WORKER_TYPES: [&str; 4] = ["sync", "thread", "eventloop", "greenlet"];
 
+/// The values of `cert_reqs`.
+pub const CERT_REQS: [&str; 3] = ["none", "optional", "required"];
+
+/// The values of `http2`.
+pub const HTTP2_MODES: [&str; 3] = ["off", "tls", "always"];
+
 /// Most worker processes (including those added by TTIN).
 pub const MAX_WORKERS: u32 = 1024;
 
@@ -298,6 +304,54 @@ macro_rules! with_settings {
                 restart_only: false,
                 flag: Some(Flag::long("LABEL")),
                 doc: "Route label of requests whose response names no route template; `path` uses the raw path",
+            },
+            certfile = "certfile": Option<PathBuf> {
+                kind: Kind::Path,
+                default: None,
+                env: "GPE_CERTFILE",
+                restart_only: false,
+                flag: Some(Flag::long("FILE")),
+                doc: "PEM certificate chain: serve HTTPS on every `bind` address (with `keyfile`)",
+            },
+            keyfile = "keyfile": Option<PathBuf> {
+                kind: Kind::Path,
+                default: None,
+                env: "GPE_KEYFILE",
+                restart_only: false,
+                flag: Some(Flag::long("FILE")),
+                doc: "PEM private key of `certfile`",
+            },
+            ca_certs = "ca_certs": Option<PathBuf> {
+                kind: Kind::Path,
+                default: None,
+                env: "GPE_CA_CERTS",
+                restart_only: false,
+                flag: Some(Flag::long("FILE")),
+                doc: "PEM certificates of the CAs that sign client certificates",
+            },
+            cert_reqs = "cert_reqs": String {
+                kind: Kind::Choice(&CERT_REQS),
+                default: Some("none"),
+                env: "GPE_CERT_REQS",
+                restart_only: false,
+                flag: Some(Flag::long("WHEN")),
+                doc: "Client certificates: none, optional or required (verified against `ca_certs`)",
+            },
+            ciphers = "ciphers": Option<String> {
+                kind: Kind::Text,
+                default: None,
+                env: "GPE_CIPHERS",
+                restart_only: false,
+                flag: Some(Flag::long("SUITES")),
+                doc: "TLS cipher suites to offer, by their IANA names, `:`- or `,`-separated (default: rustls' own)",
+            },
+            http2 = "http2": String {
+                kind: Kind::Choice(&HTTP2_MODES),
+                default: Some("tls"),
+                env: "GPE_HTTP2",
+                restart_only: false,
+                flag: Some(Flag::long("MODE")),
+                doc: "HTTP/2 on thread, eventloop and greenlet workers: off, tls (by ALPN) or always (also prior-knowledge h2c)",
             },
             metrics = "metrics": bool {
                 kind: Kind::Bool,

@@ -487,6 +487,9 @@ pub fn run(spec: ServerSpec) -> Result<(), MasterError> {
             }));
         }
     }
+    // The workers load the TLS files after fork; bad ones are found here,
+    // naming the setting, rather than by workers failing to boot.
+    crate::tls::server_config(config, true).map_err(MasterError::Config)?;
     let mut bound = Bound::acquire(config, config.metrics && spec.exporter.is_some())?;
     let os = spawn::SystemOs::new(
         &spec,

@@ -54,6 +54,9 @@ pub(super) trait Os {
     fn notify(&mut self, notice: Notice);
     /// Rebuilds the settings from their sources (HUP); `None` keeps them.
     fn reload(&mut self) -> Option<Result<Config, ConfigError>>;
+    /// Loads the TLS files `config` names, as the workers about to be forked
+    /// with it will (HUP).
+    fn check_tls(&self, config: &Config) -> Result<(), ConfigError>;
     /// Switches to the worker type `name`, for the workers spawned from now on.
     fn choose_worker(&mut self, name: &str) -> Result<(), String>;
     /// The type of the workers spawned now.

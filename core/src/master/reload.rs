@@ -12,25 +12,40 @@ use crate::{log_error, log_info, log_warn};
 impl<O: Os> Arbiter<O> {
     /// HUP, only while running: new settings (or the old ones, if they fail to
     /// load), a new worker forked for every slot, then SIGTERM to every old one.
+    /// When the TLS files do not load, nothing changes and the old workers
+    /// serve on.
     pub(super) fn reload(&mut self) {
-        let Phase::Running { ready, .. } = &mut self.phase else {
+        if !matches!(self.phase, Phase::Running { .. }) {
             return;
-        };
-        *ready = false;
+        }
         log_info!("HUP: reloading");
+        let new = match self.os.reload() {
+            None => None,
+            Some(Ok(new)) => Some(keep_restart_only(&self.config, new)),
+            Some(Err(e)) => {
+                log_error!("HUP: {e}; keeping the old settings");
+                None
+            }
+        };
+        // The new workers load the TLS files after fork: if they cannot, the
+        // old workers go on serving with what they loaded.
+        if let Err(e) = self.os.check_tls(new.as_ref().unwrap_or(&self.config)) {
+            log_error!("HUP: {e}; the running workers keep serving");
+            return;
+        }
+        if let Phase::Running { ready, .. } = &mut self.phase {
+            *ready = false;
+        }
         self.os.notify(Notice::Reloading);
-        match self.os.reload() {
-            None => {}
-            Some(Ok(new)) => match self.os.choose_worker(&new.worker) {
+        if let Some(new) = new {
+            match self.os.choose_worker(&new.worker) {
                 Ok(()) => {
-                    let new = keep_restart_only(&self.config, new);
                     self.desired = new.workers;
                     self.config = Arc::new(new);
                     self.os.reopen_errorlog(&self.config);
                 }
                 Err(e) => log_error!("HUP: setting `worker`: {e}; keeping the old settings"),
-            },
-            Some(Err(e)) => log_error!("HUP: {e}; keeping the old settings"),
+            }
         }
         let old: Vec<usize> = (0..self.procs.len())
             .filter(|&i| self.procs[i].serving())

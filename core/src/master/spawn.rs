@@ -235,6 +235,10 @@ impl Os for SystemOs<'_> {
         self.spec.reload.as_ref().map(|reload| reload())
     }
 
+    fn check_tls(&self, config: &Config) -> Result<(), ConfigError> {
+        crate::tls::server_config(config, true).map(|_| ())
+    }
+
     fn choose_worker(&mut self, name: &str) -> Result<(), String> {
         self.worker = (self.spec.workers)(name)?;
         Ok(())

@@ -52,6 +52,8 @@ struct World {
     reload: Option<Config>,
     /// Resident sets the fake reports, by pid.
     rss: Vec<(Pid, u64)>,
+    /// The TLS files fail to load (HUP).
+    tls_refused: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -107,6 +109,16 @@ impl Os for FakeOs {
     fn reload(&mut self) -> Option<Result<Config, ConfigError>> {
         self.0.borrow().reload.clone().map(Ok)
     }
+    fn check_tls(&self, _: &Config) -> Result<(), ConfigError> {
+        if self.0.borrow().tls_refused {
+            return Err(ConfigError::invalid(
+                "certfile",
+                "cert.pem",
+                "a certificate",
+            ));
+        }
+        Ok(())
+    }
     fn choose_worker(&mut self, _: &str) -> Result<(), String> {
         Ok(())
     }
@@ -159,6 +171,7 @@ impl Harness {
             events: Vec::new(),
             reload: None,
             rss: Vec::new(),
+            tls_refused: false,
         })));
         let arbiter = Arbiter::new(
             os.clone(),
@@ -517,6 +530,27 @@ fn hup_forks_the_new_generation_before_retiring_the_old_and_is_ready_once_it_boo
     assert_eq!(
         (view.reloads, view.workers, view.workers_desired),
         (1, 3, 3)
+    );
+}
+
+#[test]
+fn hup_with_tls_files_that_do_not_load_keeps_the_running_workers() {
+    let mut h = Harness::new(config(2, |_| {}), false, None);
+    h.boot_all();
+    h.events();
+    h.world().reload = Some(config(3, |_| {}));
+    h.world().tls_refused = true;
+    h.signal(Signal::SIGHUP);
+    assert_eq!(h.events(), vec![], "nothing forked, nothing signalled");
+    assert_eq!(h.workers().len(), 2);
+    let view = Snapshot::read(&h.store).unwrap().master.unwrap();
+    assert_eq!((view.reloads, view.workers_desired), (0, 2));
+    // Once the files load again, a HUP reloads.
+    h.world().tls_refused = false;
+    h.signal(Signal::SIGHUP);
+    assert_eq!(
+        h.events().first(),
+        Some(&Event::Notified(Notice::Reloading))
     );
 }
 

@@ -1,5 +1,6 @@
 //! The one tokio edge: every tokio-based worker (sync, thread, eventloop)
-//! registers its listeners and accepted connections here.
+//! registers its listeners and accepted connections here, and serves each
+//! connection here, over TLS when `certfile` is set ([`serve_conn`]).
 
 use std::io;
 use std::pin::Pin;
@@ -11,14 +12,17 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use crate::async_worker::{
     accept_retrying, supervise, take_listeners, Admission, Event, Gate, TICK,
 };
-use crate::http::conn::{builder, serve_io, Deadlines};
+use crate::http::conn::{policy, serve_io, Policy};
 use crate::http::instrument::Instrumented;
 use crate::http::run::Runner;
 use crate::listener::{Listener, Stream};
+use crate::store::ErrorKind;
 use crate::worker::WorkerContext;
 use crate::worker::WorkerExit;
 
 pub use super::idle::tokio_runtime as runtime;
+/// The TLS acceptor of the tokio-based workers.
+pub use tokio_rustls::TlsAcceptor;
 
 /// An inherited listener registered with the current runtime.
 #[derive(Debug)]
@@ -150,6 +154,52 @@ impl AsyncWrite for Conn {
     }
 }
 
+/// Serves one accepted connection as [`serve_io`] does; with `tls`, after a
+/// TLS handshake in this task that must end within `header_timeout` (a
+/// handshake that does not is counted as a `timeout` error; one that fails
+/// just closes the connection, unlogged: scanners and clients that distrust
+/// the certificate end there). ALPN chooses the protocol.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_conn<H, R, D>(
+    conn: Conn,
+    tls: Option<&TlsAcceptor>,
+    hold: H,
+    peer: &str,
+    svc: &Instrumented,
+    policy: &Policy,
+    runner: &R,
+    drain: D,
+) where
+    H: Unpin + Send + 'static,
+    R: Runner,
+    D: std::future::Future<Output = ()>,
+{
+    let Some(acceptor) = tls else {
+        let io = conn.into_hyper();
+        serve_io(
+            io,
+            hold,
+            peer,
+            svc,
+            policy,
+            policy.protocol(None),
+            runner,
+            drain,
+        )
+        .await;
+        return;
+    };
+    match tokio::time::timeout(policy.handshake_timeout(), acceptor.accept(conn)).await {
+        Ok(Ok(stream)) => {
+            let protocol = policy.protocol(stream.get_ref().1.alpn_protocol());
+            let io = hyper_util::rt::TokioIo::new(stream);
+            serve_io(io, hold, peer, svc, policy, protocol, runner, drain).await;
+        }
+        Ok(Err(_)) => {}
+        Err(_) => svc.recorder().error_without_request(ErrorKind::Timeout),
+    }
+}
+
 /// The events of a tokio-based worker's [`supervise`](crate::async_worker::supervise)
 /// loop: the signal pipe's readiness and a tick every [`TICK`].
 ///
@@ -221,8 +271,8 @@ where
     /// What every connection task needs.
     struct Connections<R> {
         service: std::rc::Rc<Instrumented>,
-        builder: hyper::server::conn::http1::Builder,
-        deadlines: Deadlines,
+        policy: Policy,
+        tls: Option<TlsAcceptor>,
         runner: R,
     }
 
@@ -231,8 +281,8 @@ where
     let gate = Gate::for_worker(ctx);
     let connections = std::rc::Rc::new(Connections {
         service: ctx.service.clone(),
-        builder: builder(&ctx.config, true, hyper_util::rt::TokioTimer::new()),
-        deadlines: Deadlines::new(&ctx.config, hyper_util::rt::TokioTimer::new()),
+        policy: policy(&ctx.config, true, true, hyper_util::rt::TokioTimer::new()),
+        tls: ctx.tls.clone().map(TlsAcceptor::from),
         runner,
     });
     let events = std::pin::pin!(worker_events(ctx)?);
@@ -245,9 +295,9 @@ where
                     let c = connections.clone();
                     tokio::task::spawn_local(async move {
                         let drained = admission.drained();
-                        let io = conn.into_hyper();
-                        let (svc, b, d, r) = (&c.service, &c.builder, &c.deadlines, &c.runner);
-                        serve_io(io, admission, &peer, svc, b, d, r, drained).await;
+                        let (svc, p, r) = (&c.service, &c.policy, &c.runner);
+                        let tls = c.tls.as_ref();
+                        serve_conn(conn, tls, admission, &peer, svc, p, r, drained).await;
                     });
                 })
                 .boxed_local()
