@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use gpe_core::CELLS;
+use gpe_core::{AppKind, AppSeries, AppValue, ExemplarView, RejectReason};
 use gpe_core::{Buckets, Shape, SIZE_BUCKETS};
 use gpe_core::{ExitReason, Family, MasterSignal, Series, Snapshot, StoreDir, WorkerState};
 use prometheus_client::collector::Collector;
@@ -12,6 +13,7 @@ use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::exemplar::Exemplar;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use prometheus_client::registry::Unit;
 
 use crate::procstat::{self, ProcStat};
 
@@ -445,11 +447,47 @@ impl Scrape {
                 )
             })
             .collect();
+        let app_names: Vec<String> = self
+            .snap
+            .app
+            .families
+            .iter()
+            .map(|f| match f.kind {
+                AppKind::Counter => format!("{}_total", f.name),
+                _ => f.name.clone(),
+            })
+            .collect();
+        let samples: Vec<_> = samples
+            .into_iter()
+            .chain(
+                self.snap
+                    .app
+                    .families
+                    .iter()
+                    .zip(&app_names)
+                    .map(|(f, n)| (vec![("family", n.as_str())], f.dropped)),
+            )
+            .collect();
         counter(
             enc,
             "gpe_metrics_series_dropped",
             "Observations recorded into a family's `other` series because it reached its series cap",
             &samples,
+        )?;
+        let rejected: Vec<_> = RejectReason::ALL
+            .iter()
+            .map(|r| {
+                (
+                    vec![("reason", r.label())],
+                    self.snap.app.rejected[r.code() as usize],
+                )
+            })
+            .collect();
+        counter(
+            enc,
+            "gpe_metrics_rejected",
+            "App metric registrations refused, by reason (each once per worker process)",
+            &rejected,
         )?;
         info(
             enc,
@@ -458,6 +496,173 @@ impl Scrape {
             &[vec![("version", env!("CARGO_PKG_VERSION"))]],
         )
     }
+}
+
+fn app_labels(s: &AppSeries) -> Labels<'_> {
+    s.labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
+impl Scrape {
+    /// The app's own families, merged: counters and histograms summed over
+    /// every process, gauges over the live ones by their mode.
+    fn encode_app(&self, enc: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
+        let app = &self.snap.app;
+        for (i, f) in app.families.iter().enumerate() {
+            let series = app.series.iter().filter(|s| s.family == i);
+            // A unit is declared only when the name already ends in it, so
+            // that the exposed name is the one the app chose.
+            let unit = (!f.unit.is_empty())
+                .then(|| f.name.strip_suffix(&format!("_{}", f.unit)))
+                .flatten();
+            let (name, unit) = match unit {
+                Some(stem) => (stem, Some(prom_unit(&f.unit))),
+                None => (f.name.as_str(), None),
+            };
+            let help = if f.help.is_empty() {
+                "An app metric without a description"
+            } else {
+                f.help.as_str()
+            };
+            let kind = match f.kind {
+                AppKind::Counter => MetricType::Counter,
+                AppKind::Gauge => MetricType::Gauge,
+                AppKind::Histogram => MetricType::Histogram,
+            };
+            let mut m = enc.encode_descriptor(name, help, unit.as_ref(), kind)?;
+            for s in series {
+                let labels = app_labels(s);
+                match &s.value {
+                    AppValue::Counter(v) => {
+                        m.encode_family(&labels)?
+                            .encode_counter::<NoLabelSet, u64, f64>(
+                                v,
+                                None::<&Exemplar<NoLabelSet, f64>>,
+                            )?;
+                    }
+                    AppValue::Gauge(samples) => {
+                        for (slot, v) in f.mode.merge(samples) {
+                            let slot = slot.map(|s| s.to_string());
+                            let mut l = labels.clone();
+                            if let Some(w) = &slot {
+                                l.push(("worker", w.as_str()));
+                            }
+                            m.encode_family(&l)?.encode_gauge(&v)?;
+                        }
+                    }
+                    AppValue::Histogram { buckets, sum } => {
+                        let n = f.buckets.len().min(buckets.len().saturating_sub(1));
+                        let mut out: Vec<(f64, u64)> = f.buckets[..n]
+                            .iter()
+                            .copied()
+                            .zip(buckets.iter().copied())
+                            .collect();
+                        out.push((f64::INFINITY, buckets.get(n).copied().unwrap_or(0)));
+                        let count = buckets.iter().fold(0u64, |a, c| a.wrapping_add(*c));
+                        m.encode_family(&labels)?
+                            .encode_histogram::<NoLabelSet>(*sum, count, &out, None)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The exemplars to add to the OpenMetrics bucket lines: per histogram
+    /// family that has any, the bucket lines per series and, for each series
+    /// in encoding order, its (bucket, exemplar) pairs.
+    fn exemplar_notes(&self) -> Vec<ExemplarNote> {
+        let mut notes = Vec::new();
+        let duration: Vec<Vec<(usize, ExemplarView)>> = self
+            .series(Family::HttpDuration)
+            .map(|s| s.exemplars.clone())
+            .collect();
+        if duration.iter().any(|e| !e.is_empty()) {
+            notes.push(ExemplarNote {
+                bucket_prefix: format!("{}_bucket{{", Family::HttpDuration.name()),
+                lines_per_series: self.snap.duration_buckets.len().min(CELLS - 2) + 1,
+                series: duration,
+            });
+        }
+        let app = &self.snap.app;
+        for (i, f) in app.families.iter().enumerate() {
+            if f.kind != AppKind::Histogram {
+                continue;
+            }
+            let series: Vec<_> = app
+                .series
+                .iter()
+                .filter(|s| s.family == i)
+                .map(|s| s.exemplars.clone())
+                .collect();
+            if series.iter().any(|e| !e.is_empty()) {
+                notes.push(ExemplarNote {
+                    bucket_prefix: format!("{}_bucket{{", f.name),
+                    lines_per_series: f.buckets.len().min(CELLS - 2) + 1,
+                    series,
+                });
+            }
+        }
+        notes
+    }
+}
+
+/// The Prometheus unit of an app family.
+fn prom_unit(unit: &str) -> Unit {
+    match unit {
+        "seconds" => Unit::Seconds,
+        "bytes" => Unit::Bytes,
+        other => Unit::Other(other.to_owned()),
+    }
+}
+
+/// Exemplars of one histogram family, placed by line position.
+#[derive(Debug)]
+struct ExemplarNote {
+    bucket_prefix: String,
+    lines_per_series: usize,
+    series: Vec<Vec<(usize, ExemplarView)>>,
+}
+
+/// Appends each exemplar to its bucket line of an OpenMetrics exposition.
+///
+/// prometheus-client encodes exemplars but offers no way to build one from
+/// stored values (its `Exemplar` has no public constructor), so they are
+/// added here: the encoder writes the bucket lines of a series together and
+/// in bucket order, series in the order given, which places each one.
+fn add_exemplars(text: String, notes: &[ExemplarNote]) -> String {
+    if notes.is_empty() {
+        return text;
+    }
+    let mut seen = vec![0usize; notes.len()];
+    let mut out = String::with_capacity(text.len() + 128 * notes.len());
+    for line in text.split_inclusive('\n') {
+        let body = line.strip_suffix('\n').unwrap_or(line);
+        out.push_str(body);
+        if let Some(i) = notes
+            .iter()
+            .position(|n| body.starts_with(&n.bucket_prefix))
+        {
+            let n = &notes[i];
+            let k = seen[i];
+            seen[i] += 1;
+            let (series, bucket) = (k / n.lines_per_series, k % n.lines_per_series);
+            if let Some((_, e)) = n
+                .series
+                .get(series)
+                .and_then(|s| s.iter().find(|(b, _)| *b == bucket))
+            {
+                use std::fmt::Write;
+                let _ = write!(out, " # {{trace_id=\"{}\"}} {}", e.trace_hex(), e.value);
+            }
+        }
+        if line.ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// The name a family is scraped under (counters with `_total`).
@@ -476,7 +681,8 @@ impl Collector for ScrapeCollector {
         self.0.encode_http(&mut enc)?;
         self.0.encode_workers(&mut enc)?;
         self.0.encode_master(&mut enc)?;
-        self.0.encode_store(&mut enc)
+        self.0.encode_store(&mut enc)?;
+        self.0.encode_app(&mut enc)
     }
 }
 
@@ -485,6 +691,10 @@ impl Collector for ScrapeCollector {
 /// # Errors
 /// Only formatter errors, which writing to a `String` does not produce.
 pub fn render(scrape: Scrape, format: Format) -> Result<String, std::fmt::Error> {
+    let notes = match format {
+        Format::OpenMetrics => scrape.exemplar_notes(),
+        Format::Text004 => Vec::new(),
+    };
     let mut registry = Registry::default();
     registry.register_collector(Box::new(ScrapeCollector(scrape)));
     let mut out = String::with_capacity(16 * 1024);
@@ -494,7 +704,7 @@ pub fn render(scrape: Scrape, format: Format) -> Result<String, std::fmt::Error>
             prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)?
         }
     }
-    Ok(out)
+    Ok(add_exemplars(out, &notes))
 }
 
 #[cfg(test)]
@@ -510,6 +720,7 @@ mod tests {
             family,
             labels: labels.iter().map(|l| (*l).to_owned()).collect(),
             cells: c,
+            exemplars: vec![],
         }
     }
 
@@ -543,11 +754,13 @@ mod tests {
                     family: Family::HttpDuration,
                     labels: vec!["GET".into(), "/".into()],
                     cells: duration,
+                    exemplars: vec![],
                 },
                 Series {
                     family: Family::HttpRequestSize,
                     labels: vec![],
                     cells: size,
+                    exemplars: vec![],
                 },
                 series(Family::HttpErrors, &["GET", "/", "app_error"], &[1]),
                 series(Family::WorkerRequests, &["0"], &[9]),
@@ -571,6 +784,7 @@ mod tests {
             in_flight: 1,
             duration_buckets: vec![0.1, 1.0],
             family_cap: 100,
+            app: gpe_core::AppSnapshot::default(),
         };
         let worker = ProcStat {
             resident_bytes: 8_388_608,
@@ -776,8 +990,8 @@ mod tests {
                 .collect()
         };
         assert_eq!(types(&text), types(&om));
-        // 6 HTTP, 11 worker, 5 master, 6 process and 2 store families.
-        assert_eq!(types(&text).len(), 30);
+        // 6 HTTP, 11 worker, 5 master, 6 process and 3 store families.
+        assert_eq!(types(&text).len(), 31);
         assert!(om.ends_with("# EOF\n"));
         assert!(!text.contains("# EOF"));
         assert_eq!(
