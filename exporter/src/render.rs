@@ -1010,6 +1010,129 @@ mod tests {
         assert_eq!(Format::from_accept(None), Format::Text004);
     }
 
+    /// The fixture plus app families (a counter, a max gauge, a per-worker
+    /// gauge, a histogram with a unit) and exemplars.
+    fn app_scrape() -> Scrape {
+        use gpe_core::{AppFamilyView, AppKind, AppSeries, AppValue, GaugeMode, GaugeSample};
+        let mut s = scrape();
+        let trace = |t: u128, v: f64| ExemplarView {
+            trace_id: t,
+            value: v,
+            at_ns: 1,
+        };
+        for series in &mut s.snap.series {
+            if series.family == Family::HttpDuration {
+                series.exemplars = vec![(1, trace(0xab, 0.5))];
+            }
+        }
+        let fam = |name: &str, kind, mode, unit: &str, buckets: Vec<f64>| AppFamilyView {
+            name: name.to_owned(),
+            kind,
+            mode,
+            help: format!("{name} help"),
+            unit: unit.to_owned(),
+            buckets,
+            dropped: 0,
+        };
+        let g = |slot, value| GaugeSample {
+            slot,
+            generation: 1,
+            value,
+            at_ns: 1,
+        };
+        s.snap.app.families = vec![
+            fam("app_orders", AppKind::Counter, GaugeMode::Sum, "", vec![]),
+            fam("app_depth", AppKind::Gauge, GaugeMode::Max, "", vec![]),
+            fam("app_each", AppKind::Gauge, GaugeMode::PerWorker, "", vec![]),
+            fam(
+                "app_wait_seconds",
+                AppKind::Histogram,
+                GaugeMode::Sum,
+                "seconds",
+                vec![1.0, 2.0],
+            ),
+        ];
+        s.snap.app.families[3].dropped = 4;
+        let series = |family, labels: &[(&str, &str)], value| AppSeries {
+            family,
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            value,
+            exemplars: vec![],
+        };
+        s.snap.app.series = vec![
+            series(0, &[("kind", "book")], AppValue::Counter(5)),
+            series(1, &[], AppValue::Gauge(vec![g(0, 2.0), g(1, 7.0)])),
+            series(2, &[], AppValue::Gauge(vec![g(0, 2.0), g(1, 7.0)])),
+            AppSeries {
+                exemplars: vec![(2, trace(0xcd, 3.5))],
+                ..series(
+                    3,
+                    &[],
+                    AppValue::Histogram {
+                        buckets: vec![1, 2, 3],
+                        sum: 15.5,
+                    },
+                )
+            },
+        ];
+        s.snap.app.rejected[RejectReason::TypeClash.code() as usize] = 2;
+        s
+    }
+
+    #[test]
+    fn app_families_merge_and_carry_exemplars_in_openmetrics_only() {
+        let text = render(app_scrape(), Format::Text004).unwrap();
+        assert_eq!(
+            family(&text, "app_orders_total")[1..],
+            [
+                "# TYPE app_orders_total counter",
+                r#"app_orders_total{kind="book"} 5"#
+            ]
+        );
+        assert_eq!(family(&text, "app_depth")[2..], ["app_depth 7.0"]);
+        assert_eq!(
+            family(&text, "app_each")[2..],
+            [r#"app_each{worker="0"} 2.0"#, r#"app_each{worker="1"} 7.0"#]
+        );
+        assert_eq!(
+            family(&text, "app_wait_seconds")[2..],
+            [
+                r#"app_wait_seconds_bucket{le="1"} 1"#,
+                r#"app_wait_seconds_bucket{le="2"} 3"#,
+                r#"app_wait_seconds_bucket{le="+Inf"} 6"#,
+                "app_wait_seconds_sum 15.5",
+                "app_wait_seconds_count 6",
+            ]
+        );
+        assert!(!text.contains("trace_id"));
+        assert!(text.contains(r#"gpe_metrics_rejected_total{reason="type_clash"} 2"#));
+        assert!(text.contains(r#"gpe_metrics_series_dropped_total{family="app_wait_seconds"} 4"#));
+        assert!(text.contains(r#"gpe_metrics_series_dropped_total{family="app_orders_total"} 0"#));
+
+        let om = render(app_scrape(), Format::OpenMetrics).unwrap();
+        let wait = family(&om, "app_wait_seconds");
+        assert_eq!(wait[2], "# UNIT app_wait_seconds seconds");
+        assert_eq!(
+            wait[wait.len() - 1],
+            r#"app_wait_seconds_bucket{le="+Inf"} 6 # {trace_id="000000000000000000000000000000cd"} 3.5"#
+        );
+        let duration = family(&om, "gpe_http_request_duration_seconds");
+        assert_eq!(
+            duration[2..],
+            [
+                r#"gpe_http_request_duration_seconds_sum{method="GET",route="/"} 2.5"#,
+                r#"gpe_http_request_duration_seconds_count{method="GET",route="/"} 5"#,
+                r#"gpe_http_request_duration_seconds_bucket{le="0.1",method="GET",route="/"} 3"#,
+                r#"gpe_http_request_duration_seconds_bucket{le="1.0",method="GET",route="/"} 4 # {trace_id="000000000000000000000000000000ab"} 0.5"#,
+                r#"gpe_http_request_duration_seconds_bucket{le="+Inf",method="GET",route="/"} 5"#,
+            ]
+        );
+        assert!(om.ends_with("# EOF\n"));
+    }
+
     #[test]
     fn without_a_master_its_families_are_left_out() {
         let mut s = scrape();
