@@ -228,6 +228,11 @@ impl AppRecorder {
                 RejectReason::InvalidName,
                 "not a valid Prometheus metric name ([a-zA-Z_:][a-zA-Z0-9_:]*, at most 96 bytes)",
             ))
+        } else if kind != AppKind::Counter && name.ends_with("_total") {
+            Err((
+                RejectReason::InvalidName,
+                "only counters are named ..._total",
+            ))
         } else {
             let conf = self.settings(name, exposed);
             let mode = conf.and_then(|c| c.gauge).unwrap_or(GaugeMode::Sum);

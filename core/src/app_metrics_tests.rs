@@ -166,12 +166,13 @@ fn bad_names_collisions_and_type_clashes_are_refused_once_each() {
             metrics::counter!("app_clash").increment(1);
             metrics::gauge!("app_clash").set(1.0);
             metrics::histogram!("app_h", "le" => "1").record(1.0);
+            metrics::gauge!("app_g_total").set(1.0);
         }
     });
     let snap = Snapshot::read(&f.store).unwrap();
     let r = &snap.app.rejected;
-    // bad-name and app_ok_total's label, app_h's `le`.
-    assert_eq!(r[RejectReason::InvalidName.code() as usize], 3);
+    // bad-name and app_ok_total's label, app_h's `le`, a gauge named `_total`.
+    assert_eq!(r[RejectReason::InvalidName.code() as usize], 4);
     assert_eq!(r[RejectReason::GpeCollision.code() as usize], 1);
     assert_eq!(r[RejectReason::TypeClash.code() as usize], 1);
     assert_eq!(

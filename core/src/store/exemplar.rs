@@ -36,7 +36,7 @@ pub fn trace_id_of(traceparent: &[u8]) -> Option<u128> {
         || traceparent[35] != b'-'
         || traceparent[52] != b'-'
         || &traceparent[..2] == b"ff"
-        || (traceparent.len() > 55 && &traceparent[..2] == b"00")
+        || (traceparent.len() > 55 && (&traceparent[..2] == b"00" || traceparent[55] != b'-'))
     {
         return None;
     }
@@ -164,6 +164,10 @@ mod tests {
         assert_eq!(trace_id_of(b"00-4bf92f3577b34da6a3ce929d0e0e4736"), None);
         assert_eq!(
             trace_id_of(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x"),
+            None
+        );
+        assert_eq!(
+            trace_id_of(b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x"),
             None
         );
         // A later version may carry more fields.
