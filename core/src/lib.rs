@@ -60,7 +60,9 @@ pub use app_metrics::{record_with_exemplar, AppMetricsSpec, AppRecorder};
 // The metric store.
 pub use store::catalogue::{Buckets, Shape, DEFAULT_DURATION_BUCKETS, SIZE_BUCKETS};
 pub use store::index::OTHER;
-pub use store::layout::{CELLS, DATA_FILE_BYTES, MAX_FAMILIES, MAX_REJECT_REASONS};
+pub use store::layout::{
+    CELLS, DATA_FILE_BYTES, INDEX_FILE_BYTES, MAX_FAMILIES, MAX_REJECT_REASONS,
+};
 pub use store::{
     trace_id_of, AppFamilyView, AppKind, AppSeries, AppSnapshot, AppStore, AppValue, ExemplarView,
     GaugeMode, GaugeSample, RejectReason,
