@@ -40,6 +40,19 @@ pub use gpe_core::{
 pub use gpe_core::{Config, RawSettings};
 pub use http::StatusCode;
 
+/// The `metrics` facade (0.24): in a gpe worker its `counter!`, `gauge!`
+/// and `histogram!` (and every library instrumented with it) record into
+/// gpe's store, merged across workers in the scrape. See docs/metrics.md.
+pub use metrics;
+pub use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+
+/// Exemplars on the app's own histograms: [`record_with_exemplar`] records a
+/// value with a W3C trace id ([`trace_id_of`] reads one from a
+/// `traceparent` header value).
+pub use gpe_core::{record_with_exemplar, trace_id_of};
+
 /// Runs a server for the app built by `factory` (called once in every worker
 /// after fork), taking the same command line, config file, `GPE_*` variables
 /// and signals as `gpe serve`. The app is any tower service over

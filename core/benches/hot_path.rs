@@ -56,6 +56,7 @@ const RECORD: RequestRecord<'static> = RequestRecord {
     request_bytes: 0,
     response_bytes: 13,
     error: None,
+    trace: None,
 };
 
 #[inline(always)]

@@ -12,6 +12,7 @@
 //! - the master (`master/`).
 #![deny(missing_docs)]
 
+mod app_metrics;
 mod async_worker;
 mod balance;
 mod config;
@@ -53,14 +54,23 @@ pub use worker::{Control, Worker, WorkerContext, WorkerExit};
 
 // Settings.
 pub use config::{
-    check as check_setting, setting, BindAddr, Config, ConfigError, Flag, HostPort, Kind,
-    LogTarget, RawSettings, Setting, TcpAddr, Value, SETTINGS, WORKER_TYPES,
+    check as check_setting, setting, AppMetricSettings, AppMetrics, BindAddr, Config, ConfigError,
+    Flag, HostPort, Kind, LogTarget, RawSettings, Setting, TcpAddr, Value, SETTINGS, WORKER_TYPES,
 };
+
+// The app's own metrics (the `metrics` facade).
+pub use app_metrics::{record_with_exemplar, AppMetricsSpec, AppRecorder};
 
 // The metric store.
 pub use store::catalogue::{Buckets, Shape, DEFAULT_DURATION_BUCKETS, SIZE_BUCKETS};
 pub use store::index::OTHER;
-pub use store::layout::{data_file_bytes, CELLS, DEFAULT_CAPACITY, MAX_FAMILIES};
+pub use store::layout::{
+    data_file_bytes, index_file_bytes, CELLS, DEFAULT_CAPACITY, MAX_FAMILIES, MAX_REJECT_REASONS,
+};
+pub use store::{
+    trace_id_of, AppFamilyView, AppKind, AppSeries, AppSnapshot, AppStore, AppValue, ExemplarView,
+    GaugeMode, GaugeSample, RejectReason,
+};
 pub use store::{
     unix_now_ns, ErrorKind, ExitReason, Family, Index, MasterSignal, MasterView, Recorder,
     RequestRecord, Series, Snapshot, StoreDir, WorkerFile, WorkerKind, WorkerState, WorkerView,

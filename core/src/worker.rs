@@ -165,6 +165,25 @@ pub(crate) struct Placement {
     pub generation: u64,
 }
 
+/// Installs the `metrics` recorder that writes the app's own metrics into
+/// this worker's store file, before the app factory runs (so that it may
+/// describe and record). A failure costs the app's metrics, not the worker.
+fn install_app_metrics(config: &Config, place: &Placement) {
+    let spec = crate::app_metrics::AppMetricsSpec {
+        families: config.app_metrics.clone(),
+        default_buckets: config.histogram_buckets.clone(),
+    };
+    let installed = crate::store::AppStore::open(&place.store, place.slot, place.generation)
+        .map_err(|e| e.to_string())
+        .and_then(|store| crate::app_metrics::AppRecorder::new(store, spec).install());
+    if let Err(e) = installed {
+        crate::log_warn!(
+            "worker {}: the app's own metrics are not recorded: {e}",
+            place.slot
+        );
+    }
+}
+
 /// Child side of a worker fork: builds the context and runs `worker`. Returns
 /// the process exit code.
 pub(crate) fn child_main(
@@ -207,6 +226,9 @@ pub(crate) fn child_main(
             return EXIT_BOOT_ERROR;
         }
     };
+    if config.metrics {
+        install_app_metrics(&config, &place);
+    }
     let app = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory())) {
         Ok(Ok(app)) => app,
         Ok(Err(e)) => {

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use gpe_core::CELLS;
+use gpe_core::{AppKind, AppSeries, AppValue, ExemplarView, RejectReason};
 use gpe_core::{Buckets, Shape, SIZE_BUCKETS};
 use gpe_core::{ExitReason, Family, MasterSignal, Series, Snapshot, StoreDir, WorkerState};
 use prometheus_client::collector::Collector;
@@ -12,6 +13,7 @@ use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::exemplar::Exemplar;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use prometheus_client::registry::Unit;
 
 use crate::procstat::{self, ProcStat};
 use crate::web_config::AuthFailure;
@@ -468,6 +470,27 @@ impl Scrape {
                 )
             })
             .collect();
+        let app_names: Vec<String> = self
+            .snap
+            .app
+            .families
+            .iter()
+            .map(|f| match f.kind {
+                AppKind::Counter => format!("{}_total", f.name),
+                _ => f.name.clone(),
+            })
+            .collect();
+        let samples: Vec<_> = samples
+            .into_iter()
+            .chain(
+                self.snap
+                    .app
+                    .families
+                    .iter()
+                    .zip(&app_names)
+                    .map(|(f, n)| (vec![("family", n.as_str())], f.dropped)),
+            )
+            .collect();
         counter(
             enc,
             "gpe_metrics_series_dropped",
@@ -484,6 +507,21 @@ impl Scrape {
             "Clients the exporter refused under metrics_web_config, by reason",
             &failures,
         )?;
+        let rejected: Vec<_> = RejectReason::ALL
+            .iter()
+            .map(|r| {
+                (
+                    vec![("reason", r.label())],
+                    self.snap.app.rejected[r.code() as usize],
+                )
+            })
+            .collect();
+        counter(
+            enc,
+            "gpe_metrics_rejected",
+            "App metric registrations refused, by reason (each once per worker process)",
+            &rejected,
+        )?;
         info(
             enc,
             "gpe_build",
@@ -491,6 +529,173 @@ impl Scrape {
             &[vec![("version", env!("CARGO_PKG_VERSION"))]],
         )
     }
+}
+
+fn app_labels(s: &AppSeries) -> Labels<'_> {
+    s.labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
+impl Scrape {
+    /// The app's own families, merged: counters and histograms summed over
+    /// every process, gauges over the live ones by their mode.
+    fn encode_app(&self, enc: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
+        let app = &self.snap.app;
+        for (i, f) in app.families.iter().enumerate() {
+            let series = app.series.iter().filter(|s| s.family == i);
+            // A unit is declared only when the name already ends in it, so
+            // that the exposed name is the one the app chose.
+            let unit = (!f.unit.is_empty())
+                .then(|| f.name.strip_suffix(&format!("_{}", f.unit)))
+                .flatten();
+            let (name, unit) = match unit {
+                Some(stem) => (stem, Some(prom_unit(&f.unit))),
+                None => (f.name.as_str(), None),
+            };
+            let help = if f.help.is_empty() {
+                "An app metric without a description"
+            } else {
+                f.help.as_str()
+            };
+            let kind = match f.kind {
+                AppKind::Counter => MetricType::Counter,
+                AppKind::Gauge => MetricType::Gauge,
+                AppKind::Histogram => MetricType::Histogram,
+            };
+            let mut m = enc.encode_descriptor(name, help, unit.as_ref(), kind)?;
+            for s in series {
+                let labels = app_labels(s);
+                match &s.value {
+                    AppValue::Counter(v) => {
+                        m.encode_family(&labels)?
+                            .encode_counter::<NoLabelSet, u64, f64>(
+                                v,
+                                None::<&Exemplar<NoLabelSet, f64>>,
+                            )?;
+                    }
+                    AppValue::Gauge(samples) => {
+                        for (slot, v) in f.mode.merge(samples) {
+                            let slot = slot.map(|s| s.to_string());
+                            let mut l = labels.clone();
+                            if let Some(w) = &slot {
+                                l.push(("worker", w.as_str()));
+                            }
+                            m.encode_family(&l)?.encode_gauge(&v)?;
+                        }
+                    }
+                    AppValue::Histogram { buckets, sum } => {
+                        let n = f.buckets.len().min(buckets.len().saturating_sub(1));
+                        let mut out: Vec<(f64, u64)> = f.buckets[..n]
+                            .iter()
+                            .copied()
+                            .zip(buckets.iter().copied())
+                            .collect();
+                        out.push((f64::INFINITY, buckets.get(n).copied().unwrap_or(0)));
+                        let count = buckets.iter().fold(0u64, |a, c| a.wrapping_add(*c));
+                        m.encode_family(&labels)?
+                            .encode_histogram::<NoLabelSet>(*sum, count, &out, None)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The exemplars to add to the OpenMetrics bucket lines: per histogram
+    /// family that has any, the bucket lines per series and, for each series
+    /// in encoding order, its (bucket, exemplar) pairs.
+    fn exemplar_notes(&self) -> Vec<ExemplarNote> {
+        let mut notes = Vec::new();
+        let duration: Vec<Vec<(usize, ExemplarView)>> = self
+            .series(Family::HttpDuration)
+            .map(|s| s.exemplars.clone())
+            .collect();
+        if duration.iter().any(|e| !e.is_empty()) {
+            notes.push(ExemplarNote {
+                bucket_prefix: format!("{}_bucket{{", Family::HttpDuration.name()),
+                lines_per_series: self.snap.duration_buckets.len().min(CELLS - 2) + 1,
+                series: duration,
+            });
+        }
+        let app = &self.snap.app;
+        for (i, f) in app.families.iter().enumerate() {
+            if f.kind != AppKind::Histogram {
+                continue;
+            }
+            let series: Vec<_> = app
+                .series
+                .iter()
+                .filter(|s| s.family == i)
+                .map(|s| s.exemplars.clone())
+                .collect();
+            if series.iter().any(|e| !e.is_empty()) {
+                notes.push(ExemplarNote {
+                    bucket_prefix: format!("{}_bucket{{", f.name),
+                    lines_per_series: f.buckets.len().min(CELLS - 2) + 1,
+                    series,
+                });
+            }
+        }
+        notes
+    }
+}
+
+/// The Prometheus unit of an app family.
+fn prom_unit(unit: &str) -> Unit {
+    match unit {
+        "seconds" => Unit::Seconds,
+        "bytes" => Unit::Bytes,
+        other => Unit::Other(other.to_owned()),
+    }
+}
+
+/// Exemplars of one histogram family, placed by line position.
+#[derive(Debug)]
+struct ExemplarNote {
+    bucket_prefix: String,
+    lines_per_series: usize,
+    series: Vec<Vec<(usize, ExemplarView)>>,
+}
+
+/// Appends each exemplar to its bucket line of an OpenMetrics exposition.
+///
+/// prometheus-client encodes exemplars but offers no way to build one from
+/// stored values (its `Exemplar` has no public constructor), so they are
+/// added here: the encoder writes the bucket lines of a series together and
+/// in bucket order, series in the order given, which places each one.
+fn add_exemplars(text: String, notes: &[ExemplarNote]) -> String {
+    if notes.is_empty() {
+        return text;
+    }
+    let mut seen = vec![0usize; notes.len()];
+    let mut out = String::with_capacity(text.len() + 128 * notes.len());
+    for line in text.split_inclusive('\n') {
+        let body = line.strip_suffix('\n').unwrap_or(line);
+        out.push_str(body);
+        if let Some(i) = notes
+            .iter()
+            .position(|n| body.starts_with(&n.bucket_prefix))
+        {
+            let n = &notes[i];
+            let k = seen[i];
+            seen[i] += 1;
+            let (series, bucket) = (k / n.lines_per_series, k % n.lines_per_series);
+            if let Some((_, e)) = n
+                .series
+                .get(series)
+                .and_then(|s| s.iter().find(|(b, _)| *b == bucket))
+            {
+                use std::fmt::Write;
+                let _ = write!(out, " # {{trace_id=\"{}\"}} {}", e.trace_hex(), e.value);
+            }
+        }
+        if line.ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// The name a family is scraped under (counters with `_total`).
@@ -509,7 +714,8 @@ impl Collector for ScrapeCollector {
         self.0.encode_http(&mut enc)?;
         self.0.encode_workers(&mut enc)?;
         self.0.encode_master(&mut enc)?;
-        self.0.encode_store(&mut enc)
+        self.0.encode_store(&mut enc)?;
+        self.0.encode_app(&mut enc)
     }
 }
 
@@ -518,6 +724,10 @@ impl Collector for ScrapeCollector {
 /// # Errors
 /// Only formatter errors, which writing to a `String` does not produce.
 pub fn render(scrape: Scrape, format: Format) -> Result<String, std::fmt::Error> {
+    let notes = match format {
+        Format::OpenMetrics => scrape.exemplar_notes(),
+        Format::Text004 => Vec::new(),
+    };
     let mut registry = Registry::default();
     registry.register_collector(Box::new(ScrapeCollector(scrape)));
     let mut out = String::with_capacity(16 * 1024);
@@ -527,7 +737,7 @@ pub fn render(scrape: Scrape, format: Format) -> Result<String, std::fmt::Error>
             prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)?
         }
     }
-    Ok(out)
+    Ok(add_exemplars(out, &notes))
 }
 
 #[cfg(test)]
@@ -543,6 +753,7 @@ mod tests {
             family,
             labels: labels.iter().map(|l| (*l).to_owned()).collect(),
             cells: c,
+            exemplars: vec![],
         }
     }
 
@@ -576,11 +787,13 @@ mod tests {
                     family: Family::HttpDuration,
                     labels: vec!["GET".into(), "/".into()],
                     cells: duration,
+                    exemplars: vec![],
                 },
                 Series {
                     family: Family::HttpRequestSize,
                     labels: vec![],
                     cells: size,
+                    exemplars: vec![],
                 },
                 series(Family::HttpErrors, &["GET", "/", "app_error"], &[1]),
                 series(Family::WorkerRequests, &["0"], &[9]),
@@ -604,6 +817,7 @@ mod tests {
             in_flight: 1,
             duration_buckets: vec![0.1, 1.0],
             family_cap: 100,
+            app: gpe_core::AppSnapshot::default(),
         };
         let worker = ProcStat {
             resident_bytes: 8_388_608,
@@ -818,9 +1032,9 @@ mod tests {
                 .collect()
         };
         assert_eq!(types(&text), types(&om));
-        // 6 HTTP, 12 worker, 6 master, 6 process, 2 store and 1 exporter
+        // 6 HTTP, 12 worker, 6 master, 6 process, 3 store and 1 exporter
         // families.
-        assert_eq!(types(&text).len(), 33);
+        assert_eq!(types(&text).len(), 34);
         for t in [&text, &om] {
             assert!(t.contains(r#"gpe_exporter_auth_failures_total{reason="wrong_credentials"} 2"#));
             assert!(
@@ -844,6 +1058,129 @@ mod tests {
         );
         assert_eq!(Format::from_accept(Some("text/plain")), Format::Text004);
         assert_eq!(Format::from_accept(None), Format::Text004);
+    }
+
+    /// The fixture plus app families (a counter, a max gauge, a per-worker
+    /// gauge, a histogram with a unit) and exemplars.
+    fn app_scrape() -> Scrape {
+        use gpe_core::{AppFamilyView, AppKind, AppSeries, AppValue, GaugeMode, GaugeSample};
+        let mut s = scrape();
+        let trace = |t: u128, v: f64| ExemplarView {
+            trace_id: t,
+            value: v,
+            at_ns: 1,
+        };
+        for series in &mut s.snap.series {
+            if series.family == Family::HttpDuration {
+                series.exemplars = vec![(1, trace(0xab, 0.5))];
+            }
+        }
+        let fam = |name: &str, kind, mode, unit: &str, buckets: Vec<f64>| AppFamilyView {
+            name: name.to_owned(),
+            kind,
+            mode,
+            help: format!("{name} help"),
+            unit: unit.to_owned(),
+            buckets,
+            dropped: 0,
+        };
+        let g = |slot, value| GaugeSample {
+            slot,
+            generation: 1,
+            value,
+            at_ns: 1,
+        };
+        s.snap.app.families = vec![
+            fam("app_orders", AppKind::Counter, GaugeMode::Sum, "", vec![]),
+            fam("app_depth", AppKind::Gauge, GaugeMode::Max, "", vec![]),
+            fam("app_each", AppKind::Gauge, GaugeMode::PerWorker, "", vec![]),
+            fam(
+                "app_wait_seconds",
+                AppKind::Histogram,
+                GaugeMode::Sum,
+                "seconds",
+                vec![1.0, 2.0],
+            ),
+        ];
+        s.snap.app.families[3].dropped = 4;
+        let series = |family, labels: &[(&str, &str)], value| AppSeries {
+            family,
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            value,
+            exemplars: vec![],
+        };
+        s.snap.app.series = vec![
+            series(0, &[("kind", "book")], AppValue::Counter(5)),
+            series(1, &[], AppValue::Gauge(vec![g(0, 2.0), g(1, 7.0)])),
+            series(2, &[], AppValue::Gauge(vec![g(0, 2.0), g(1, 7.0)])),
+            AppSeries {
+                exemplars: vec![(2, trace(0xcd, 3.5))],
+                ..series(
+                    3,
+                    &[],
+                    AppValue::Histogram {
+                        buckets: vec![1, 2, 3],
+                        sum: 15.5,
+                    },
+                )
+            },
+        ];
+        s.snap.app.rejected[RejectReason::TypeClash.code() as usize] = 2;
+        s
+    }
+
+    #[test]
+    fn app_families_merge_and_carry_exemplars_in_openmetrics_only() {
+        let text = render(app_scrape(), Format::Text004).unwrap();
+        assert_eq!(
+            family(&text, "app_orders_total")[1..],
+            [
+                "# TYPE app_orders_total counter",
+                r#"app_orders_total{kind="book"} 5"#
+            ]
+        );
+        assert_eq!(family(&text, "app_depth")[2..], ["app_depth 7.0"]);
+        assert_eq!(
+            family(&text, "app_each")[2..],
+            [r#"app_each{worker="0"} 2.0"#, r#"app_each{worker="1"} 7.0"#]
+        );
+        assert_eq!(
+            family(&text, "app_wait_seconds")[2..],
+            [
+                r#"app_wait_seconds_bucket{le="1"} 1"#,
+                r#"app_wait_seconds_bucket{le="2"} 3"#,
+                r#"app_wait_seconds_bucket{le="+Inf"} 6"#,
+                "app_wait_seconds_sum 15.5",
+                "app_wait_seconds_count 6",
+            ]
+        );
+        assert!(!text.contains("trace_id"));
+        assert!(text.contains(r#"gpe_metrics_rejected_total{reason="type_clash"} 2"#));
+        assert!(text.contains(r#"gpe_metrics_series_dropped_total{family="app_wait_seconds"} 4"#));
+        assert!(text.contains(r#"gpe_metrics_series_dropped_total{family="app_orders_total"} 0"#));
+
+        let om = render(app_scrape(), Format::OpenMetrics).unwrap();
+        let wait = family(&om, "app_wait_seconds");
+        assert_eq!(wait[2], "# UNIT app_wait_seconds seconds");
+        assert_eq!(
+            wait[wait.len() - 1],
+            r#"app_wait_seconds_bucket{le="+Inf"} 6 # {trace_id="000000000000000000000000000000cd"} 3.5"#
+        );
+        let duration = family(&om, "gpe_http_request_duration_seconds");
+        assert_eq!(
+            duration[2..],
+            [
+                r#"gpe_http_request_duration_seconds_sum{method="GET",route="/"} 2.5"#,
+                r#"gpe_http_request_duration_seconds_count{method="GET",route="/"} 5"#,
+                r#"gpe_http_request_duration_seconds_bucket{le="0.1",method="GET",route="/"} 3"#,
+                r#"gpe_http_request_duration_seconds_bucket{le="1.0",method="GET",route="/"} 4 # {trace_id="000000000000000000000000000000ab"} 0.5"#,
+                r#"gpe_http_request_duration_seconds_bucket{le="+Inf",method="GET",route="/"} 5"#,
+            ]
+        );
+        assert!(om.ends_with("# EOF\n"));
     }
 
     #[test]

@@ -104,6 +104,11 @@ fn exact_counts_by_route(worker: &str) {
         .collect();
     assert_eq!(series, want, "{worker}: exactly three series, as sent");
     assert_eq!(want.len(), 3);
+    // The app's own counter, recorded through the `metrics` facade.
+    assert_eq!(
+        m.one("app_user_lookups_total", &[]),
+        sent[&("GET", "/users/{id}", "200")]
+    );
 }
 
 /// Runs `transfer` on worker `s` (one worker) while sampling its resident

@@ -529,7 +529,8 @@ fn a_filesystem_too_small_for_the_store_stops_start_up_naming_the_file() {
     let log = s.log();
     assert!(
         log.contains(&format!(
-            "cannot reserve 2097664 bytes for {}",
+            "cannot reserve {} bytes for {}",
+            gpe_core::index_file_bytes(gpe_core::DEFAULT_CAPACITY),
             metrics_dir.join("index").display()
         )) && log.contains("`metrics_store_series` = 16384"),
         "{log}"

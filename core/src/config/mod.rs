@@ -20,6 +20,18 @@ pub use raw::{RawSettings, Value};
 pub use resolve::{BindAddr, Config, HostPort, LogTarget, TcpAddr};
 pub use settings::{setting, Flag, Kind, Setting, MAX_WORKERS, SETTINGS, WORKER_TYPES};
 
+/// The settings of one app metric family (`[app_metrics.NAME]`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AppMetricSettings {
+    /// How the family's gauges merge over live workers (default `sum`).
+    pub gauge: Option<crate::store::GaugeMode>,
+    /// Histogram bucket bounds (default: `histogram_buckets`).
+    pub buckets: Option<Vec<f64>>,
+}
+
+/// Settings of the app's own metric families, by metric name.
+pub type AppMetrics = std::collections::BTreeMap<String, AppMetricSettings>;
+
 /// An invalid setting or an unreadable config file. The message always names
 /// the setting (or the file) at fault.
 #[derive(Debug, thiserror::Error)]

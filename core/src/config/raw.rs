@@ -9,7 +9,9 @@ use std::path::Path;
 use clap::{Arg, ArgAction, ArgMatches};
 
 use super::settings::{setting, Kind, Setting, ENV_NOT_SETTINGS, SETTINGS};
-use super::ConfigError;
+use super::{AppMetricSettings, AppMetrics, ConfigError};
+use crate::store::layout::MAX_BUCKETS;
+use crate::store::GaugeMode;
 
 /// One setting's value as a source gave it, in the shape of its [`Kind`].
 #[derive(Debug, Clone, PartialEq)]
@@ -24,6 +26,8 @@ pub enum Value {
     List(Vec<String>),
     /// [`Kind::Buckets`].
     Floats(Vec<f64>),
+    /// [`Kind::AppMetrics`].
+    AppMetrics(AppMetrics),
 }
 
 impl std::fmt::Display for Value {
@@ -34,6 +38,7 @@ impl std::fmt::Display for Value {
             Value::Text(s) => f.write_str(s),
             Value::List(l) => write!(f, "{l:?}"),
             Value::Floats(l) => write!(f, "{l:?}"),
+            Value::AppMetrics(m) => write!(f, "{m:?}"),
         }
     }
 }
@@ -47,6 +52,7 @@ impl Kind {
             Kind::Choice(_) | Kind::Text | Kind::Path | Kind::UrlPath | Kind::TcpAddr => "a string",
             Kind::Addrs => "a list of addresses",
             Kind::Buckets => "a list of numbers",
+            Kind::AppMetrics => "tables [app_metrics.NAME] in the config file",
         }
     }
 
@@ -73,6 +79,9 @@ impl Kind {
                     .collect::<Result<_, _>>()
                     .map_err(|_| bad())?,
             ),
+            Kind::AppMetrics => {
+                return Err("set only in the config file, as [app_metrics.NAME] tables".to_owned())
+            }
         })
     }
 
@@ -107,9 +116,76 @@ impl Kind {
                     })
                     .collect::<Result<_, _>>()?,
             ),
+            (Kind::AppMetrics, toml::Value::Table(t)) => Value::AppMetrics(app_metrics(t)?),
             (_, other) => return Err(bad(&other)),
         })
     }
+}
+
+/// Reads the `[app_metrics.NAME]` tables: each takes `gauge` (one of the
+/// [`GaugeMode`] words) and `buckets` (histogram bounds); anything else is
+/// refused naming its key.
+fn app_metrics(t: toml::Table) -> Result<AppMetrics, String> {
+    let mut out = AppMetrics::new();
+    for (name, v) in t {
+        let toml::Value::Table(fields) = v else {
+            return Err(format!(
+                "[app_metrics.{name}]: expected a table, found {}",
+                v.type_str()
+            ));
+        };
+        let mut s = AppMetricSettings::default();
+        for (key, v) in fields {
+            let at = format!("app_metrics.{name}.{key}");
+            match (key.as_str(), v) {
+                ("gauge", toml::Value::String(m)) => {
+                    let mode = GaugeMode::ALL
+                        .iter()
+                        .find(|g| g.label() == m)
+                        .ok_or_else(|| {
+                            let words: Vec<_> = GaugeMode::ALL.iter().map(|g| g.label()).collect();
+                            format!("`{at}`: expected one of {}, found {m:?}", words.join(", "))
+                        })?;
+                    s.gauge = Some(*mode);
+                }
+                ("buckets", toml::Value::Array(items)) => {
+                    let b = items
+                        .into_iter()
+                        .map(|item| match item {
+                            toml::Value::Float(f) => Ok(f),
+                            toml::Value::Integer(i) => Ok(i as f64),
+                            other => Err(format!(
+                                "`{at}`: expected a list of numbers, found {}",
+                                other.type_str()
+                            )),
+                        })
+                        .collect::<Result<Vec<f64>, String>>()?;
+                    if b.is_empty()
+                        || b.len() > MAX_BUCKETS
+                        || !b.windows(2).all(|w| w[0] < w[1])
+                        || !b.iter().all(|x| x.is_finite())
+                    {
+                        return Err(format!(
+                            "`{at}`: expected 1 to {MAX_BUCKETS} finite, strictly ascending bounds, found {b:?}"
+                        ));
+                    }
+                    s.buckets = Some(b);
+                }
+                ("gauge" | "buckets", other) => {
+                    return Err(format!("`{at}`: wrong type {}", other.type_str()))
+                }
+                _ => return Err(format!("`{at}`: unknown key (gauge and buckets are known)")),
+            }
+        }
+        let mut chars = name.bytes();
+        let valid = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == b'_' || c == b':')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b':');
+        if !valid {
+            return Err(format!("[app_metrics.{name}]: not a valid metric name"));
+        }
+        out.insert(name, s);
+    }
+    Ok(out)
 }
 
 /// Settings as given by one source, or merged from several. Names are those
@@ -253,6 +329,7 @@ impl RawSettings {
                 .action(ArgAction::Append)
                 .value_delimiter(',')
                 .value_parser(clap::value_parser!(f64)),
+            Kind::AppMetrics => return None,
         })
     }
 
@@ -284,6 +361,7 @@ impl RawSettings {
                 }
                 Kind::Addrs => many::<String>(m, s.name)?.map(Value::List),
                 Kind::Buckets => many::<f64>(m, s.name)?.map(Value::Floats),
+                Kind::AppMetrics => None,
             };
             if let Some(v) = v {
                 out.values.insert(s.name, v);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::raw::{RawSettings, Value};
 use super::settings::{setting, with_settings, Kind, Setting};
-use super::ConfigError;
+use super::{AppMetrics, ConfigError};
 use crate::store::layout::MAX_BUCKETS;
 
 /// A host name and port, looked up only when bound ([`HostPort::resolve`]).
@@ -199,6 +199,9 @@ impl Kind {
             Kind::Buckets => {
                 format!("1 to {MAX_BUCKETS} positive, finite, strictly ascending bounds")
             }
+            Kind::AppMetrics => {
+                "[app_metrics.NAME] tables with gauge and buckets, in the config file".to_owned()
+            }
         }
     }
 
@@ -217,6 +220,7 @@ impl Kind {
                     && !s.chars().any(|c| c.is_whitespace() || c.is_control())
             }
             (Kind::Addrs, Value::List(l)) => !l.is_empty(),
+            (Kind::AppMetrics, Value::AppMetrics(_)) => true,
             (Kind::Buckets, Value::Floats(b)) => {
                 !b.is_empty()
                     && b.len() <= MAX_BUCKETS
@@ -353,6 +357,17 @@ impl FromValue for Vec<f64> {
         match v {
             Some(Value::Floats(b)) => Ok(b),
             other => Err(refused(s, other.as_ref())),
+        }
+    }
+}
+
+/// `[app_metrics.NAME]` tables, checked as they were read; none = empty.
+impl FromValue for AppMetrics {
+    fn from_value(s: &Setting, v: Option<Value>) -> Result<Self, ConfigError> {
+        match v {
+            None => Ok(AppMetrics::new()),
+            Some(Value::AppMetrics(m)) => Ok(m),
+            Some(other) => Err(refused(s, Some(&other))),
         }
     }
 }

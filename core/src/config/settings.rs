@@ -59,6 +59,9 @@ pub enum Kind {
     TcpAddr,
     /// Histogram bounds: positive, finite, strictly ascending numbers.
     Buckets,
+    /// Per-family settings of the app's own metrics: `[app_metrics.NAME]`
+    /// tables of the config file (no environment variable or flag form).
+    AppMetrics,
 }
 
 /// How a setting appears on the command line of `gpe serve`.
@@ -416,6 +419,14 @@ macro_rules! with_settings {
                 restart_only: true,
                 flag: Some(Flag::long("SECONDS,...")),
                 doc: "Duration histogram bucket bounds in seconds, comma-separated",
+            },
+            app_metrics = "app_metrics": AppMetrics {
+                kind: Kind::AppMetrics,
+                default: None,
+                env: "GPE_APP_METRICS",
+                restart_only: true,
+                flag: None,
+                doc: "Per-family settings of the app's own metrics: `[app_metrics.NAME]` tables with `gauge` and `buckets` (config file only)",
             },
             metrics_max_series = "metrics_max_series": u32 {
                 kind: Kind::Int { min: 1, max: MAX_SERIES },

@@ -505,3 +505,47 @@ fn the_docs_match_the_table() {
         problems.join("\n")
     );
 }
+
+#[test]
+fn app_metrics_tables_are_read_and_checked_naming_the_key() {
+    let raw = RawSettings::from_toml(
+        "f",
+        "[app_metrics.app_depth]\ngauge = \"max\"\n[app_metrics.app_value]\nbuckets = [1, 2.5]\n",
+    )
+    .unwrap();
+    let c = Config::resolve(raw, None).unwrap();
+    assert_eq!(
+        c.app_metrics["app_depth"].gauge,
+        Some(crate::store::GaugeMode::Max)
+    );
+    assert_eq!(c.app_metrics["app_value"].buckets, Some(vec![1.0, 2.5]));
+    for (text, needle) in [
+        (
+            "[app_metrics.a]\ngauge = \"avg\"\n",
+            "`app_metrics.a.gauge`",
+        ),
+        (
+            "[app_metrics.a]\nbuckets = [2, 1]\n",
+            "`app_metrics.a.buckets`",
+        ),
+        (
+            "[app_metrics.a]\nmode = 1\n",
+            "`app_metrics.a.mode`: unknown key",
+        ),
+        (
+            "[app_metrics.\"a-b\"]\ngauge = \"max\"\n",
+            "[app_metrics.a-b]",
+        ),
+    ] {
+        let e = RawSettings::from_toml("f", text).unwrap_err().to_string();
+        assert!(e.contains(needle), "{e}");
+    }
+    let e = RawSettings::from_env(env(&[("GPE_APP_METRICS", "x")]))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("config file"), "{e}");
+    assert!(Config::resolve(RawSettings::default(), None)
+        .unwrap()
+        .app_metrics
+        .is_empty());
+}

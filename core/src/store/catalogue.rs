@@ -245,6 +245,51 @@ code_enum!(
     }
 );
 
+code_enum!(
+    /// The type of an app family (registered through the `metrics` facade).
+    AppKind {
+        /// Summed over every process, dead ones included.
+        Counter = 1 => "counter",
+        /// Merged over live processes by the family's [`GaugeMode`].
+        Gauge = 2 => "gauge",
+        /// Buckets, count and sum, summed like counters.
+        Histogram = 3 => "histogram",
+    }
+);
+
+code_enum!(
+    /// How the gauges of one app family are merged over the live workers
+    /// (config `[app_metrics.NAME] gauge = "..."`).
+    GaugeMode {
+        /// The sum over live workers (prometheus_client's `livesum`).
+        Sum = 0 => "sum",
+        /// The largest value of a live worker (`max`, of live ones only).
+        Max = 1 => "max",
+        /// The smallest value of a live worker (`min`, of live ones only).
+        Min = 2 => "min",
+        /// The value set most recently by any live worker.
+        Latest = 3 => "latest",
+        /// One series per worker slot, with a `worker` label (`all`).
+        PerWorker = 4 => "per_worker",
+    }
+);
+
+code_enum!(
+    /// Why an app metric was refused, the `reason` of
+    /// `gpe_metrics_rejected_total`.
+    RejectReason {
+        /// The metric name or a label name is not a valid Prometheus name
+        /// (or there are too many labels).
+        InvalidName = 0 => "invalid_name",
+        /// The name starts with `gpe_`, which gpe's own families use.
+        GpeCollision = 1 => "gpe_collision",
+        /// The name is already used with another type.
+        TypeClash = 2 => "type_clash",
+        /// The store holds no more app families.
+        TooManyFamilies = 3 => "too_many_families",
+    }
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -116,6 +116,7 @@ fn fixture() -> Fixture {
                     request_bytes: 0,
                     response_bytes: 1,
                     error: None,
+                    trace: None,
                 },
             );
         }

@@ -18,12 +18,15 @@ use nix::fcntl::{Flock, FlockArg};
 
 use super::catalogue::Family;
 use super::layout::{
-    index_capacity, index_file_bytes, Entry, Mapped, INDEX_MAGIC, LABEL_BYTES, MAX_BUCKETS,
-    MAX_CAPACITY, MIN_CAPACITY, VERSION,
+    index_capacity, index_file_bytes, AppFamilySlot, AppTable, Entry, Mapped, APP_CODE_BASE,
+    INDEX_MAGIC, LABEL_BYTES, MAX_APP_FAMILIES, MAX_BUCKETS, MAX_CAPACITY, MIN_CAPACITY, VERSION,
 };
 
 /// Label value used for every label of a family's overflow series.
 pub const OTHER: &str = "other";
+
+/// Most strings (label values; for app series, names and values) one key holds.
+pub const MAX_KEY_VALUES: usize = 16;
 
 /// The shared series index of one server.
 #[derive(Debug)]
@@ -55,7 +58,22 @@ impl Key {
     /// same key.
     pub fn new(family: Family, values: &[&str]) -> Key {
         debug_assert_eq!(values.len(), family.labels().len());
-        let mut lens = [0usize; 8];
+        Key::encode(family.code(), values)
+    }
+
+    /// Encodes the label pairs of a series of app family `family` (its index
+    /// in the app table): each name, then its value.
+    pub(super) fn app(family: usize, labels: &[(&str, &str)]) -> Key {
+        let mut values = Vec::with_capacity(labels.len() * 2);
+        for (k, v) in labels {
+            values.push(*k);
+            values.push(*v);
+        }
+        Key::encode(APP_CODE_BASE + family as u8, &values)
+    }
+
+    fn encode(code: u8, values: &[&str]) -> Key {
+        let mut lens = [0usize; MAX_KEY_VALUES];
         let n = values.len().min(lens.len());
         for (len, v) in lens.iter_mut().zip(values) {
             *len = v.len().min(u8::MAX as usize);
@@ -77,7 +95,7 @@ impl Key {
             len: 1,
             labels: n as u8,
         };
-        key.buf[0] = family.code();
+        key.buf[0] = code;
         for (v, &l) in values.iter().zip(&lens[..n]) {
             key.buf[key.len] = l as u8;
             key.buf[key.len + 1..key.len + 1 + l].copy_from_slice(&v.as_bytes()[..l]);
@@ -402,6 +420,113 @@ impl Index {
             .ok_or_else(|| io::Error::other("overflow series refused"))
     }
 
+    /// The app-family table.
+    pub(super) fn app_table(&self) -> &AppTable {
+        self.map.app_table()
+    }
+
+    /// App family `i` of the table, if registered (its kind published).
+    pub(super) fn app_slot(&self, i: usize) -> Option<&AppFamilySlot> {
+        let t = self.map.app_table();
+        let slot = t.families.get(i)?;
+        (slot.kind.load(Ordering::Acquire) != 0).then_some(slot)
+    }
+
+    /// The app family of published entry `id` and its label pairs, if it is
+    /// an app series.
+    pub(super) fn describe_app(&self, id: u32) -> Option<(usize, Vec<(&str, &str)>)> {
+        if id >= self.used() {
+            return None;
+        }
+        let e = self.map.entry(id);
+        let fam = e.family.checked_sub(APP_CODE_BASE)? as usize;
+        self.app_slot(fam)?;
+        let values = entry_values(e);
+        if values.len() % 2 != 0 {
+            return None;
+        }
+        Some((
+            fam,
+            values.chunks(2).map(|p| (p[0], p[1])).collect::<Vec<_>>(),
+        ))
+    }
+
+    /// The app family of published entry `id`, if it is an app series.
+    pub(super) fn app_family_of(&self, id: u32) -> Option<usize> {
+        if id >= self.used() {
+            return None;
+        }
+        let fam = self.map.entry(id).family.checked_sub(APP_CODE_BASE)? as usize;
+        self.app_slot(fam).map(|_| fam)
+    }
+
+    /// The id of app family `fam`'s overflow series, if it exists yet.
+    fn app_other_id(&self, fam: usize) -> Option<u32> {
+        let slot = self.map.app_table().families.get(fam)?;
+        let v = slot.other_id.load(Ordering::Acquire);
+        v.checked_sub(1).filter(|id| *id < self.used())
+    }
+
+    /// Appends an app series (`key` made by [`Key::app`]) unless it exists;
+    /// `Ok(None)` when its family reached the cap. With `other`, appends the
+    /// family's overflow series (once).
+    fn append_app(&self, key: &Key, fam: usize, other: bool) -> io::Result<Option<u32>> {
+        let _lock = self.lock()?;
+        let h = self.map.index_header();
+        let slot = self
+            .map
+            .app_table()
+            .families
+            .get(fam)
+            .ok_or_else(|| io::Error::other("unknown app family"))?;
+        let used = h.used.load(Ordering::Acquire);
+        let capacity = self.capacity();
+        if used as usize > capacity {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the series index says {used} entries, beyond its {capacity}"),
+            ));
+        }
+        if other {
+            if let Some(id) = slot
+                .other_id
+                .load(Ordering::Acquire)
+                .checked_sub(1)
+                .filter(|id| *id < used)
+            {
+                return Ok(Some(id));
+            }
+        } else {
+            for id in 0..used {
+                let e = self.map.entry(id);
+                if e.family == key.family_code() && e_bytes(e) == &key.as_bytes()[1..] {
+                    return Ok(Some(id));
+                }
+            }
+            if slot.series.load(Ordering::Acquire) >= h.family_cap.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+        }
+        if used as usize >= capacity {
+            return Err(io::Error::other("series index is full"));
+        }
+        // SAFETY: we hold the exclusive lock and `used` is the next free entry.
+        unsafe { self.map.write_entry(used, &key.entry()) };
+        h.used.store(used + 1, Ordering::Release);
+        if other {
+            slot.other_id.store(used + 1, Ordering::Release);
+        } else {
+            slot.series.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(Some(used))
+    }
+
+    /// Runs `f` under the index lock (the app table's writers take it too).
+    pub(super) fn locked<T>(&self, f: impl FnOnce(&AppTable) -> T) -> io::Result<T> {
+        let _lock = self.lock()?;
+        Ok(f(self.map.app_table()))
+    }
+
     fn lock(&self) -> io::Result<Flock<File>> {
         // A fresh open file description per lock: flock does not exclude holders of
         // the same description, and descriptions are shared across fork.
@@ -446,6 +571,7 @@ impl Mirror {
         let other: StdHashMap<u32, ()> = crate::store::catalogue::Family::ALL
             .iter()
             .filter_map(|f| index.other_id(*f).map(|id| (id, ())))
+            .chain((0..MAX_APP_FAMILIES).filter_map(|f| index.app_other_id(f).map(|id| (id, ()))))
             .collect();
         for id in self.seen..used {
             if other.contains_key(&id) {
@@ -484,6 +610,51 @@ impl Mirror {
             }
         }
         Ok(Resolved::Other(index.other(family)?))
+    }
+}
+
+impl Mirror {
+    /// Resolves the series `labels` of app family `fam`, appending it if it
+    /// is new and the family has room; else the family's `other` series
+    /// (whose labels are these names, each with the value `other`).
+    ///
+    /// # Errors
+    /// Locking errors or a full index.
+    pub(super) fn resolve_app(
+        &mut self,
+        index: &Index,
+        fam: usize,
+        labels: &[(&str, &str)],
+    ) -> io::Result<Resolved> {
+        let key = Key::app(fam, labels);
+        if let Some(&id) = self.ids.get(key.as_bytes()) {
+            return Ok(Resolved::Own(id));
+        }
+        if index.used() != self.seen {
+            self.refresh(index);
+            if let Some(&id) = self.ids.get(key.as_bytes()) {
+                return Ok(Resolved::Own(id));
+            }
+        }
+        let full = index
+            .app_table()
+            .families
+            .get(fam)
+            .is_none_or(|s| s.series.load(Ordering::Acquire) >= index.family_cap());
+        if !full {
+            if let Some(id) = index.append_app(&key, fam, false)? {
+                self.refresh(index);
+                return Ok(Resolved::Own(id));
+            }
+        }
+        if let Some(id) = index.app_other_id(fam) {
+            return Ok(Resolved::Other(id));
+        }
+        let other: Vec<(&str, &str)> = labels.iter().map(|(k, _)| (*k, OTHER)).collect();
+        let id = index
+            .append_app(&Key::app(fam, &other), fam, true)?
+            .ok_or_else(|| io::Error::other("overflow series refused"))?;
+        Ok(Resolved::Other(id))
     }
 }
 

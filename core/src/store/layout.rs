@@ -21,7 +21,7 @@ pub const MAGIC: u64 = 0x4750_4553_544f_5245;
 /// Magic number at the start of the series index ("GPEINDEX").
 pub const INDEX_MAGIC: u64 = 0x4750_4549_4e44_4558;
 /// Layout version; bumped whenever a struct below changes.
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 /// Series a store holds unless `metrics_store_series` says otherwise: index
 /// entries, and value rows in every data file.
 pub const DEFAULT_CAPACITY: usize = 16_384;
@@ -149,9 +149,45 @@ pub(super) struct InFlightEntry {
 /// The in-flight table of a data file (used in worker files only).
 pub(super) type InFlightTable = [InFlightEntry; IN_FLIGHT_ENTRIES];
 
-/// Byte offset of the value rows in a data file, after the in-flight table.
-pub const ROWS_OFFSET: usize = IN_FLIGHT_OFFSET + std::mem::size_of::<InFlightTable>();
-const _: () = assert!(ROWS_OFFSET % 8 == 0);
+/// Exemplar rows per data file; a series uses row `id % EXEMPLAR_SLOTS`
+/// (series that share a row take turns, each cell names its series).
+pub const EXEMPLAR_SLOTS: usize = 64;
+/// Exemplar cells per row: one per finite bucket and `+Inf`.
+pub const EXEMPLAR_BUCKETS: usize = CELLS - 1;
+
+/// One bucket's newest exemplar, under a sequence lock: `seq` is odd while
+/// the writer changes the cell, and a reader keeps what it read only when
+/// `seq` was even and unchanged around its reads.
+#[repr(C)]
+#[derive(Debug)]
+pub(super) struct ExemplarCell {
+    /// Sequence counter (odd while being written).
+    pub seq: AtomicU64,
+    /// Series id + 1 of the observation; 0 = empty.
+    pub series: AtomicU64,
+    /// High 64 bits of the W3C trace id.
+    pub trace_hi: AtomicU64,
+    /// Low 64 bits of the W3C trace id.
+    pub trace_lo: AtomicU64,
+    /// The observed value, as `f64` bits (seconds for durations).
+    pub value: AtomicU64,
+    /// Monotonic nanoseconds of the observation (newest wins across workers).
+    pub at_ns: AtomicU64,
+}
+
+/// The exemplar cells of one exemplar row.
+pub(super) type ExemplarRow = [ExemplarCell; EXEMPLAR_BUCKETS];
+
+/// Byte offset of the exemplar rows in a data file, after the in-flight
+/// table.
+pub const EXEMPLARS_OFFSET: usize = IN_FLIGHT_OFFSET + std::mem::size_of::<InFlightTable>();
+
+/// Byte offset of the value rows in a data file, after the exemplar rows;
+/// every region before them has a fixed size, so only the rows depend on
+/// the store's capacity.
+pub const ROWS_OFFSET: usize =
+    EXEMPLARS_OFFSET + EXEMPLAR_SLOTS * std::mem::size_of::<ExemplarRow>();
+const _: () = assert!(EXEMPLARS_OFFSET % 8 == 0 && ROWS_OFFSET % 8 == 0);
 
 /// Size of a data file with room for `capacity` series.
 pub const fn data_file_bytes(capacity: usize) -> usize {
@@ -211,15 +247,85 @@ pub(super) struct Entry {
 }
 const _: () = assert!(std::mem::size_of::<Entry>() == 128);
 
+/// App families (registered through the `metrics` facade) the index can hold.
+pub const MAX_APP_FAMILIES: usize = 64;
+/// Family code of the first app family in index entries; app family `i` has
+/// code `APP_CODE_BASE + i`.
+pub const APP_CODE_BASE: u8 = 128;
+/// Longest app metric name, in bytes.
+pub const APP_NAME_BYTES: usize = 96;
+/// Longest app help text kept, in bytes.
+pub const APP_HELP_BYTES: usize = 256;
+/// Longest app unit kept, in bytes.
+pub const APP_UNIT_BYTES: usize = 16;
+/// Counters of refused app registrations, by reason code.
+pub const MAX_REJECT_REASONS: usize = 8;
+
+/// One app family: what the first process that registered it wrote, under
+/// the index lock. `kind` is stored last (release) and never changes again;
+/// the help and unit may be filled in later, each published by its length.
+#[repr(C)]
+#[derive(Debug)]
+pub(super) struct AppFamilySlot {
+    /// 0 = free; else the `AppKind` code.
+    pub kind: AtomicU32,
+    /// Gauge merge mode code (gauges only).
+    pub mode: AtomicU32,
+    /// Series of this family (its `other` series not included).
+    pub series: AtomicU32,
+    /// Entry id + 1 of the family's `other` series, 0 until it exists.
+    pub other_id: AtomicU32,
+    /// Observations recorded into the `other` series (any process).
+    pub dropped: AtomicU64,
+    /// Finite histogram bounds in use.
+    pub buckets_len: AtomicU32,
+    /// Bytes of `name`.
+    pub name_len: AtomicU32,
+    /// Bytes of `help` (published after them).
+    pub help_len: AtomicU32,
+    /// Bytes of `unit` (published after them).
+    pub unit_len: AtomicU32,
+    /// Histogram bounds, as `f64` bits.
+    pub buckets: [AtomicU64; MAX_BUCKETS],
+    /// The metric name, UTF-8 in native-endian words.
+    pub name: [AtomicU64; APP_NAME_BYTES / 8],
+    /// The help text.
+    pub help: [AtomicU64; APP_HELP_BYTES / 8],
+    /// The unit (its Prometheus spelling, such as `seconds`).
+    pub unit: [AtomicU64; APP_UNIT_BYTES / 8],
+}
+
+/// The app-family table at the end of the index file.
+#[repr(C)]
+#[derive(Debug)]
+pub(super) struct AppTable {
+    /// Families registered so far.
+    pub used: AtomicU32,
+    /// Padding.
+    pub _pad: AtomicU32,
+    /// Refused registrations, by reason code (any process).
+    pub rejected: [AtomicU64; MAX_REJECT_REASONS],
+    /// The families.
+    pub families: [AppFamilySlot; MAX_APP_FAMILIES],
+}
+
+/// Byte offset of the app-family table in the index file, right after its
+/// header.
+pub const APP_TABLE_OFFSET: usize = INDEX_HEADER_BYTES;
+
+/// Byte offset of the entries in the index file, after the app-family table.
+pub const ENTRIES_OFFSET: usize = APP_TABLE_OFFSET + std::mem::size_of::<AppTable>();
+const _: () = assert!(APP_TABLE_OFFSET % 8 == 0 && ENTRIES_OFFSET % 8 == 0);
+
 /// Size of an index with room for `capacity` series.
 pub const fn index_file_bytes(capacity: usize) -> usize {
-    INDEX_HEADER_BYTES + capacity * std::mem::size_of::<Entry>()
+    ENTRIES_OFFSET + capacity * std::mem::size_of::<Entry>()
 }
 
 /// The number of series an index of `len` bytes has room for, if `len` is
 /// the size of an index.
 pub fn index_capacity(len: u64) -> Option<usize> {
-    capacity_of(len, INDEX_HEADER_BYTES, std::mem::size_of::<Entry>())
+    capacity_of(len, ENTRIES_OFFSET, std::mem::size_of::<Entry>())
 }
 
 /// A store file mapped shared into this process.
@@ -360,7 +466,7 @@ impl Mapped {
 
     /// Entries of an index file: how many series it has room for.
     pub fn entries(&self) -> usize {
-        self.map.len().saturating_sub(INDEX_HEADER_BYTES) / std::mem::size_of::<Entry>()
+        self.map.len().saturating_sub(ENTRIES_OFFSET) / std::mem::size_of::<Entry>()
     }
 
     /// The data-file header.
@@ -405,6 +511,34 @@ impl Mapped {
         unsafe { &*(self.map.as_ptr().add(IN_FLIGHT_OFFSET) as *const InFlightTable) }
     }
 
+    /// Exemplar row `slot` of a data file.
+    ///
+    /// # Panics
+    /// If `slot` is not below [`EXEMPLAR_SLOTS`].
+    pub fn exemplars(&self, slot: usize) -> &ExemplarRow {
+        assert!(slot < EXEMPLAR_SLOTS && self.map.len() >= ROWS_OFFSET);
+        // SAFETY: the row lies inside the mapping (bounds checked above), at an
+        // 8-byte aligned offset (EXEMPLARS_OFFSET and the row size are multiples
+        // of 8, the mapping is page-aligned), and it is atomics only, valid for
+        // any bits; other processes touch it only through the same atomics.
+        unsafe {
+            &*(self
+                .map
+                .as_ptr()
+                .add(EXEMPLARS_OFFSET + slot * std::mem::size_of::<ExemplarRow>())
+                as *const ExemplarRow)
+        }
+    }
+
+    /// The app-family table of an index file.
+    pub fn app_table(&self) -> &AppTable {
+        assert!(self.map.len() >= ENTRIES_OFFSET);
+        // SAFETY: as for `index_header`: the table lies inside the mapping
+        // (checked), 8-byte aligned (APP_TABLE_OFFSET is a multiple of 8 from a
+        // page-aligned start), and atomics only.
+        unsafe { &*(self.map.as_ptr().add(APP_TABLE_OFFSET) as *const AppTable) }
+    }
+
     /// The index header. The mapping must be an index file.
     pub fn index_header(&self) -> &IndexHeader {
         assert!(self.map.len() >= INDEX_HEADER_BYTES);
@@ -418,14 +552,14 @@ impl Mapped {
         let id = id as usize;
         assert!(id < self.entries());
         // SAFETY: in bounds (checked), `Entry` is plain bytes (valid for any bits) and
-        // align 2 at a 128-byte stride from a 512-byte offset. Callers read an entry
+        // align 2 at a 128-byte stride from an 8-byte aligned offset. Callers read an entry
         // only after an acquire load of `used` covers it; its writer published it with
         // a release store after writing it and never writes it again.
         unsafe {
             &*(self
                 .map
                 .as_ptr()
-                .add(INDEX_HEADER_BYTES + id * std::mem::size_of::<Entry>())
+                .add(ENTRIES_OFFSET + id * std::mem::size_of::<Entry>())
                 as *const Entry)
         }
     }
@@ -443,7 +577,7 @@ impl Mapped {
             let dst = self
                 .map
                 .as_mut_ptr()
-                .add(INDEX_HEADER_BYTES + id * std::mem::size_of::<Entry>())
+                .add(ENTRIES_OFFSET + id * std::mem::size_of::<Entry>())
                 as *mut Entry;
             std::ptr::write(
                 dst,
@@ -656,6 +790,33 @@ mod tests {
         assert_eq!(
             std::fs::metadata(&path).unwrap().len(),
             data_file_bytes(DEFAULT_CAPACITY) as u64
+        );
+    }
+
+    #[test]
+    fn exemplar_rows_and_app_table_are_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("w");
+        let a = Mapped::create(&d, data_file_bytes(MIN_CAPACITY)).unwrap();
+        // SAFETY: the file was just created by this module.
+        let b = unsafe { Mapped::open(&d, data_file_bytes(MIN_CAPACITY)) }.unwrap();
+        a.exemplars(EXEMPLAR_SLOTS - 1)[EXEMPLAR_BUCKETS - 1]
+            .at_ns
+            .store(9, Ordering::Relaxed);
+        assert_eq!(
+            b.exemplars(EXEMPLAR_SLOTS - 1)[EXEMPLAR_BUCKETS - 1]
+                .at_ns
+                .load(Ordering::Relaxed),
+            9
+        );
+        let i = dir.path().join("i");
+        let a = Mapped::create(&i, index_file_bytes(MIN_CAPACITY)).unwrap();
+        // SAFETY: as above.
+        let b = unsafe { Mapped::open(&i, index_file_bytes(MIN_CAPACITY)) }.unwrap();
+        a.app_table().families[MAX_APP_FAMILIES - 1].unit[1].store(3, Ordering::Relaxed);
+        assert_eq!(
+            b.app_table().families[MAX_APP_FAMILIES - 1].unit[1].load(Ordering::Relaxed),
+            3
         );
     }
 

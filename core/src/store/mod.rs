@@ -7,7 +7,9 @@
 //! reads a consistent [`Snapshot`]. Layout details (private to the store) live
 //! in `layout`, the catalogue of families in `catalogue`.
 
+mod app;
 pub mod catalogue;
+mod exemplar;
 mod in_flight;
 pub mod index;
 pub mod layout;
@@ -23,11 +25,18 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
-pub use catalogue::{ExitReason, Family, MasterSignal, WorkerKind, WorkerState};
+pub use app::{AppCounter, AppFamily, AppGauge, AppHistogram, AppStore, FamilySpec, Refusal};
+pub use catalogue::{
+    AppKind, ExitReason, Family, GaugeMode, MasterSignal, RejectReason, WorkerKind, WorkerState,
+};
+pub use exemplar::{trace_id_of, ExemplarView};
 pub use in_flight::InFlightRequest;
 pub use index::Index;
 pub use recorder::{ErrorKind, Recorder, RequestRecord, Tracked};
-pub use snapshot::{MasterView, Series, Snapshot, WorkerView};
+pub use snapshot::{
+    AppFamilyView, AppSeries, AppSnapshot, AppValue, GaugeSample, MasterView, Series, Snapshot,
+    WorkerView,
+};
 pub use views::{MasterFile, RetiredFile, WorkerFile};
 
 use layout::{data_capacity, data_file_bytes, index_capacity, FileKind, Header, Mapped, Row};

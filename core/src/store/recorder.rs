@@ -55,6 +55,9 @@ pub struct RequestRecord<'a> {
     pub response_bytes: u64,
     /// The error kind, if the request failed.
     pub error: Option<ErrorKind>,
+    /// The W3C trace id of the request (`traceparent`), kept as the exemplar
+    /// of its duration bucket.
+    pub trace: Option<u128>,
 }
 
 /// A request named in the in-flight table ([`Recorder::track`]); dropping it
@@ -332,7 +335,7 @@ impl Recorder {
     pub fn finish_at(&self, start: u64, end: u64, rec: &RequestRecord<'_>) {
         let h = self.file.header();
         if self.metrics {
-            self.record(end.saturating_sub(start), rec);
+            self.record(end.saturating_sub(start), end, rec);
         }
         self.add(&h.requests, 1);
         h.heartbeat_ns.store(end, Ordering::Relaxed);
@@ -381,14 +384,25 @@ impl Recorder {
         }
     }
 
-    fn record(&self, duration_ns: u64, rec: &RequestRecord<'_>) {
+    fn record(&self, duration_ns: u64, end: u64, rec: &RequestRecord<'_>) {
         if let Some(ids) = self.request_ids(rec) {
             self.add(&self.file.row(ids.requests)[0], 1);
-            self.observe(
+            let bucket = self.observe(
                 self.file.row(ids.duration),
                 &self.duration_bounds_ns,
                 duration_ns,
             );
+            if let Some(trace) = rec.trace {
+                super::exemplar::put(
+                    &self.file,
+                    ids.duration,
+                    bucket,
+                    trace,
+                    duration_ns as f64 / 1e9,
+                    end,
+                    self.single_writer,
+                );
+            }
         }
         if let Some(kind) = rec.error {
             if let Some(id) =
@@ -491,11 +505,14 @@ impl Recorder {
         }
     }
 
-    /// Adds one observation of `value` to a histogram row with finite `bounds`.
+    /// Adds one observation of `value` to a histogram row with finite
+    /// `bounds`; returns its bucket.
     #[inline]
-    fn observe(&self, row: &Row, bounds: &[u64], value: u64) {
-        self.add(&row[bucket_of(bounds, value)], 1);
+    fn observe(&self, row: &Row, bounds: &[u64], value: u64) -> usize {
+        let bucket = bucket_of(bounds, value);
+        self.add(&row[bucket], 1);
         self.add(&row[CELLS - 1], value);
+        bucket
     }
 }
 

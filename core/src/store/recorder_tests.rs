@@ -58,6 +58,7 @@ fn requests_are_counted_exactly_and_state_follows_in_flight() {
                 request_bytes: 0,
                 response_bytes: 13,
                 error: (i % 2 == 1).then_some(ErrorKind::AppError),
+                trace: None,
             },
         );
     }
@@ -94,6 +95,7 @@ fn overflow_goes_to_other_and_counts_drops() {
                 request_bytes: 0,
                 response_bytes: 0,
                 error: None,
+                trace: None,
             },
         );
     }

@@ -7,10 +7,13 @@ use std::io;
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
-use super::catalogue::{Family, WorkerKind, WorkerState};
+use super::catalogue::{AppKind, Family, GaugeMode, WorkerKind, WorkerState};
+use super::exemplar::{self, ExemplarView};
 use super::index::Index;
-use super::layout::{FileKind, CELLS, MAX_FAMILIES, MAX_REASONS, MAX_SIGNALS};
-use super::{DataFile, StoreDir};
+use super::layout::{
+    FileKind, CELLS, MAX_APP_FAMILIES, MAX_FAMILIES, MAX_REASONS, MAX_REJECT_REASONS, MAX_SIGNALS,
+};
+use super::{app, DataFile, StoreDir};
 
 /// One merged series.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,6 +24,115 @@ pub struct Series {
     pub labels: Vec<String>,
     /// Summed cells (counter in cell 0; histogram buckets, `+Inf`, sum last).
     pub cells: [u64; CELLS],
+    /// Histograms: the newest exemplar of each bucket that has one, as
+    /// (bucket, exemplar), over the live workers.
+    pub exemplars: Vec<(usize, ExemplarView)>,
+}
+
+/// An app family (registered through the `metrics` facade).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppFamilyView {
+    /// The exposed name (counters without `_total`).
+    pub name: String,
+    /// Its type.
+    pub kind: AppKind,
+    /// Gauges: how live workers' values merge.
+    pub mode: GaugeMode,
+    /// Help text (empty if never described).
+    pub help: String,
+    /// Unit, as Prometheus spells it (empty if none).
+    pub unit: String,
+    /// Histograms: finite bucket bounds.
+    pub buckets: Vec<f64>,
+    /// Observations that went into the family's `other` series.
+    pub dropped: u64,
+}
+
+/// One gauge value set by one live worker process.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GaugeSample {
+    /// Its slot.
+    pub slot: u32,
+    /// Its generation.
+    pub generation: u64,
+    /// The value.
+    pub value: f64,
+    /// When it was set (monotonic nanoseconds; `latest` mode only, else 1).
+    pub at_ns: u64,
+}
+
+/// The merged value of one app series.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AppValue {
+    /// Summed over every process, dead ones included.
+    Counter(u64),
+    /// The values of the live processes that set it.
+    Gauge(Vec<GaugeSample>),
+    /// Bucket counts (the finite ones, then `+Inf`) and the sum.
+    Histogram {
+        /// Per-bucket counts (not cumulative).
+        buckets: Vec<u64>,
+        /// Sum of the observations.
+        sum: f64,
+    },
+}
+
+/// One app series, merged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppSeries {
+    /// Index of its family in [`AppSnapshot::families`].
+    pub family: usize,
+    /// Label names and values.
+    pub labels: Vec<(String, String)>,
+    /// Its value.
+    pub value: AppValue,
+    /// Histograms: the newest exemplar of each bucket that has one.
+    pub exemplars: Vec<(usize, ExemplarView)>,
+}
+
+/// Every app family and series of the store.
+#[derive(Debug, Clone, Default)]
+pub struct AppSnapshot {
+    /// Families in registration order; series refer to them by position.
+    pub families: Vec<AppFamilyView>,
+    /// Series in index order.
+    pub series: Vec<AppSeries>,
+    /// Refused registrations by `RejectReason` code.
+    pub rejected: [u64; MAX_REJECT_REASONS],
+}
+
+impl GaugeMode {
+    /// Merges the values of the live processes: one value for every mode
+    /// but [`GaugeMode::PerWorker`], which gives one per slot (the newest
+    /// generation's). Nothing when no live process set the gauge.
+    pub fn merge(self, samples: &[GaugeSample]) -> Vec<(Option<u32>, f64)> {
+        let values = samples.iter().map(|s| s.value);
+        let one = match self {
+            _ if samples.is_empty() => None,
+            GaugeMode::Sum => Some(values.sum()),
+            GaugeMode::Max => values.reduce(f64::max),
+            GaugeMode::Min => values.reduce(f64::min),
+            GaugeMode::Latest => samples
+                .iter()
+                .max_by_key(|s| (s.at_ns, s.generation))
+                .map(|s| s.value),
+            GaugeMode::PerWorker => {
+                let mut newest: std::collections::BTreeMap<u32, &GaugeSample> =
+                    std::collections::BTreeMap::new();
+                for s in samples {
+                    let e = newest.entry(s.slot).or_insert(s);
+                    if s.generation > e.generation {
+                        *e = s;
+                    }
+                }
+                return newest
+                    .into_iter()
+                    .map(|(slot, s)| (Some(slot), s.value))
+                    .collect();
+            }
+        };
+        one.map(|v| vec![(None, v)]).unwrap_or_default()
+    }
 }
 
 /// The newest live process of one worker slot.
@@ -85,6 +197,8 @@ pub struct Snapshot {
     pub duration_buckets: Vec<f64>,
     /// Per-family series cap.
     pub family_cap: u32,
+    /// The app's own families.
+    pub app: AppSnapshot,
 }
 
 const MAX_ATTEMPTS: u32 = 1000;
@@ -164,6 +278,17 @@ impl Snapshot {
     }
 }
 
+/// How the rows of one id are merged.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum RowUse {
+    /// Integer cells, summed (gpe's families, app counters).
+    Sum,
+    /// An app histogram: integer buckets, an `f64` sum in the last cell.
+    AppHistogram,
+    /// An app gauge: one value per live process.
+    AppGauge,
+}
+
 fn read_once(
     store: &StoreDir,
     index: &Index,
@@ -171,21 +296,70 @@ fn read_once(
     master: Option<&DataFile>,
 ) -> io::Result<Snapshot> {
     let used = index.used();
-    let mut cells = vec![[0u64; CELLS]; used as usize];
-    let mut dropped = [0u64; MAX_FAMILIES];
-    let mut sum_file = |f: &DataFile, dropped: &mut [u64; MAX_FAMILIES]| {
-        for (id, acc) in cells.iter_mut().enumerate() {
-            let row = f.row(id as u32);
-            for (a, c) in acc.iter_mut().zip(row) {
-                *a = a.wrapping_add(c.load(Ordering::Relaxed));
+    let uses: Vec<RowUse> = (0..used)
+        .map(|id| {
+            match index
+                .app_family_of(id)
+                .and_then(|f| index.app_slot(f))
+                .and_then(|s| AppKind::from_code(s.kind.load(Ordering::Acquire)))
+            {
+                Some(AppKind::Gauge) => RowUse::AppGauge,
+                Some(AppKind::Histogram) => RowUse::AppHistogram,
+                _ => RowUse::Sum,
             }
-        }
-        for (d, c) in dropped.iter_mut().zip(&f.header().dropped) {
-            *d = d.wrapping_add(c.load(Ordering::Relaxed));
-        }
-    };
+        })
+        .collect();
+    let mut cells = vec![[0u64; CELLS]; used as usize];
+    let mut sums = vec![0f64; used as usize];
+    let mut gauges: Vec<Vec<GaugeSample>> = vec![Vec::new(); used as usize];
+    let mut newest_exemplars: std::collections::HashMap<(u32, usize), ExemplarView> =
+        std::collections::HashMap::new();
+    let mut dropped = [0u64; MAX_FAMILIES];
+    let mut sum_file =
+        |f: &DataFile, live: Option<(u32, u64)>, dropped: &mut [u64; MAX_FAMILIES]| {
+            for (id, acc) in cells.iter_mut().enumerate() {
+                let row = f.row(id as u32);
+                match uses[id] {
+                    RowUse::Sum => {
+                        for (a, c) in acc.iter_mut().zip(row) {
+                            *a = a.wrapping_add(c.load(Ordering::Relaxed));
+                        }
+                    }
+                    RowUse::AppHistogram => {
+                        for (a, c) in acc[..CELLS - 1].iter_mut().zip(row) {
+                            *a = a.wrapping_add(c.load(Ordering::Relaxed));
+                        }
+                        sums[id] += f64::from_bits(row[CELLS - 1].load(Ordering::Relaxed));
+                    }
+                    RowUse::AppGauge => {
+                        let at_ns = row[1].load(Ordering::Relaxed);
+                        if let (Some((slot, generation)), true) = (live, at_ns != 0) {
+                            gauges[id].push(GaugeSample {
+                                slot,
+                                generation,
+                                value: f64::from_bits(row[0].load(Ordering::Relaxed)),
+                                at_ns,
+                            });
+                        }
+                    }
+                }
+            }
+            for (d, c) in dropped.iter_mut().zip(&f.header().dropped) {
+                *d = d.wrapping_add(c.load(Ordering::Relaxed));
+            }
+            if live.is_some() {
+                for (id, bucket, e) in exemplar::read_all(f) {
+                    if id < used {
+                        let slot = newest_exemplars.entry((id, bucket)).or_insert(e);
+                        if e.at_ns > slot.at_ns {
+                            *slot = e;
+                        }
+                    }
+                }
+            }
+        };
     if let Some(r) = retired {
-        sum_file(r, &mut dropped);
+        sum_file(r, None, &mut dropped);
     }
     let mut workers: Vec<WorkerView> = Vec::new();
     let mut in_flight: i64 = 0;
@@ -201,7 +375,7 @@ fn read_once(
         {
             continue;
         }
-        sum_file(&file, &mut dropped);
+        sum_file(&file, Some((slot, generation)), &mut dropped);
         let pid = h.pid.load(Ordering::Relaxed);
         let inf = h.in_flight.load(Ordering::Relaxed).max(0);
         in_flight = in_flight.saturating_add(inf);
@@ -239,17 +413,81 @@ fn read_once(
             None => workers.push(view),
         }
     }
-    let series = (0..used)
-        .zip(cells)
-        .filter_map(|(id, cells)| {
-            let (family, labels) = index.describe(id)?;
-            Some(Series {
+    let mut exemplars_of: std::collections::HashMap<u32, Vec<(usize, ExemplarView)>> =
+        std::collections::HashMap::new();
+    for ((id, bucket), e) in newest_exemplars {
+        exemplars_of.entry(id).or_default().push((bucket, e));
+    }
+    for v in exemplars_of.values_mut() {
+        v.sort_by_key(|(b, _)| *b);
+    }
+    let mut series = Vec::new();
+    let mut app = AppSnapshot::default();
+    let mut app_series = Vec::new();
+    for (((id, cells), sum), samples) in (0..used).zip(cells).zip(sums).zip(gauges) {
+        let exemplars = exemplars_of.remove(&id).unwrap_or_default();
+        if let Some((family, labels)) = index.describe(id) {
+            series.push(Series {
                 family,
                 labels: labels.into_iter().map(str::to_owned).collect(),
                 cells,
-            })
-        })
-        .collect();
+                exemplars,
+            });
+        } else if let Some((family, labels)) = index.describe_app(id) {
+            let labels = labels
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            let value = match uses[id as usize] {
+                RowUse::Sum => AppValue::Counter(cells[0]),
+                RowUse::AppGauge => AppValue::Gauge(samples),
+                RowUse::AppHistogram => {
+                    let n = index
+                        .app_slot(family)
+                        .map_or(0, |s| app::slot_buckets(s).len())
+                        .min(CELLS - 2);
+                    AppValue::Histogram {
+                        buckets: cells[..=n].to_vec(),
+                        sum,
+                    }
+                }
+            };
+            app_series.push((family, labels, value, exemplars));
+        }
+    }
+    let table = index.app_table();
+    let mut positions = [usize::MAX; MAX_APP_FAMILIES];
+    for (i, pos) in positions.iter_mut().enumerate() {
+        let Some(slot) = index.app_slot(i) else {
+            continue;
+        };
+        let Some(kind) = AppKind::from_code(slot.kind.load(Ordering::Acquire)) else {
+            continue;
+        };
+        *pos = app.families.len();
+        app.families.push(AppFamilyView {
+            name: app::slot_name(slot),
+            kind,
+            mode: GaugeMode::from_code(slot.mode.load(Ordering::Relaxed)).unwrap_or(GaugeMode::Sum),
+            help: app::slot_help(slot),
+            unit: app::slot_unit(slot),
+            buckets: app::slot_buckets(slot),
+            dropped: slot.dropped.load(Ordering::Relaxed),
+        });
+    }
+    for (family, labels, value, exemplars) in app_series {
+        if let Some(&pos) = positions.get(family).filter(|p| **p != usize::MAX) {
+            app.series.push(AppSeries {
+                family: pos,
+                labels,
+                value,
+                exemplars,
+            });
+        }
+    }
+    for (r, c) in app.rejected.iter_mut().zip(&table.rejected) {
+        *r = c.load(Ordering::Relaxed);
+    }
     let master = master.map(|m| {
         let h = m.header();
         let mut view = MasterView {
@@ -276,5 +514,6 @@ fn read_once(
         in_flight,
         duration_buckets: index.duration_buckets(),
         family_cap: index.family_cap(),
+        app,
     })
 }

@@ -9,8 +9,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, Ordering};
 
+use super::catalogue::AppKind;
 use super::index::{Key, Mirror};
-use super::layout::FileKind;
+use super::layout::{FileKind, CELLS};
 use super::{
     DataFile, ExitReason, Family, FileIdentity, InFlightRequest, Index, MasterSignal, StoreDir,
 };
@@ -238,7 +239,28 @@ impl FoldWindow<'_> {
             return Ok(());
         }
         for id in 0..index.used() {
-            for (s, d) in dead.file.row(id).iter().zip(self.retired.row(id)) {
+            let kind = index
+                .app_family_of(id)
+                .and_then(|f| index.app_slot(f))
+                .and_then(|s| AppKind::from_code(s.kind.load(Ordering::Acquire)));
+            let (src, dst) = (dead.file.row(id), self.retired.row(id));
+            let ints = match kind {
+                // A dead worker's gauges vanish with it.
+                Some(AppKind::Gauge) => continue,
+                // The sum of an app histogram is an `f64`; the master is the
+                // retired file's only writer.
+                Some(AppKind::Histogram) => {
+                    let v = f64::from_bits(src[CELLS - 1].load(Ordering::Relaxed));
+                    if v != 0.0 {
+                        let d = &dst[CELLS - 1];
+                        let total = f64::from_bits(d.load(Ordering::Relaxed)) + v;
+                        d.store(total.to_bits(), Ordering::Relaxed);
+                    }
+                    CELLS - 1
+                }
+                _ => CELLS,
+            };
+            for (s, d) in src[..ints].iter().zip(&dst[..ints]) {
                 let v = s.load(Ordering::Relaxed);
                 if v != 0 {
                     d.fetch_add(v, Ordering::Relaxed);

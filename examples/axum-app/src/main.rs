@@ -7,7 +7,9 @@
 //! It takes the same command line as `gpe serve`. Routes:
 //!
 //! - `GET /` answers `Hello, World!`;
-//! - `GET /users/{id}` answers a JSON user, counting lookups in shared state;
+//! - `GET /users/{id}` answers a JSON user, counting lookups in shared state
+//!   and in the app's own metric `app_user_lookups_total` (the `metrics`
+//!   facade, merged across workers by gpe);
 //! - `POST /json` takes `{"a": .., "b": ..}` and answers their sum as JSON;
 //! - `GET /sleep/{ms}` awaits `tokio::time::sleep`, `GET /spawn` a `tokio::spawn`ed task;
 //! - `GET /sse?n=N&ms=M` streams N server-sent events M ms apart;
@@ -46,6 +48,7 @@ struct User {
 
 async fn user(State(state): State<Arc<AppState>>, Path(id): Path<u64>) -> Json<User> {
     let lookups = state.lookups.fetch_add(1, Ordering::Relaxed) + 1;
+    gpe::counter!("app_user_lookups_total").increment(1);
     Json(User {
         id,
         name: format!("user-{id}"),
@@ -159,5 +162,8 @@ fn app() -> Router {
 }
 
 fn main() -> std::process::ExitCode {
-    gpe::serve(|| Ok(app()))
+    gpe::serve(|| {
+        gpe::describe_counter!("app_user_lookups_total", "User lookups served");
+        Ok(app())
+    })
 }

@@ -12,6 +12,15 @@
 //! - `/bytes/{n}` answers `n` bytes;
 //! - `/hold/{mib}` allocates `mib` MiB (at most 1024), writes every page so
 //!   that it is resident, and keeps it for the life of the worker process;
+//! - `/order/{kind}/{value}` counts `app_orders_total{kind}` and observes
+//!   `value` in the histogram `app_order_value` (with the request's
+//!   `traceparent` trace id as its exemplar when it has one);
+//! - `/gauge/{name}/set/{v}` and `/gauge/{name}/inc/{v}` set or raise the
+//!   gauge `app_level_{name}` of the worker that serves it;
+//! - `/user/{id}` counts `app_users_total{user}` (one label set per id);
+//! - `/refuse/{what}` records a metric gpe refuses: `bad_name`, `gpe`
+//!   (a `gpe_` name) or `clash` (a gauge named like the counter
+//!   `app_orders_total`); answers `recorded`;
 //! - anything else answers 404.
 //!
 //! With `TESTAPP_BOOT_FAIL=1` the app factory fails, for boot-error tests;
@@ -59,8 +68,78 @@ fn route(req: Request) -> Response {
             }
             _ => with_route(text(StatusCode::BAD_REQUEST, "bad mib"), "/hold/{mib}"),
         },
+        (Some("order"), Some(rest)) => order(&req, rest),
+        (Some("gauge"), Some(rest)) => gauge(rest),
+        (Some("user"), Some(id)) => {
+            gpe::counter!("app_users_total", "user" => id.to_owned()).increment(1);
+            with_route(text(StatusCode::OK, "counted"), "/user/{id}")
+        }
+        (Some("refuse"), Some(what)) => {
+            match what {
+                "bad_name" => gpe::counter!("app-bad-name").increment(1),
+                "gpe" => gpe::counter!("gpe_app_total").increment(1),
+                "clash" => gpe::gauge!("app_orders").set(1.0),
+                _ => return with_route(text(StatusCode::BAD_REQUEST, "what?"), "/refuse/{what}"),
+            }
+            with_route(text(StatusCode::OK, "recorded"), "/refuse/{what}")
+        }
         _ => text(StatusCode::NOT_FOUND, "not found"),
     }
+}
+
+/// `/order/{kind}/{value}`.
+fn order(req: &Request, rest: &str) -> Response {
+    let Some((kind, value)) = rest.split_once('/') else {
+        return with_route(
+            text(StatusCode::BAD_REQUEST, "bad order"),
+            "/order/{kind}/{value}",
+        );
+    };
+    let Ok(value) = value.parse::<f64>() else {
+        return with_route(
+            text(StatusCode::BAD_REQUEST, "bad value"),
+            "/order/{kind}/{value}",
+        );
+    };
+    gpe::counter!("app_orders_total", "kind" => kind.to_owned()).increment(1);
+    let trace = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| gpe::trace_id_of(v.as_bytes()));
+    match trace {
+        Some(t) => {
+            gpe::record_with_exemplar(&gpe::metrics::Key::from_name("app_order_value"), value, t)
+        }
+        None => gpe::histogram!("app_order_value").record(value),
+    }
+    with_route(text(StatusCode::OK, "ordered"), "/order/{kind}/{value}")
+}
+
+/// `/gauge/{name}/{set|inc}/{value}`.
+fn gauge(rest: &str) -> Response {
+    let mut parts = rest.splitn(3, '/');
+    let (Some(name), Some(op), Some(Ok(v))) = (
+        parts.next(),
+        parts.next(),
+        parts.next().map(str::parse::<f64>),
+    ) else {
+        return with_route(
+            text(StatusCode::BAD_REQUEST, "bad gauge"),
+            "/gauge/{name}/{op}/{v}",
+        );
+    };
+    let g = gpe::gauge!(format!("app_level_{name}"));
+    match op {
+        "set" => g.set(v),
+        "inc" => g.increment(v),
+        _ => {
+            return with_route(
+                text(StatusCode::BAD_REQUEST, "bad op"),
+                "/gauge/{name}/{op}/{v}",
+            )
+        }
+    }
+    with_route(text(StatusCode::OK, "gauged"), "/gauge/{name}/{op}/{v}")
 }
 
 /// Memory that `/hold/{mib}` keeps for the life of the process.
@@ -86,6 +165,8 @@ fn main() -> ExitCode {
         {
             std::thread::sleep(Duration::from_millis(ms.min(60_000)));
         }
+        gpe::describe_counter!("app_orders_total", "Orders the testapp took, by kind");
+        gpe::describe_histogram!("app_order_value", "Value of each order");
         Ok(handler(|req: Request| async move {
             match req
                 .uri()
