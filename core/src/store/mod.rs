@@ -480,7 +480,10 @@ mod tests {
         let index = Index::create(&master.index_path(), 64, 10, &[1.0]).unwrap();
         let w = WorkerFile::create(&master, 0, 1, WorkerKind::Sync).unwrap();
         let len = |p: PathBuf| fs::metadata(p).unwrap().len();
-        assert_eq!(len(master.index_path()), 512 + 64 * 128);
+        assert_eq!(
+            len(master.index_path()),
+            (layout::ENTRIES_OFFSET + 64 * 128) as u64
+        );
         assert_eq!(
             len(master.worker_path(0, 1)),
             (layout::ROWS_OFFSET + 64 * 128) as u64
