@@ -37,6 +37,7 @@ pub use http::body::Body;
 // The HTTP layer the workers share.
 pub use http::conn::{policy as conn_policy, serve_io, ConnectionGuard, Policy, Protocol};
 pub use http::instrument::Instrumented;
+pub use http::limits::HeadLimits;
 pub use http::run::{
     allow_blocking, catching, run_blocking, start as start_call, Failure, Inline, Runner,
 };

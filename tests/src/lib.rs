@@ -20,7 +20,7 @@ pub use apps::{
 pub use http::{get, http, read_head, Head, KeepAlive, Resp};
 pub use load::{parallel, Load};
 pub use metrics::{promtool_check, Metrics};
-pub use procs::{alive, statm_rss, threads_of, wait_child};
+pub use procs::{alive, signal_child, statm_rss, threads_of, wait_child, Process};
 pub use server::{free_port, Opts, Server};
 pub use wait::wait_until;
 pub use workers::WORKERS;

@@ -137,7 +137,7 @@ fn corruption(worker: &str, c: Corruption) {
         s.log()
     );
     let victim = s.worker_pids()["0"];
-    kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+    assert!(signal_child(s.pid().as_raw(), victim, Signal::SIGKILL));
     assert!(
         wait_until(Duration::from_secs(10), || {
             serving(&s, 2, Duration::from_millis(1))
@@ -360,17 +360,19 @@ fn the_stale_store_of_a_killed_master_is_removed_at_the_next_start() {
         stale.join("index").exists(),
         "the default store is under /dev/shm"
     );
-    let workers: Vec<i32> = m
+    // Known by start time too: once orphaned (or gone) their pids may name
+    // another process on this shared host.
+    let workers: Vec<Process> = m
         .samples("gpe_worker_info")
         .iter()
-        .map(|(l, _)| l["pid"].parse().unwrap())
+        .filter_map(|(l, _)| Process::child_of(a_pid, l["pid"].parse().unwrap()))
         .collect();
     kill(Pid::from_raw(a_pid), Signal::SIGKILL).unwrap();
     a.wait_exit(Duration::from_secs(10)).unwrap();
     // The orphaned workers do not outlive the test.
     for w in workers {
-        let _ = kill(Pid::from_raw(w), Signal::SIGKILL);
-        assert!(wait_until(Duration::from_secs(10), || !alive(w)));
+        w.signal(Signal::SIGKILL);
+        assert!(wait_until(Duration::from_secs(10), || !w.signal(Signal::SIGCONT)));
     }
     assert!(stale.exists(), "kill -9 leaves the store behind");
     let mut b = Started::spawn(dir.path(), "thread", None, &[]);
@@ -465,7 +467,7 @@ fn full_filesystem(worker: &str) {
     let victim = s.wait_serving(1.0).samples("gpe_worker_info")[0].0["pid"]
         .parse::<i32>()
         .unwrap();
-    kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+    assert!(signal_child(s.pid(), victim, Signal::SIGKILL));
     assert!(wait_until(Duration::from_secs(10), || s
         .scrape()
         .is_some_and(|m| {

@@ -153,7 +153,7 @@ fn usr2_upgrade_then_quit_drops_nothing(worker: &str) {
         "the pid file ends up holding the new master's pid"
     );
     let new = Pid::from_raw(new_pid);
-    let _guard = KillOnDrop(new);
+    let _guard = KillOnDrop::new(new);
     // The new master serves and its exporter answers on the same port.
     let served_before = load.ok();
     assert!(wait_until(Duration::from_secs(10), || load.ok() > served_before + 20));
@@ -183,14 +183,24 @@ fn usr2_upgrade_then_quit_drops_nothing(worker: &str) {
 
 use std::path::PathBuf;
 
-struct KillOnDrop(Pid);
+/// Stops a process on drop: QUIT, then KILL after 5 s. Known by start time
+/// too, so that once it has exited its pid (which another process of this
+/// shared host may get) is never signalled.
+struct KillOnDrop(Option<Process>);
+
+impl KillOnDrop {
+    fn new(pid: Pid) -> KillOnDrop {
+        KillOnDrop(Process::of(pid.as_raw()))
+    }
+}
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        if alive(self.0.as_raw()) {
-            let _ = nix::sys::signal::kill(self.0, Signal::SIGQUIT);
-            wait_until(Duration::from_secs(5), || !alive(self.0.as_raw()));
-            let _ = nix::sys::signal::kill(self.0, Signal::SIGKILL);
+        if let Some(p) = self.0 {
+            if p.signal(Signal::SIGQUIT) {
+                wait_until(Duration::from_secs(5), || !p.signal(Signal::SIGCONT));
+                p.signal(Signal::SIGKILL);
+            }
         }
     }
 }
@@ -287,9 +297,11 @@ fn chaos_kills_keep_counters_monotonic(worker: &str) {
         if let Some(pid) = pids.get(rand::random_range(0..pids.len().max(1))) {
             // A worker killed a moment ago may still be listed (exiting, or a
             // zombie not yet reaped); killing it again would count a death twice.
+            // Its pid may even name another process of this shared host by
+            // now: only a live child of this master is signalled.
             if alive(*pid)
                 && killed.insert(*pid)
-                && nix::sys::signal::kill(Pid::from_raw(*pid), Signal::SIGKILL).is_ok()
+                && signal_child(s.pid().as_raw(), *pid, Signal::SIGKILL)
             {
                 kills += 1;
             }
@@ -421,7 +433,7 @@ fn socket_activation_overrides_bind(worker: &str) {
         .spawn()
         .expect("systemd-socket-activate (Debian package systemd) is required");
     let pid = Pid::from_raw(child.id() as i32);
-    let _guard = KillOnDrop(pid);
+    let _guard = KillOnDrop::new(pid);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     assert!(
         wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(

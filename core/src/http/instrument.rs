@@ -169,6 +169,7 @@ impl Instrumented {
             tracked: Some(tracked),
         };
         let head_only = parts.method == Method::HEAD;
+        let connect = parts.method == Method::CONNECT;
         let uri = parts.uri.clone();
         let version = parts.version;
         let declared_too_long = parts
@@ -178,9 +179,12 @@ impl Instrumented {
             .and_then(|v| v.parse::<u64>().ok())
             .is_some_and(|n| n > self.settings.max_body);
         let over_limit = self.settings.limits.check(&parts);
-        let wants_upgrade = !self.settings.upgrades && parts.headers.contains_key(header::UPGRADE);
+        // A tunnel (CONNECT) is an upgrade too: only a worker that serves
+        // upgrades hands it to the app.
+        let wants_upgrade = !self.settings.upgrades
+            && (parts.headers.contains_key(header::UPGRADE) || parts.method == Method::CONNECT);
         // Refused before the body is read: the connection cannot be reused.
-        let framing = if !host_is_valid(&parts) {
+        let framing = if !host_is_valid(&parts) || !framing_is_valid(&parts) {
             Some(StatusCode::BAD_REQUEST)
         } else if chunked_twice(&parts.headers) {
             Some(StatusCode::NOT_IMPLEMENTED)
@@ -263,7 +267,7 @@ impl Instrumented {
         headers
             .entry(header::SERVER)
             .or_insert(HeaderValue::from_static("gpe"));
-        if over_limit.is_some() || framing.is_some() || overflowed {
+        if over_limit.is_some() || framing.is_some() || overflowed || declared_too_long {
             // Like Gunicorn: a client that breaks the limits is not kept.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -287,7 +291,10 @@ impl Instrumented {
         });
         pending.uri = None;
         let tracked = pending.tracked.take();
+        // A 2xx to CONNECT turns the connection into a tunnel: hyper sends
+        // no content (RFC 9110 §9.3.6).
         let no_body = head_only
+            || (connect && status.is_success())
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED;
@@ -324,6 +331,13 @@ fn host_is_valid(parts: &http::request::Parts) -> bool {
         Some(v) => valid_host_value(v.as_bytes()),
         None => parts.version < http::Version::HTTP_11,
     }
+}
+
+/// Whether a CONNECT's target is in authority-form, the only form RFC 9112
+/// §3.2.3 allows it (hyper takes any form).
+fn framing_is_valid(parts: &http::request::Parts) -> bool {
+    parts.method != Method::CONNECT
+        || (parts.uri.scheme().is_none() && parts.uri.authority().is_some())
 }
 
 /// `uri-host [ ":" port ]` (RFC 9110 §7.2), or empty.
@@ -497,6 +511,19 @@ mod tests {
         ));
         assert!(ok(Version::HTTP_10, "/", &[]), "HTTP/1.0 may omit Host");
         assert!(!ok(Version::HTTP_10, "/", &[("host", "a b")]));
+    }
+
+    #[test]
+    fn a_connect_target_is_in_authority_form() {
+        let ok = |m: &str, uri, h: &[(&str, &str)]| {
+            let mut p = parts(http::Version::HTTP_11, uri, h);
+            p.method = m.parse().unwrap();
+            framing_is_valid(&p)
+        };
+        assert!(ok("GET", "/", &[]));
+        assert!(ok("CONNECT", "a.example:443", &[]));
+        assert!(!ok("CONNECT", "/", &[]));
+        assert!(!ok("CONNECT", "http://a.example/", &[]));
     }
 
     #[test]

@@ -150,3 +150,86 @@ mod tests {
         );
     }
 }
+
+/// Property tests: for any request head in the forms RFC 9112 allows, the
+/// checks agree with the lengths of the lines as they are sent on the wire
+/// (request line without its CRLF; `name: value` with its CRLF), and they
+/// never panic.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A request target in one of the four forms (RFC 9112 §3.2).
+    fn a_target() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "/[a-zA-Z0-9._~%!$&'()*+,;=:@/-]{0,300}(\\?[a-zA-Z0-9=&/?]{0,100})?",
+            "https?://[a-z0-9.-]{1,40}(:[0-9]{1,5})?/[a-z0-9/]{0,200}",
+            "[a-z0-9.-]{1,60}:[0-9]{1,5}",
+            Just("*".to_owned()),
+        ]
+    }
+
+    /// Header lines as a client sends them, `name: value` (one SP after the
+    /// colon, no trailing whitespace).
+    fn headers() -> impl Strategy<Value = Vec<(String, String)>> {
+        proptest::collection::vec(
+            ("[a-z][a-z0-9-]{0,40}", "([!-~]([ !-~]{0,300}[!-~])?)?"),
+            0..8,
+        )
+    }
+
+    fn config() -> ProptestConfig {
+        ProptestConfig {
+            cases: 512,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn the_checks_agree_with_the_lines_on_the_wire(
+            method in "[A-Z]{1,10}",
+            target in a_target(),
+            headers in headers(),
+            line in 64usize..600,
+            field in 64usize..400,
+        ) {
+            let Ok(mut b) = http::Request::builder()
+                .method(method.as_str())
+                .uri(target.as_str())
+                .body(())
+                .map(|r| r.into_parts().0)
+            else {
+                // Not a head hyper would hand over.
+                return Ok(());
+            };
+            for (n, v) in &headers {
+                b.headers.append(
+                    header::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            let request_line = format!("{method} {target} HTTP/1.1").len();
+            let longest_field = headers
+                .iter()
+                .map(|(n, v)| format!("{n}: {v}\r\n").len())
+                .max()
+                .unwrap_or(0);
+            let want = if request_line > line {
+                Some(StatusCode::URI_TOO_LONG)
+            } else if longest_field > field {
+                Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+            } else {
+                None
+            };
+            // No whole-head budget here: the per-line checks alone.
+            let limits = HeadLimits { line, field, head: usize::MAX };
+            prop_assert_eq!(limits.check(&b), want);
+        }
+    }
+}
