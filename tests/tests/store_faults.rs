@@ -136,8 +136,16 @@ fn corruption(worker: &str, c: Corruption) {
         "{c:?}: not serving again; log:\n{}",
         s.log()
     );
-    let victim = s.worker_pids()["0"];
-    assert!(signal_child(s.pid().as_raw(), victim, Signal::SIGKILL));
+    // The repair may replace the workers: the pid read from a scrape can
+    // be of one that is already gone, so read it again until one is killed.
+    let mut victim = 0;
+    assert!(wait_until(Duration::from_secs(10), || {
+        let Some(pid) = s.worker_pids().get("0").copied() else {
+            return false;
+        };
+        victim = pid;
+        signal_child(s.pid().as_raw(), victim, Signal::SIGKILL)
+    }));
     assert!(
         wait_until(Duration::from_secs(10), || {
             serving(&s, 2, Duration::from_millis(1))
