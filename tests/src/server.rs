@@ -91,6 +91,30 @@ impl Server {
         panic!("no free pair of ports in 5 tries");
     }
 
+    /// Starts gpe-testapp and waits (up to 20 s) until `ready` holds, for an
+    /// exporter the harness cannot scrape itself (TLS, credentials).
+    pub fn launch_until(testapp: &str, opts: Opts, ready: impl Fn(&Server) -> bool) -> Server {
+        for _ in 0..5 {
+            let mut server = Server::spawn(testapp, &opts);
+            wait_until(Duration::from_secs(20), || {
+                ready(&server)
+                    || server
+                        .child
+                        .as_mut()
+                        .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+            });
+            if ready(&server) {
+                return server;
+            }
+            assert!(
+                server.log().contains("Address already in use"),
+                "the server never got ready; log:\n{}",
+                server.log()
+            );
+        }
+        panic!("no free pair of ports in 5 tries");
+    }
+
     /// Starts gpe-testapp and returns as soon as its exporter answers, without
     /// waiting for the workers (for tests of booting).
     pub fn launch(testapp: &str, opts: Opts) -> Server {

@@ -206,8 +206,14 @@ fn top_shows_an_unreachable_url_or_a_missing_directory_and_lives_on() {
 
 /// `gpe top --once SOURCE`: slot → (pid, state, requests).
 fn once(source: &str) -> BTreeMap<String, (String, String, f64)> {
+    once_with(&[source])
+}
+
+/// `gpe top --once ARGS...`, which must succeed: slot → (pid, state, requests).
+fn once_with(args: &[&str]) -> BTreeMap<String, (String, String, f64)> {
     let out = Command::new(GPE)
-        .args(["top", "--once", source])
+        .args(["top", "--once"])
+        .args(args)
         .output()
         .unwrap();
     assert!(
@@ -291,4 +297,139 @@ fn top_once_equals_a_scrape_taken_at_the_same_moment() {
     let want = scraped(&s.scrape());
     assert_eq!(once(&url), want);
     assert_eq!(once(dir.to_str().unwrap()), want);
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate it
+/// signed, and a CA of a stranger: PEM files in a temporary directory.
+fn pki() -> tempfile::TempDir {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose as Eku, IsCa};
+    use rcgen::{Issuer, KeyPair};
+    let ca = |cn: &str| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        let key = KeyPair::generate().unwrap();
+        let pem = p.self_signed(&key).unwrap().pem();
+        (pem, Issuer::new(p, key))
+    };
+    let leaf = |issuer: &Issuer<'_, KeyPair>, eku| {
+        let mut p = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+        p.extended_key_usages = vec![eku];
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "gpe test leaf");
+        let key = KeyPair::generate().unwrap();
+        (
+            p.signed_by(&key, issuer).unwrap().pem(),
+            key.serialize_pem(),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_pem, issuer) = ca("gpe test CA");
+    let (stranger, _) = ca("another CA");
+    let (cert, key) = leaf(&issuer, Eku::ServerAuth);
+    let (ccert, ckey) = leaf(&issuer, Eku::ClientAuth);
+    for (name, text) in [
+        ("ca.pem", ca_pem),
+        ("stranger.pem", stranger),
+        ("server.pem", cert),
+        ("server.key", key),
+        ("client.pem", ccert),
+        ("client.key", ckey),
+    ] {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    dir
+}
+
+/// `/metrics` through curl with `opts`; `None` unless it answers 200.
+fn curl_scrape(url: &str, opts: &[&str]) -> Option<Metrics> {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-f"])
+        .args(opts)
+        .arg(url)
+        .output()
+        .expect("curl is required (Debian package `curl`)");
+    out.status
+        .success()
+        .then(|| Metrics::parse(&String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn top_once_reads_an_https_exporter_with_client_certificate_and_basic_auth() {
+    let pki = pki();
+    let path = |n: &str| pki.path().join(n).display().to_string();
+    let (ca, cert, key) = (path("ca.pem"), path("client.pem"), path("client.key"));
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    let web = pki.path().join("web.yml");
+    std::fs::write(
+        &web,
+        format!(
+            "tls_server_config:\n  cert_file: {}\n  key_file: {}\n  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {ca}\nbasic_auth_users:\n  top: '{hash}'\n",
+            path("server.pem"),
+            path("server.key"),
+        ),
+    )
+    .unwrap();
+    let creds = [
+        "--cacert",
+        &ca,
+        "--cert",
+        &cert,
+        "--key",
+        &key,
+        "-u",
+        "top:s3cret",
+    ];
+    let s = Server::launch_until(
+        TESTAPP,
+        Opts::new("sync", 2).args(&["--metrics-web-config", web.to_str().unwrap()]),
+        |s| {
+            let url = format!("https://{}/metrics", s.metrics);
+            curl_scrape(&url, &creds)
+                .is_some_and(|m| m.sum("gpe_worker_state", &[("state", "idle")]) == 2.0)
+        },
+    );
+    let url = format!("https://{}/metrics", s.metrics);
+    let scrape = || curl_scrape(&url, &creds).unwrap();
+    for i in 0..5 {
+        let r = http(s.addr, "GET", "/", &[], b"").unwrap();
+        assert_eq!(r.status, 200, "request {i}");
+    }
+    assert!(wait_until(Duration::from_secs(20), || {
+        let m = scrape();
+        m.sum("gpe_worker_requests_total", &[]) == 5.0
+            && m.sum("gpe_worker_state", &[("state", "idle")]) == 2.0
+    }));
+    let want = scraped(&scrape());
+    assert_eq!(want.len(), 2);
+    let good = format!("https://top:s3cret@{}/metrics", s.metrics);
+    let tls = ["--cacert", ca.as_str(), "--cert", &cert, "--key", &key];
+    assert_eq!(once_with(&[&tls[..], &[&good]].concat()), want);
+
+    // Each failure is one clear line on stderr and exit status 2.
+    let fails = |args: &[&str]| {
+        let out = Command::new(GPE)
+            .args(["top", "--once"])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+        err
+    };
+    let wrong = format!("https://top:wrong@{}/metrics", s.metrics);
+    let e = fails(&[&tls[..], &[&wrong]].concat());
+    assert!(e.contains("answered 401 Unauthorized"), "{e}");
+    assert!(!e.contains("wrong"), "the password is not shown: {e}");
+    let stranger = path("stranger.pem");
+    let e = fails(&["--cacert", &stranger, "--cert", &cert, "--key", &key, &good]);
+    assert!(e.contains("TLS handshake failed"), "{e}");
+    let e = fails(&["--cacert", "/nonexistent/ca.pem", &good]);
+    assert!(e.contains("--cacert /nonexistent/ca.pem"), "{e}");
+    let e = fails(&[&good]);
+    assert!(e.contains("needs --cacert"), "{e}");
+    // Without the client certificate the server ends the handshake: a
+    // message, never rows.
+    fails(&["--cacert", &ca, &good]);
 }

@@ -21,7 +21,7 @@ use nix::sys::signal::Signal;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 
 use expo::Exposition;
-use source::{Fetcher, Source, DEFAULT_URL};
+use source::{Fetcher, Source, TlsFiles, DEFAULT_URL};
 use ui::Screen;
 use view::{Reading, View};
 
@@ -37,8 +37,17 @@ pub struct TopArgs {
     /// Print one table (one line per worker slot) and exit, for scripts
     #[arg(long)]
     pub once: bool,
-    /// The server's metrics URL (`http://[user:password@]host:port/path`) or
-    /// its metrics directory
+    /// PEM file of the CA(s) to trust for an https:// source
+    #[arg(long, value_name = "FILE")]
+    pub cacert: Option<std::path::PathBuf>,
+    /// PEM client certificate (chain) for an https:// source that asks for one
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<std::path::PathBuf>,
+    /// PEM private key of `--cert`
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<std::path::PathBuf>,
+    /// The server's metrics URL (`http[s]://[user:password@]host:port/path`)
+    /// or its metrics directory
     #[arg(value_name = "URL | DIR", default_value = DEFAULT_URL)]
     pub source: String,
 }
@@ -51,7 +60,12 @@ pub struct TopArgs {
 pub fn run(args: TopArgs) -> anyhow::Result<()> {
     let source = Source::parse(&args.source).map_err(anyhow::Error::msg)?;
     let shown = source.shown();
-    let fetcher = Fetcher::new(source, FETCH_TIMEOUT).context("starting the HTTP client")?;
+    let tls = TlsFiles {
+        cacert: args.cacert,
+        cert: args.cert,
+        key: args.key,
+    };
+    let fetcher = Fetcher::new(source, FETCH_TIMEOUT, &tls).map_err(anyhow::Error::msg)?;
     if args.once {
         let text = fetcher.fetch().map_err(anyhow::Error::msg)?;
         let reading = Reading {
