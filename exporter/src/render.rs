@@ -160,21 +160,6 @@ fn info(
     Ok(())
 }
 
-/// A row's histogram cells as prometheus-client takes them: the sum (the last
-/// cell over `scale`), the count, and per-bucket counts (it accumulates them)
-/// with `+Inf` last.
-fn histogram_of(cells: &[u64; CELLS], bounds: &[f64], scale: f64) -> (f64, u64, Vec<(f64, u64)>) {
-    let n = bounds.len().min(CELLS - 2);
-    let mut out: Vec<(f64, u64)> = bounds[..n]
-        .iter()
-        .zip(cells)
-        .map(|(b, c)| (*b, *c))
-        .collect();
-    out.push((f64::INFINITY, cells[n]));
-    let count = cells[..=n].iter().fold(0u64, |a, c| a.wrapping_add(*c));
-    (cells[CELLS - 1] as f64 / scale, count, out)
-}
-
 fn labels_of<'a>(family: Family, s: &'a Series) -> Labels<'a> {
     family
         .labels()
@@ -219,27 +204,18 @@ impl Scrape {
         let mut m =
             enc.encode_descriptor(family.name(), family.help(), None, MetricType::Histogram)?;
         for s in self.series(family) {
-            let (sum, count, out) = histogram_of(&s.cells, &bounds, scale);
+            // prometheus-client takes per-bucket counts and accumulates them.
+            let n = bounds.len().min(CELLS - 2);
+            let mut out: Vec<(f64, u64)> = bounds[..n]
+                .iter()
+                .zip(&s.cells)
+                .map(|(b, c)| (*b, *c))
+                .collect();
+            out.push((f64::INFINITY, s.cells[n]));
+            let count = s.cells[..=n].iter().fold(0u64, |a, c| a.wrapping_add(*c));
+            let sum = s.cells[CELLS - 1] as f64 / scale;
             let labels = labels_of(family, s);
             m.encode_family(&labels)?
-                .encode_histogram::<NoLabelSet>(sum, count, &out, None)?;
-        }
-        Ok(())
-    }
-
-    /// `gpe_worker_request_duration_seconds{worker}`: each slot's newest
-    /// process, its request durations over every route.
-    fn worker_durations(&self, enc: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
-        let mut m = enc.encode_descriptor(
-            "gpe_worker_request_duration_seconds",
-            "Request durations of each worker's newest process, over every route",
-            None,
-            MetricType::Histogram,
-        )?;
-        for w in &self.snap.workers {
-            let (sum, count, out) = histogram_of(&w.duration, &self.snap.duration_buckets, 1e9);
-            let slot = w.slot.to_string();
-            m.encode_family(&vec![("worker", slot.as_str())])?
                 .encode_histogram::<NoLabelSet>(sum, count, &out, None)?;
         }
         Ok(())
@@ -295,7 +271,6 @@ impl Scrape {
             "Requests in progress in each worker's newest process",
             &per_worker(&|w| Some(w.in_flight as f64)),
         )?;
-        self.worker_durations(enc)?;
         gauge(
             enc,
             "gpe_worker_resident_memory_bytes",
@@ -836,12 +811,6 @@ mod tests {
                 connections: 1,
                 in_flight: 1,
                 pids: vec![4242],
-                duration: {
-                    let mut d = [0; CELLS];
-                    (d[0], d[1], d[2]) = (3, 2, 1);
-                    d[CELLS - 1] = 2_500_000_000;
-                    d
-                },
             }],
             master: Some(master),
             dropped,
@@ -953,23 +922,6 @@ mod tests {
                 samples("gpe_worker_requests_in_flight"),
                 [r#"gpe_worker_requests_in_flight{worker="0"} 1.0"#]
             );
-            // Cumulative buckets of the slot's own durations, and the sum in seconds.
-            let lines = samples("gpe_worker_request_duration_seconds");
-            assert_eq!(lines.len(), 5, "{lines:?}");
-            let has = |part: &str, les: &[&str], value: &str| {
-                lines.iter().any(|l| {
-                    l.contains(part)
-                        && l.contains(r#"worker="0""#)
-                        && (les.is_empty()
-                            || les.iter().any(|b| l.contains(&format!("le=\"{b}\""))))
-                        && l.ends_with(&format!(" {value}"))
-                })
-            };
-            assert!(has("_count{", &[], "6"), "{lines:?}");
-            assert!(has("_sum{", &[], "2.5"), "{lines:?}");
-            assert!(has("_bucket{", &["0.1"], "3"), "{lines:?}");
-            assert!(has("_bucket{", &["1", "1.0"], "5"), "{lines:?}");
-            assert!(has("_bucket{", &["+Inf"], "6"), "{lines:?}");
             assert_eq!(
                 samples("gpe_master_info"),
                 [r#"gpe_master_info{pid="4200"} 1"#]
@@ -1080,9 +1032,9 @@ mod tests {
                 .collect()
         };
         assert_eq!(types(&text), types(&om));
-        // 6 HTTP, 13 worker, 6 master, 6 process, 3 store and 1 exporter
+        // 6 HTTP, 12 worker, 6 master, 6 process, 3 store and 1 exporter
         // families.
-        assert_eq!(types(&text).len(), 35);
+        assert_eq!(types(&text).len(), 34);
         for t in [&text, &om] {
             assert!(t.contains(r#"gpe_exporter_auth_failures_total{reason="wrong_credentials"} 2"#));
             assert!(

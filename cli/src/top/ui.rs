@@ -211,8 +211,7 @@ pub fn draw(f: &mut Frame<'_>, screen: &Screen) {
     }
 
     let header = Row::new([
-        "SLOT", "PID", "STATE", "REQ/S", "P50", "P99", "REQUESTS", "INFL", "CONNS", "RSS", "CPU%",
-        "UPTIME",
+        "SLOT", "PID", "STATE", "REQ/S", "REQUESTS", "INFL", "CONNS", "RSS", "CPU%", "UPTIME",
     ])
     .style(Style::new().add_modifier(Modifier::BOLD));
     let body = slots.iter().map(|s| {
@@ -228,8 +227,6 @@ pub fn draw(f: &mut Frame<'_>, screen: &Screen) {
             s.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
             state,
             dash(s.rate, |x| format!("{x:.1}")),
-            dash(s.p50, seconds),
-            dash(s.p99, seconds),
             format!("{:.0}", s.requests),
             dash(s.in_flight, |x| format!("{x:.0}")),
             dash(s.connections, |x| format!("{x:.0}")),
@@ -243,8 +240,6 @@ pub fn draw(f: &mut Frame<'_>, screen: &Screen) {
         Constraint::Length(5),
         Constraint::Length(8),
         Constraint::Length(9),
-        Constraint::Length(8),
-        Constraint::Length(8),
         Constraint::Length(8),
         Constraint::Length(10),
         Constraint::Length(5),
@@ -373,7 +368,7 @@ mod tests {
                 row + "\n"
             })
             .collect();
-        for want in ["boot_error 0", "WINCH 0", "0     42     idle", "q quit"] {
+        for want in ["boot_error 0", "WINCH 0", "0     42       idle", "q quit"] {
             assert!(text.contains(want), "{want} missing from:\n{text}");
         }
     }

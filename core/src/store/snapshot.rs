@@ -159,10 +159,6 @@ pub struct WorkerView {
     /// Pids of every live process of the slot (the newest first); more than one
     /// while an old generation drains.
     pub pids: Vec<u32>,
-    /// The request-duration buckets of the slot's newest process, summed
-    /// over its `gpe_http_request_duration_seconds` series (per-bucket
-    /// counts, `+Inf`, then the sum in nanoseconds, as in a row).
-    pub duration: [u64; CELLS],
 }
 
 /// The master's own figures.
@@ -365,15 +361,6 @@ fn read_once(
     if let Some(r) = retired {
         sum_file(r, None, &mut dropped);
     }
-    // The series of the request-duration family, summed per worker file
-    // below for the per-slot histogram.
-    let duration_ids: Vec<u32> = (0..used)
-        .filter(|id| {
-            index
-                .describe(*id)
-                .is_some_and(|(f, _)| f == Family::HttpDuration)
-        })
-        .collect();
     let mut workers: Vec<WorkerView> = Vec::new();
     let mut in_flight: i64 = 0;
     for (slot, generation, path) in store.worker_files()? {
@@ -389,12 +376,6 @@ fn read_once(
             continue;
         }
         sum_file(&file, Some((slot, generation)), &mut dropped);
-        let mut duration = [0u64; CELLS];
-        for id in &duration_ids {
-            for (a, c) in duration.iter_mut().zip(file.row(*id)) {
-                *a = a.wrapping_add(c.load(Ordering::Relaxed));
-            }
-        }
         let pid = h.pid.load(Ordering::Relaxed);
         let inf = h.in_flight.load(Ordering::Relaxed).max(0);
         in_flight = in_flight.saturating_add(inf);
@@ -421,7 +402,6 @@ fn read_once(
             connections: h.connections.load(Ordering::Relaxed).max(0),
             in_flight: inf,
             pids: vec![pid],
-            duration,
         };
         match workers.iter_mut().find(|w| w.slot == slot) {
             Some(w) if w.generation < generation => {
