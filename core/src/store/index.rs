@@ -11,7 +11,7 @@ use std::collections::HashMap as StdHashMap;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use hashbrown::HashMap;
 use nix::fcntl::{Flock, FlockArg};
@@ -146,6 +146,18 @@ pub(super) fn entry_values(entry: &Entry) -> Vec<&str> {
         at = end;
     }
     out
+}
+
+/// Where a family's series and its overflow series are counted: the index
+/// header for gpe's own families, the app table for the app's.
+#[derive(Debug, Clone, Copy)]
+struct FamilyCounts<'a> {
+    /// Entry id + 1 of the family's `other` series, 0 until it exists.
+    other_id: &'a AtomicU32,
+    /// Series of the family (its `other` series not included).
+    series: &'a AtomicU32,
+    /// Whether `metrics_max_series` caps the family.
+    capped: bool,
 }
 
 impl Index {
@@ -357,6 +369,28 @@ impl Index {
     fn append(&self, key: &Key, other: bool) -> io::Result<Option<u32>> {
         let _lock = self.lock()?;
         let h = self.map.index_header();
+        let fam = key.family_code() as usize;
+        if fam >= h.family_counts.len() {
+            return Err(io::Error::other("unknown family"));
+        }
+        let counts = FamilyCounts {
+            other_id: &h.other_ids[fam],
+            series: &h.family_counts[fam],
+            capped: Family::from_code(key.family_code()).is_some_and(Family::capped),
+        };
+        self.append_locked(key, other, counts)
+    }
+
+    /// Appends `key` (or, with `other`, its family's overflow series) unless
+    /// it exists, counting it in `counts`; `Ok(None)` when a capped family is
+    /// full. The caller holds the index lock.
+    fn append_locked(
+        &self,
+        key: &Key,
+        other: bool,
+        counts: FamilyCounts<'_>,
+    ) -> io::Result<Option<u32>> {
+        let h = self.map.index_header();
         let used = h.used.load(Ordering::Acquire);
         let capacity = self.capacity();
         if used as usize > capacity {
@@ -365,12 +399,9 @@ impl Index {
                 format!("the series index says {used} entries, beyond its {capacity}"),
             ));
         }
-        let fam = key.family_code() as usize;
-        if fam >= h.family_counts.len() {
-            return Err(io::Error::other("unknown family"));
-        }
         if other {
-            if let Some(id) = h.other_ids[fam]
+            if let Some(id) = counts
+                .other_id
                 .load(Ordering::Acquire)
                 .checked_sub(1)
                 .filter(|id| *id < used)
@@ -384,10 +415,8 @@ impl Index {
                     return Ok(Some(id));
                 }
             }
-            let capped = Family::from_code(key.family_code()).is_some_and(Family::capped);
-            if capped
-                && h.family_counts[fam].load(Ordering::Acquire)
-                    >= h.family_cap.load(Ordering::Relaxed)
+            if counts.capped
+                && counts.series.load(Ordering::Acquire) >= h.family_cap.load(Ordering::Relaxed)
             {
                 return Ok(None);
             }
@@ -399,9 +428,9 @@ impl Index {
         unsafe { self.map.write_entry(used, &key.entry()) };
         h.used.store(used + 1, Ordering::Release);
         if other {
-            h.other_ids[fam].store(used + 1, Ordering::Release);
+            counts.other_id.store(used + 1, Ordering::Release);
         } else {
-            h.family_counts[fam].fetch_add(1, Ordering::AcqRel);
+            counts.series.fetch_add(1, Ordering::AcqRel);
         }
         Ok(Some(used))
     }
@@ -472,53 +501,18 @@ impl Index {
     /// family's overflow series (once).
     fn append_app(&self, key: &Key, fam: usize, other: bool) -> io::Result<Option<u32>> {
         let _lock = self.lock()?;
-        let h = self.map.index_header();
         let slot = self
             .map
             .app_table()
             .families
             .get(fam)
             .ok_or_else(|| io::Error::other("unknown app family"))?;
-        let used = h.used.load(Ordering::Acquire);
-        let capacity = self.capacity();
-        if used as usize > capacity {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("the series index says {used} entries, beyond its {capacity}"),
-            ));
-        }
-        if other {
-            if let Some(id) = slot
-                .other_id
-                .load(Ordering::Acquire)
-                .checked_sub(1)
-                .filter(|id| *id < used)
-            {
-                return Ok(Some(id));
-            }
-        } else {
-            for id in 0..used {
-                let e = self.map.entry(id);
-                if e.family == key.family_code() && e_bytes(e) == &key.as_bytes()[1..] {
-                    return Ok(Some(id));
-                }
-            }
-            if slot.series.load(Ordering::Acquire) >= h.family_cap.load(Ordering::Relaxed) {
-                return Ok(None);
-            }
-        }
-        if used as usize >= capacity {
-            return Err(io::Error::other("series index is full"));
-        }
-        // SAFETY: we hold the exclusive lock and `used` is the next free entry.
-        unsafe { self.map.write_entry(used, &key.entry()) };
-        h.used.store(used + 1, Ordering::Release);
-        if other {
-            slot.other_id.store(used + 1, Ordering::Release);
-        } else {
-            slot.series.fetch_add(1, Ordering::AcqRel);
-        }
-        Ok(Some(used))
+        let counts = FamilyCounts {
+            other_id: &slot.other_id,
+            series: &slot.series,
+            capped: true,
+        };
+        self.append_locked(key, other, counts)
     }
 
     /// Runs `f` under the index lock (the app table's writers take it too).
