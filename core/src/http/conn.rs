@@ -162,12 +162,16 @@ impl Watch {
         }
     }
 
-    /// Completes when a deadline passes.
+    /// Completes when a deadline passes. The watch is not woken when a
+    /// request begins or ends, so it looks again at least every quarter of
+    /// the shorter deadline: a keep-alive wait that begins while it sleeps
+    /// towards the first head's deadline still ends within 1.25 × `keepalive`.
     async fn expired(&self, d: &Deadlines) -> Expiry {
+        let most = (d.head.min(d.idle) / 4).max(Duration::from_millis(50));
         loop {
             match self.check(monotonic_ns(), d) {
                 Ok(e) => return e,
-                Err(wait) => d.timer.sleep(wait).await,
+                Err(wait) => d.timer.sleep(wait.min(most)).await,
             }
         }
     }
