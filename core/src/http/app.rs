@@ -150,6 +150,10 @@ where
 /// [`Body`] enforces). A body over the limit answers 413.
 async fn buffered(req: Request) -> Result<FullRequest, FullResponse> {
     let (parts, body) = req.into_parts();
+    // Most requests have no body: skip the collecting machinery.
+    if http_body::Body::is_end_stream(&body) {
+        return Ok(FullRequest::from_parts(parts, Bytes::new()));
+    }
     match body.collect().await {
         Ok(c) => Ok(FullRequest::from_parts(parts, c.to_bytes())),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(text(

@@ -34,8 +34,8 @@ pub const H2_IDLE_WITHOUT_KEEPALIVE: Duration = Duration::from_secs(2);
 
 /// The http/1 builder of every worker type: the configured head limits;
 /// keep-alive as configured unless `keep_alive` is false (the sync worker);
-/// half-closed connections answered. hyper's own header-read timeout is not
-/// used: it is one timer for both the idle wait and the head, and gpe keeps
+/// half-closed connections answered. hyper's own header-read timeout is
+/// off: it is one timer for both the idle wait and the head, and gpe keeps
 /// those apart ([`Deadlines`]). `timer` is the runtime's hyper timer.
 pub fn builder<T>(config: &Config, keep_alive: bool, timer: T) -> http1::Builder
 where
@@ -45,13 +45,26 @@ where
     let mut b = http1::Builder::new();
     b.keep_alive(on)
         .max_buf_size(config.max_head_bytes())
-        .max_headers(config.limit_request_fields)
         // A client that sends its request and then shuts its write side
         // (FIN) still gets its answer, as Gunicorn and nginx give it.
         .half_close(true)
+        // hyper's timeout would otherwise cut every head at 30 s, whatever
+        // `header_timeout` says (it is on whenever a timer is set).
+        .header_read_timeout(None)
         .timer(timer);
+    // hyper's own bound is 100 fields. Set to any number, even 100, hyper
+    // fills an array of that many entries for every request it parses (a
+    // sixth of the instructions of a small request); unset, it uses an
+    // uninitialised one.
+    if config.limit_request_fields != HYPER_MAX_HEADERS {
+        b.max_headers(config.limit_request_fields);
+    }
     b
 }
+
+/// hyper's field-count bound when `max_headers` is not set
+/// (`DEFAULT_MAX_HEADERS` in its `proto/h1/role.rs`).
+const HYPER_MAX_HEADERS: usize = 100;
 
 /// The two deadlines of a connection that waits for a request head, kept
 /// apart (hyper has one timer for both):

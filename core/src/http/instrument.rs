@@ -342,8 +342,30 @@ fn framing_is_valid(parts: &http::request::Parts) -> bool {
 
 /// `uri-host [ ":" port ]` (RFC 9110 §7.2), or empty.
 fn valid_host_value(v: &[u8]) -> bool {
-    v.is_empty()
-        || (!v.contains(&b'@')
+    v.is_empty() || plain_host(v) || parsed_host(v)
+}
+
+/// The common shape of a Host value, checked without parsing: a name of
+/// letters, digits, `-` and `.`, and at most five digits of port. Every
+/// value it takes [`parsed_host`] takes too (a test checks it); anything
+/// else is left to that parse, which costs more than the rest of the
+/// request's checks together.
+fn plain_host(v: &[u8]) -> bool {
+    let (host, port) = match v.iter().position(|&b| b == b':') {
+        Some(i) => (&v[..i], Some(&v[i + 1..])),
+        None => (v, None),
+    };
+    !host.is_empty()
+        && host
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && port.is_none_or(|p| (1..=5).contains(&p.len()) && p.iter().all(u8::is_ascii_digit))
+}
+
+/// [`valid_host_value`] by the `http` crate's authority parser.
+fn parsed_host(v: &[u8]) -> bool {
+    !v.is_empty()
+        && (!v.contains(&b'@')
             && std::str::from_utf8(v).ok().is_some_and(|s| {
                 s.parse::<http::uri::Authority>().is_ok_and(|a| {
                     // Only digits after the host (the host may be `[v6]`).
@@ -482,6 +504,34 @@ mod tests {
             b = b.header(*n, *v);
         }
         b.body(()).unwrap().into_parts().0
+    }
+
+    proptest::proptest! {
+        /// The quick check of a Host value never takes one the parse refuses.
+        #[test]
+        fn plain_hosts_are_hosts_the_parser_takes(v in "[a-zA-Z0-9.:@\\[\\]_~%-]{0,12}") {
+            if plain_host(v.as_bytes()) {
+                proptest::prop_assert!(parsed_host(v.as_bytes()), "{v:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn plain_host_takes_the_common_shapes_only() {
+        for v in [
+            "localhost",
+            "a.example",
+            "a.example:8080",
+            "127.0.0.1:18000",
+            "x-1:1",
+        ] {
+            assert!(plain_host(v.as_bytes()), "{v}");
+        }
+        for v in [
+            "", ":80", "a:", "a:123456", "[::1]:80", "u@a", "a b", "a:80:80", "a_b",
+        ] {
+            assert!(!plain_host(v.as_bytes()), "{v}");
+        }
     }
 
     #[test]
