@@ -467,10 +467,7 @@ gpe_master_info{pid="99"} 1
             .replace(r#"route="/",le="1"} 10"#, r#"route="/",le="1"} 30"#)
             .replace(r#"route="/",le="+Inf"} 10"#, r#"route="/",le="+Inf"} 30"#)
             // Slot 0's 20 new requests: 10 in (0, 0.1], 10 in (0.1, 1].
-            .replace(
-                r#"worker="0",le="0.1"} 6"#,
-                r#"worker="0",le="0.1"} 16"#,
-            )
+            .replace(r#"worker="0",le="0.1"} 6"#, r#"worker="0",le="0.1"} 16"#)
             .replace(r#"worker="0",le="1"} 6"#, r#"worker="0",le="1"} 26"#)
             .replace(r#"worker="0",le="+Inf"} 6"#, r#"worker="0",le="+Inf"} 26"#);
         let v = View::new(

@@ -179,7 +179,11 @@ fn the_slot_histogram_counts_every_route_in_the_same_buckets() {
     assert_eq!(slot[0].cells[CELLS - 1], 2_005_500_000);
     // The same observations as the route histograms, summed.
     let mut routes = [0u64; CELLS];
-    for s in snap.series.iter().filter(|s| s.family == Family::HttpDuration) {
+    for s in snap
+        .series
+        .iter()
+        .filter(|s| s.family == Family::HttpDuration)
+    {
         for (a, c) in routes.iter_mut().zip(s.cells) {
             *a += c;
         }
