@@ -271,6 +271,7 @@ impl Scrape {
             "Requests in progress in each worker's newest process",
             &per_worker(&|w| Some(w.in_flight as f64)),
         )?;
+        self.histogram_family(enc, Family::WorkerDuration, Buckets::Duration)?;
         gauge(
             enc,
             "gpe_worker_resident_memory_bytes",
@@ -799,6 +800,12 @@ mod tests {
                 series(Family::WorkerRequests, &["0"], &[9]),
                 series(Family::WorkerAccepted, &["0"], &[4]),
                 series(Family::WorkerCpuRetired, &["0"], &[500_000_000]),
+                Series {
+                    family: Family::WorkerDuration,
+                    labels: vec!["0".into()],
+                    cells: duration,
+                    exemplars: vec![],
+                },
             ],
             workers: vec![WorkerView {
                 slot: 0,
@@ -993,6 +1000,19 @@ mod tests {
                 r#"gpe_http_request_duration_seconds_bucket{le="+Inf",method="GET",route="/"} 5"#,
             ]
         );
+        // The slot's own histogram, over every route, in the same buckets.
+        assert_eq!(
+            family(&text, "gpe_worker_request_duration_seconds"),
+            [
+                "# HELP gpe_worker_request_duration_seconds Time from request head to response in each worker slot, over every route",
+                "# TYPE gpe_worker_request_duration_seconds histogram",
+                r#"gpe_worker_request_duration_seconds_bucket{worker="0",le="0.1"} 3"#,
+                r#"gpe_worker_request_duration_seconds_bucket{worker="0",le="1"} 4"#,
+                r#"gpe_worker_request_duration_seconds_bucket{worker="0",le="+Inf"} 5"#,
+                r#"gpe_worker_request_duration_seconds_sum{worker="0"} 2.5"#,
+                r#"gpe_worker_request_duration_seconds_count{worker="0"} 5"#,
+            ]
+        );
         // Size buckets are fixed; the last cell before the sum is +Inf.
         let size = family(&om, "gpe_http_request_size_bytes");
         assert_eq!(size.len(), 2 + 2 + SIZE_BUCKETS.len() + 1);
@@ -1032,9 +1052,9 @@ mod tests {
                 .collect()
         };
         assert_eq!(types(&text), types(&om));
-        // 6 HTTP, 12 worker, 6 master, 6 process, 3 store and 1 exporter
+        // 6 HTTP, 13 worker, 6 master, 6 process, 3 store and 1 exporter
         // families.
-        assert_eq!(types(&text).len(), 34);
+        assert_eq!(types(&text).len(), 35);
         for t in [&text, &om] {
             assert!(t.contains(r#"gpe_exporter_auth_failures_total{reason="wrong_credentials"} 2"#));
             assert!(

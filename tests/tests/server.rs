@@ -40,6 +40,7 @@ per_worker!(
     hup_replaces_workers_without_failures,
     usr1_reopens_the_access_log,
     killed_worker_is_replaced_and_counts_kept,
+    slot_durations_count_every_request_and_survive_kill_9,
     ttin_ttou_scale,
     term_stops_cleanly,
     exposition_passes_promtool,
@@ -410,6 +411,96 @@ fn killed_worker_is_replaced_and_counts_kept(worker: &str) {
         1.0
     );
     assert_eq!(s.worker_pids()["1"], before["1"], "slot 1 untouched");
+}
+
+/// `gpe_worker_request_duration_seconds{worker}` by slot: its samples
+/// (`_bucket` by `le`, `_sum`, `_count`) keyed `worker/name/le`.
+fn slot_durations(m: &Metrics) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for part in ["_bucket", "_sum", "_count"] {
+        let name = format!("gpe_worker_request_duration_seconds{part}");
+        for (l, v) in m.samples(&name) {
+            let le = l.get("le").map_or("", String::as_str);
+            out.insert(format!("{}/{part}/{le}", l["worker"]), v);
+        }
+    }
+    out
+}
+
+fn slot_durations_count_every_request_and_survive_kill_9(worker: &str) {
+    let s = start(worker, 2);
+    for i in 0..60 {
+        let path = if i % 3 == 0 { "/status/201" } else { "/" };
+        assert!(get(s.addr, path).status < 300, "request {i}");
+    }
+    wait_sum(&s, "gpe_worker_requests_total", &[], 60.0);
+    let m = s.scrape();
+    // Each slot's histogram counts exactly the slot's requests, over every
+    // route, in the buckets of the route histograms.
+    for (l, n) in m.samples("gpe_worker_requests_total") {
+        let w = [("worker", l["worker"].as_str())];
+        let count = m.one("gpe_worker_request_duration_seconds_count", &w);
+        assert_eq!(count, n, "slot {}", l["worker"]);
+        let inf = [w[0], ("le", "+Inf")];
+        assert_eq!(m.one("gpe_worker_request_duration_seconds_bucket", &inf), n);
+    }
+    assert_eq!(
+        m.sum("gpe_worker_request_duration_seconds_count", &[]),
+        60.0
+    );
+    for (l, _) in m.samples("gpe_http_request_duration_seconds_bucket") {
+        let le = [("le", l["le"].as_str())];
+        assert_eq!(
+            m.sum("gpe_worker_request_duration_seconds_bucket", &le),
+            m.sum("gpe_http_request_duration_seconds_bucket", &le),
+            "le {}",
+            l["le"]
+        );
+    }
+    let (slot_sum, route_sum) = (
+        m.sum("gpe_worker_request_duration_seconds_sum", &[]),
+        m.sum("gpe_http_request_duration_seconds_sum", &[]),
+    );
+    assert!(
+        slot_sum > 0.0 && (slot_sum - route_sum).abs() < 1e-6,
+        "{slot_sum} {route_sum}"
+    );
+
+    // Kill the busier slot's worker (idle: nothing in flight): its counts
+    // stay, exactly.
+    let before = slot_durations(&m);
+    let busiest = m
+        .samples("gpe_worker_requests_total")
+        .into_iter()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(l, _)| l["worker"].clone())
+        .unwrap();
+    let victim = s.worker_pids()[&busiest];
+    assert!(signal_child(s.pid().as_raw(), victim, Signal::SIGKILL));
+    s.wait_for("gpe_master_worker_exits_total", &[("reason", "crash")], 1.0);
+    s.wait_ready(2);
+    assert_ne!(s.worker_pids()[&busiest], victim);
+    assert_eq!(slot_durations(&s.scrape()), before, "kept across kill -9");
+
+    // More requests: every sample only grows, and the counts still equal
+    // the requests sent.
+    for i in 0..40 {
+        assert_eq!(get(s.addr, "/").status, 200, "request {i}");
+    }
+    wait_sum(&s, "gpe_worker_requests_total", &[], 100.0);
+    let m = s.scrape();
+    let after = slot_durations(&m);
+    for (k, v) in &before {
+        assert!(after[k] >= *v, "{k}: {v} -> {}", after[k]);
+    }
+    assert_eq!(
+        m.sum("gpe_worker_request_duration_seconds_count", &[]),
+        100.0
+    );
+    for (l, n) in m.samples("gpe_worker_requests_total") {
+        let w = [("worker", l["worker"].as_str())];
+        assert_eq!(m.one("gpe_worker_request_duration_seconds_count", &w), n);
+    }
 }
 
 fn ttin_ttou_scale(worker: &str) {

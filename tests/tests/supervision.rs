@@ -348,6 +348,21 @@ fn chaos_kills_keep_counters_monotonic(worker: &str) {
         m.one("gpe_master_worker_exits_total", &[("reason", "crash")]),
         kills as f64
     );
+    // The per-slot duration histograms were among the counters checked
+    // above. A request is counted there just before the slot's request
+    // counter, so a kill between the two leaves it at most one ahead.
+    assert_eq!(
+        m.samples("gpe_worker_request_duration_seconds_count").len(),
+        2
+    );
+    let (slot_count, slot_reqs) = (
+        m.sum("gpe_worker_request_duration_seconds_count", &[]),
+        m.sum("gpe_worker_requests_total", &[]),
+    );
+    assert!(
+        slot_reqs <= slot_count && slot_count <= slot_reqs + kills as f64,
+        "{slot_count} in the slot histograms, {slot_reqs} requests, {kills} kills"
+    );
 }
 
 fn sigchld_storm_keeps_the_master_responsive(worker: &str) {

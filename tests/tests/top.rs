@@ -103,8 +103,9 @@ fn rows(screen: &str) -> BTreeMap<u32, Row> {
     screen
         .lines()
         .filter_map(|l| {
+            // SLOT PID STATE REQ/S P50 P99 REQUESTS ...
             let f: Vec<&str> = l.split_whitespace().collect();
-            if f.len() < 5 || !STATES.contains(&f[2]) {
+            if f.len() < 7 || !STATES.contains(&f[2]) {
                 return None;
             }
             Some((
@@ -112,7 +113,7 @@ fn rows(screen: &str) -> BTreeMap<u32, Row> {
                 Row {
                     pid: f[1].to_owned(),
                     state: f[2].to_owned(),
-                    requests: f[4].parse().ok()?,
+                    requests: f[6].parse().ok()?,
                 },
             ))
         })
@@ -204,13 +205,16 @@ fn top_shows_an_unreachable_url_or_a_missing_directory_and_lives_on() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("gone: no such directory"));
 }
 
-/// `gpe top --once SOURCE`: slot → (pid, state, requests).
-fn once(source: &str) -> BTreeMap<String, (String, String, f64)> {
+/// One `--once` line: pid, state, requests, p50 and p99 (as printed).
+type Line = (String, String, f64, String, String);
+
+/// `gpe top --once SOURCE`: slot → its line.
+fn once(source: &str) -> BTreeMap<String, Line> {
     once_with(&[source])
 }
 
-/// `gpe top --once ARGS...`, which must succeed: slot → (pid, state, requests).
-fn once_with(args: &[&str]) -> BTreeMap<String, (String, String, f64)> {
+/// `gpe top --once ARGS...`, which must succeed: slot → its line.
+fn once_with(args: &[&str]) -> BTreeMap<String, Line> {
     let out = Command::new(GPE)
         .args(["top", "--once"])
         .args(args)
@@ -230,20 +234,57 @@ fn once_with(args: &[&str]) -> BTreeMap<String, (String, String, f64)> {
     lines
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            assert_eq!(f.len(), 9, "{l}");
+            assert_eq!(f.len(), 11, "{l}");
             assert!(
                 f[0].parse::<u32>().is_ok(),
                 "a line starts with its slot: {l}"
             );
             (
                 f[0].to_owned(),
-                (f[2].to_owned(), f[1].to_owned(), f[3].parse().unwrap()),
+                (
+                    f[2].to_owned(),
+                    f[1].to_owned(),
+                    f[3].parse().unwrap(),
+                    f[9].to_owned(),
+                    f[10].to_owned(),
+                ),
             )
         })
         .collect()
 }
 
-fn scraped(m: &Metrics) -> BTreeMap<String, (String, String, f64)> {
+/// The `q` quantile of `slot`'s `gpe_worker_request_duration_seconds` as
+/// Prometheus' `histogram_quantile` computes it (linear inside the bucket,
+/// the highest finite bound in `+Inf`), printed as `--once` prints it.
+fn slot_quantile(m: &Metrics, slot: &str, q: f64) -> String {
+    let mut b: Vec<(f64, f64)> = m
+        .samples("gpe_worker_request_duration_seconds_bucket")
+        .into_iter()
+        .filter(|(l, _)| l["worker"] == slot)
+        .map(|(l, v)| (l["le"].parse().unwrap(), v))
+        .collect();
+    b.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let total = b.last().unwrap().1;
+    if total == 0.0 {
+        return "-".to_owned();
+    }
+    let rank = q * total;
+    let (mut lo, mut below) = (0.0, 0.0);
+    for (le, c) in b {
+        if c >= rank {
+            let v = if le == f64::INFINITY {
+                lo
+            } else {
+                lo + (le - lo) * (rank - below) / (c - below)
+            };
+            return format!("{v:.6}");
+        }
+        (lo, below) = (le, c);
+    }
+    unreachable!("+Inf holds every request")
+}
+
+fn scraped(m: &Metrics) -> BTreeMap<String, Line> {
     let state = |slot: &str| {
         m.samples("gpe_worker_state")
             .into_iter()
@@ -256,7 +297,14 @@ fn scraped(m: &Metrics) -> BTreeMap<String, (String, String, f64)> {
         .map(|(l, _)| {
             let slot = l["worker"].clone();
             let req = m.one("gpe_worker_requests_total", &[("worker", &slot)]);
-            (slot.clone(), (l["pid"].clone(), state(&slot), req))
+            let line = (
+                l["pid"].clone(),
+                state(&slot),
+                req,
+                slot_quantile(m, &slot, 0.5),
+                slot_quantile(m, &slot, 0.99),
+            );
+            (slot, line)
         })
         .collect()
 }
@@ -276,7 +324,11 @@ fn top_once_equals_a_scrape_taken_at_the_same_moment() {
         let got = once(source);
         let after = scraped(&s.scrape());
         assert_eq!(got.len(), 4, "{got:?}");
-        for (slot, (pid, _, n)) in &got {
+        for (slot, (pid, _, n, p50, p99)) in &got {
+            // A slot that has served requests has both quantiles.
+            for q in [p50, p99].into_iter().filter(|_| *n > 0.0) {
+                assert!(q.parse::<f64>().is_ok_and(|v| v > 0.0), "slot {slot}: {q}");
+            }
             assert_eq!(pid, &before[slot].0);
             assert!(
                 before[slot].2 <= *n && *n <= after[slot].2,
@@ -294,7 +346,14 @@ fn top_once_equals_a_scrape_taken_at_the_same_moment() {
     assert!(wait_until(Duration::from_secs(20), || {
         s.scrape().sum("gpe_worker_requests_total", &[]) == ok as f64
     }));
-    let want = scraped(&s.scrape());
+    let m = s.scrape();
+    let want = scraped(&m);
+    // The p50/p99 columns are the scrape's per-slot histograms, which count
+    // every request of their slot.
+    for (slot, (_, _, n, _, _)) in &want {
+        let w = [("worker", slot.as_str())];
+        assert_eq!(m.one("gpe_worker_request_duration_seconds_count", &w), *n);
+    }
     assert_eq!(once(&url), want);
     assert_eq!(once(dir.to_str().unwrap()), want);
 }

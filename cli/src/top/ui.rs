@@ -93,14 +93,30 @@ pub fn bytes(b: f64) -> String {
     }
 }
 
-/// `340µs`, `12.5ms`, `1.20s`.
+/// `340µs`, `12.5ms`, `250ms`, `1.20s`, `12.3s`: at most six columns below
+/// 1000 s.
 pub fn seconds(s: f64) -> String {
-    if s < 1e-3 {
-        format!("{:.0}µs", s * 1e6)
-    } else if s < 1.0 {
+    let us = s * 1e6;
+    if us < 999.5 {
+        format!("{us:.0}µs")
+    } else if us < 99_950.0 {
         format!("{:.1}ms", s * 1e3)
-    } else {
+    } else if us < 999_500.0 {
+        format!("{:.0}ms", s * 1e3)
+    } else if s < 9.995 {
         format!("{s:.2}s")
+    } else {
+        format!("{s:.1}s")
+    }
+}
+
+/// Requests per second: `12.5`, and whole numbers from 100 on (`1234`), so
+/// that five columns hold up to 99999.
+fn per_second(r: f64) -> String {
+    if r < 99.95 {
+        format!("{r:.1}")
+    } else {
+        format!("{r:.0}")
     }
 }
 
@@ -211,7 +227,8 @@ pub fn draw(f: &mut Frame<'_>, screen: &Screen) {
     }
 
     let header = Row::new([
-        "SLOT", "PID", "STATE", "REQ/S", "REQUESTS", "INFL", "CONNS", "RSS", "CPU%", "UPTIME",
+        "SLOT", "PID", "STATE", "REQ/S", "P50", "P99", "REQUESTS", "INFL", "CONN", "RSS", "CPU%",
+        "UPTIME",
     ])
     .style(Style::new().add_modifier(Modifier::BOLD));
     let body = slots.iter().map(|s| {
@@ -226,7 +243,9 @@ pub fn draw(f: &mut Frame<'_>, screen: &Screen) {
             s.slot.to_string(),
             s.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
             state,
-            dash(s.rate, |x| format!("{x:.1}")),
+            dash(s.rate, per_second),
+            dash(s.p50, seconds),
+            dash(s.p99, seconds),
             format!("{:.0}", s.requests),
             dash(s.in_flight, |x| format!("{x:.0}")),
             dash(s.connections, |x| format!("{x:.0}")),
@@ -236,17 +255,21 @@ pub fn draw(f: &mut Frame<'_>, screen: &Screen) {
         ])
         .style(style)
     });
+    // 80 columns with the spaces between: seven-digit pids, `draining`,
+    // six-column durations, bytes and uptimes.
     let widths = [
-        Constraint::Length(5),
-        Constraint::Length(8),
-        Constraint::Length(9),
-        Constraint::Length(8),
-        Constraint::Length(10),
-        Constraint::Length(5),
-        Constraint::Length(6),
-        Constraint::Length(8),
-        Constraint::Length(6),
+        Constraint::Length(4),
         Constraint::Length(7),
+        Constraint::Length(8),
+        Constraint::Length(5),
+        Constraint::Length(6),
+        Constraint::Length(6),
+        Constraint::Length(8),
+        Constraint::Length(4),
+        Constraint::Length(4),
+        Constraint::Length(6),
+        Constraint::Length(5),
+        Constraint::Length(6),
     ];
     f.render_widget(
         Table::new(body, widths).header(header).block(
@@ -274,7 +297,7 @@ pub fn draw(f: &mut Frame<'_>, screen: &Screen) {
         };
         Row::new([
             r.route.clone(),
-            dash(r.rate, |x| format!("{x:.1}")),
+            dash(r.rate, per_second),
             format!("{:.0}", r.requests),
             format!("{:.0}", r.errors),
             dash(r.error_ratio, pct),
@@ -323,6 +346,14 @@ mod tests {
         assert_eq!(seconds(0.00034), "340µs");
         assert_eq!(seconds(0.0125), "12.5ms");
         assert_eq!(seconds(1.2), "1.20s");
+        assert_eq!(seconds(0.0999), "99.9ms");
+        assert_eq!(seconds(0.09996), "100ms");
+        assert_eq!(seconds(0.9996), "1.00s");
+        assert_eq!(seconds(12.34), "12.3s");
+        assert_eq!(seconds(0.0009996), "1.0ms");
+        assert_eq!(per_second(12.34), "12.3");
+        assert_eq!(per_second(99.96), "100");
+        assert_eq!(per_second(12345.6), "12346");
         assert_eq!(uptime(45.9), "45s");
         assert_eq!(uptime(184.0), "3m04s");
         assert_eq!(uptime(7500.0), "2h05m");
@@ -348,8 +379,17 @@ mod tests {
             ]),
             slots: vec![Slot {
                 slot: 0,
-                pid: Some(42),
-                state: Some("idle".into()),
+                pid: Some(4_194_304),
+                state: Some("draining".into()),
+                rate: Some(1234.4),
+                p50: Some(0.0015),
+                p99: Some(0.25),
+                requests: 12_345_678.0,
+                in_flight: Some(12.0),
+                connections: Some(1000.0),
+                rss: Some(123.4 * 1024.0 * 1024.0),
+                cpu_pct: Some(100.0),
+                uptime: Some(23.0 * 3600.0 + 5.0 * 60.0),
                 ..Slot::default()
             }],
             ..View::default()
@@ -368,7 +408,14 @@ mod tests {
                 row + "\n"
             })
             .collect();
-        for want in ["boot_error 0", "WINCH 0", "0     42       idle", "q quit"] {
+        // Every worker column at its full width: nothing cut at 80.
+        for want in [
+            "SLOT PID     STATE    REQ/S P50    P99    REQUESTS INFL CONN RSS    CPU%  UPTIME",
+            "0    4194304 draining 1234  1.5ms  250ms  12345678 12   1000 123.4M 100.0 23h05m",
+            "boot_error 0",
+            "WINCH 0",
+            "q quit",
+        ] {
             assert!(text.contains(want), "{want} missing from:\n{text}");
         }
     }

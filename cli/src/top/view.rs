@@ -41,6 +41,12 @@ pub struct Slot {
     pub cpu_pct: Option<f64>,
     /// Seconds since the newest process started.
     pub uptime: Option<f64>,
+    /// Median request duration of the slot in seconds over the last
+    /// interval (since start on the first reading), from
+    /// `gpe_worker_request_duration_seconds`; `None` without requests.
+    pub p50: Option<f64>,
+    /// 99th-percentile request duration of the slot, likewise.
+    pub p99: Option<f64>,
 }
 
 /// One route's row.
@@ -111,9 +117,25 @@ fn sum_by(e: &Exposition, name: &str, by: &str) -> BTreeMap<String, f64> {
 /// Cumulative bucket counts (`le` → count) summed over every series whose
 /// `route` is `route` (all series when `None`).
 fn buckets(e: &Exposition, route: Option<&str>) -> Vec<(f64, f64)> {
+    buckets_where(e, "gpe_http_request_duration_seconds_bucket", |s| {
+        route.is_none_or(|r| s.label("route") == Some(r))
+    })
+}
+
+/// The cumulative buckets of worker slot `slot`'s request durations.
+fn slot_buckets(e: &Exposition, slot: u32) -> Vec<(f64, f64)> {
+    let slot = slot.to_string();
+    buckets_where(e, "gpe_worker_request_duration_seconds_bucket", |s| {
+        s.label("worker") == Some(slot.as_str())
+    })
+}
+
+/// Cumulative bucket counts (`le` → count) of the histogram samples `name`,
+/// summed over the series that `keep` selects.
+fn buckets_where(e: &Exposition, name: &str, keep: impl Fn(&Sample) -> bool) -> Vec<(f64, f64)> {
     let mut by_le: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
-    for s in e.named("gpe_http_request_duration_seconds_bucket") {
-        if route.is_some_and(|r| s.label("route") != Some(r)) {
+    for s in e.named(name) {
+        if !keep(s) {
             continue;
         }
         let Some(le) = s.label("le").and_then(|l| match l {
@@ -209,6 +231,13 @@ impl View {
                 let get = |m: &BTreeMap<u32, f64>| m.get(&n).copied();
                 let req = get(&requests).unwrap_or(0.0);
                 let c = get(&cpu);
+                // The slot's histogram keeps its counts across respawns, so
+                // the interval's buckets are a plain difference.
+                let b = slot_buckets(e, n);
+                let d = match before {
+                    Some(p) => delta_buckets(&b, &slot_buckets(&p.expo, n)),
+                    None => b,
+                };
                 Slot {
                     slot: n,
                     pid: pids.get(&n).copied(),
@@ -223,6 +252,8 @@ impl View {
                         .and_then(|c| rate(c, old_cpu.as_ref().and_then(|m| m.get(&n).copied())))
                         .map(|r| r * 100.0),
                     uptime: get(&uptime),
+                    p50: quantile(0.5, &d),
+                    p99: quantile(0.99, &d),
                 }
             })
             .collect();
@@ -303,15 +334,17 @@ fn or_dash(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
 
 /// The `--once` table: a header line starting with `#`, then one line per
 /// worker slot starting with the slot number, raw numbers for scripts
-/// (`-` where a slot has no process).
+/// (`-` where a slot has no process, and for the quantiles of a slot
+/// without requests).
 pub fn once_table(v: &View) -> String {
     let mut out = String::from(
-        "# slot state pid requests in_flight connections rss_bytes cpu_seconds uptime_seconds\n",
+        "# slot state pid requests in_flight connections rss_bytes cpu_seconds uptime_seconds \
+         p50_seconds p99_seconds\n",
     );
     for s in &v.slots {
         let int = |v: Option<f64>| or_dash(v, |x| format!("{x:.0}"));
         out.push_str(&format!(
-            "{} {} {} {:.0} {} {} {} {} {}\n",
+            "{} {} {} {:.0} {} {} {} {} {} {} {}\n",
             s.slot,
             s.state.as_deref().unwrap_or("-"),
             s.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
@@ -321,6 +354,8 @@ pub fn once_table(v: &View) -> String {
             int(s.rss),
             or_dash(s.cpu_seconds, |x| format!("{x:.3}")),
             or_dash(s.uptime, |x| format!("{x:.1}")),
+            or_dash(s.p50, |x| format!("{x:.6}")),
+            or_dash(s.p99, |x| format!("{x:.6}")),
         ));
     }
     out
@@ -350,6 +385,12 @@ gpe_worker_requests_in_flight{worker="0"} 1.0
 gpe_worker_connections{worker="0"} 2.0
 gpe_worker_resident_memory_bytes{worker="0"} 5242880.0
 gpe_worker_uptime_seconds{worker="0"} 61.5
+gpe_worker_request_duration_seconds_bucket{worker="0",le="0.1"} 6
+gpe_worker_request_duration_seconds_bucket{worker="0",le="1"} 6
+gpe_worker_request_duration_seconds_bucket{worker="0",le="+Inf"} 6
+gpe_worker_request_duration_seconds_bucket{worker="1",le="0.1"} 2
+gpe_worker_request_duration_seconds_bucket{worker="1",le="1"} 8
+gpe_worker_request_duration_seconds_bucket{worker="1",le="+Inf"} 8
 gpe_worker_state{worker="0",state="idle"} 0
 gpe_worker_state{worker="0",state="busy"} 1
 gpe_worker_state{worker="1",state="idle"} 1
@@ -380,6 +421,15 @@ gpe_master_info{pid="99"} 1
         );
         assert_eq!((s0.in_flight, s0.connections), (Some(1.0), Some(2.0)));
         assert_eq!((s0.rate, s0.cpu_pct), (None, None));
+        // Slot 0's 6 requests all took (0, 0.1]: rank 3 interpolates to
+        // 0.05, rank 5.94 to 0.099. Slot 1: 2 fast, 6 in (0.1, 1]; rank 4
+        // is 2/6 into the second bucket (0.4), rank 7.92 is 5.92/6 (0.988).
+        // Slot 2 has no histogram: no quantiles.
+        assert!((s0.p50.unwrap() - 0.05).abs() < 1e-9);
+        assert!((s0.p99.unwrap() - 0.099).abs() < 1e-9);
+        assert!((v.slots[1].p50.unwrap() - 0.4).abs() < 1e-9);
+        assert!((v.slots[1].p99.unwrap() - 0.988).abs() < 1e-9);
+        assert_eq!((v.slots[2].p50, v.slots[2].p99), (None, None));
         // Slot 2 has counters but no process.
         assert_eq!((v.slots[2].pid, v.slots[2].state.as_deref()), (None, None));
         assert_eq!(v.total.requests, 14.0);
@@ -393,10 +443,11 @@ gpe_master_info{pid="99"} 1
         assert_eq!((v.workers, v.master_pid), (Some(2.0), Some(99)));
         assert_eq!(
             once_table(&v),
-            "# slot state pid requests in_flight connections rss_bytes cpu_seconds uptime_seconds\n\
-             0 busy 100 6 1 2 5242880 1.000 61.5\n\
-             1 idle 101 8 - - - - -\n\
-             2 - - 0 - - - - -\n"
+            "# slot state pid requests in_flight connections rss_bytes cpu_seconds uptime_seconds \
+             p50_seconds p99_seconds\n\
+             0 busy 100 6 1 2 5242880 1.000 61.5 0.050000 0.099000\n\
+             1 idle 101 8 - - - - - 0.400000 0.988000\n\
+             2 - - 0 - - - - - - -\n"
         );
     }
 
@@ -414,7 +465,11 @@ gpe_master_info{pid="99"} 1
                 r#"route="/",status="200"} 30"#,
             )
             .replace(r#"route="/",le="1"} 10"#, r#"route="/",le="1"} 30"#)
-            .replace(r#"route="/",le="+Inf"} 10"#, r#"route="/",le="+Inf"} 30"#);
+            .replace(r#"route="/",le="+Inf"} 10"#, r#"route="/",le="+Inf"} 30"#)
+            // Slot 0's 20 new requests: 10 in (0, 0.1], 10 in (0.1, 1].
+            .replace(r#"worker="0",le="0.1"} 6"#, r#"worker="0",le="0.1"} 16"#)
+            .replace(r#"worker="0",le="1"} 6"#, r#"worker="0",le="1"} 26"#)
+            .replace(r#"worker="0",le="+Inf"} 6"#, r#"worker="0",le="+Inf"} 26"#);
         let v = View::new(
             &reading(&later, t0 + Duration::from_secs(2)),
             Some(&reading(ONE, t0)),
@@ -422,6 +477,12 @@ gpe_master_info{pid="99"} 1
         assert_eq!(v.slots[0].rate, Some(10.0));
         assert_eq!(v.slots[0].cpu_pct, Some(25.0));
         assert_eq!(v.slots[1].rate, Some(0.0));
+        // Over the interval only: rank 10 of 20 ends the fast bucket (0.1),
+        // rank 19.8 is 9.8/10 into (0.1, 1].
+        assert!((v.slots[0].p50.unwrap() - 0.1).abs() < 1e-9);
+        assert!((v.slots[0].p99.unwrap() - 0.982).abs() < 1e-9);
+        // Slot 1 served nothing in the interval: `-`, not its older figure.
+        assert_eq!((v.slots[1].p50, v.slots[1].p99), (None, None));
         let root = v.routes.iter().find(|r| r.route == "/").unwrap();
         assert_eq!(root.rate, Some(10.0));
         assert_eq!(root.error_ratio, Some(0.0));

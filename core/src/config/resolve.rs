@@ -460,23 +460,22 @@ with_settings!(config_struct);
 
 impl Config {
     /// The store must hold every capped family full and the per-slot series
-    /// of every worker (three each).
+    /// of every worker ([`SLOT_SERIES`](super::settings::SLOT_SERIES) each).
     fn check_store_room(&self) -> Result<(), ConfigError> {
-        let need = super::settings::CAPPED_FAMILIES * u64::from(self.metrics_max_series)
-            + 3 * u64::from(self.workers);
+        use super::settings::{CAPPED_FAMILIES, SLOT_SERIES};
+        let slots = SLOT_SERIES * u64::from(self.workers);
+        let need = CAPPED_FAMILIES * u64::from(self.metrics_max_series) + slots;
         if need > u64::from(self.metrics_store_series) {
             return Err(ConfigError::invalid(
                 "metrics_max_series",
                 self.metrics_max_series,
                 format!(
                     "at most {} with `metrics_store_series` = {} and `workers` = {} \
-                     (the store must hold {} families of it plus 3 series per worker)",
-                    (u64::from(self.metrics_store_series)
-                        .saturating_sub(3 * u64::from(self.workers)))
-                        / super::settings::CAPPED_FAMILIES,
+                     (the store must hold {CAPPED_FAMILIES} families of it plus \
+                     {SLOT_SERIES} series per worker)",
+                    u64::from(self.metrics_store_series).saturating_sub(slots) / CAPPED_FAMILIES,
                     self.metrics_store_series,
                     self.workers,
-                    super::settings::CAPPED_FAMILIES,
                 ),
             ));
         }

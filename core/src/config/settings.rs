@@ -21,9 +21,13 @@ pub const HTTP2_MODES: [&str; 3] = ["off", "tls", "always"];
 /// Most worker processes (including those added by TTIN).
 pub const MAX_WORKERS: u32 = 1024;
 
-/// Families whose label sets are capped by `metrics_max_series`; with three
-/// per-slot series per worker they must fit in `metrics_store_series`.
+/// Families whose label sets are capped by `metrics_max_series`; with
+/// [`SLOT_SERIES`] per worker they must fit in `metrics_store_series`.
 pub const CAPPED_FAMILIES: u64 = 6;
+
+/// Series (one row each, a histogram's too) that every worker slot adds to
+/// the store: one per per-slot family.
+pub const SLOT_SERIES: u64 = crate::store::catalogue::Family::PER_SLOT.len() as u64;
 
 /// Most `metrics_max_series` in the largest store (the start-up check
 /// against `metrics_store_series` is tighter).

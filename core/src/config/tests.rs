@@ -84,7 +84,7 @@ fn defaults() {
 
 #[test]
 fn the_store_must_hold_every_family_full() {
-    // 6 × 100 + 3 × 2 = 606 series fit in 1024; 6 × 170 + 6 = 1026 do not.
+    // 6 × 100 + 4 × 2 = 608 series fit in 1024; 6 × 170 + 8 = 1028 do not.
     let c = load_flags(&[
         "--metrics-store-series",
         "1024",
@@ -104,6 +104,25 @@ fn the_store_must_hold_every_family_full() {
     assert!(err.contains("metrics_max_series"), "{err}");
     assert!(
         err.contains("at most 169 with `metrics_store_series` = 1024 and `workers` = 2"),
+        "{err}"
+    );
+    // Each worker adds 4 series (one per per-slot family, the duration
+    // histogram included): 6 × 165 + 4 × 10 = 1030 do not fit in 1024.
+    let err = load_flags(&[
+        "--metrics-store-series",
+        "1024",
+        "--metrics-max-series",
+        "165",
+        "--workers",
+        "10",
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains(
+            "at most 164 with `metrics_store_series` = 1024 and `workers` = 10 (the store \
+             must hold 6 families of it plus 4 series per worker)"
+        ),
         "{err}"
     );
     let err = load_flags(&["--metrics-store-series", "1024"])

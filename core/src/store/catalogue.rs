@@ -59,11 +59,14 @@ pub enum Family {
     WorkerAccepted = 6,
     /// CPU seconds of exited workers, by slot (nanoseconds; master only).
     WorkerCpuRetired = 7,
+    /// `gpe_worker_request_duration_seconds{worker}`: each slot's request
+    /// durations over every route.
+    WorkerDuration = 8,
 }
 
 impl Family {
     /// Every family, in code order.
-    pub const ALL: [Family; 8] = [
+    pub const ALL: [Family; 9] = [
         Family::HttpRequests,
         Family::HttpDuration,
         Family::HttpRequestSize,
@@ -72,6 +75,16 @@ impl Family {
         Family::WorkerRequests,
         Family::WorkerAccepted,
         Family::WorkerCpuRetired,
+        Family::WorkerDuration,
+    ];
+
+    /// The per-slot families: one series (one row) per worker slot each,
+    /// not capped by `metrics_max_series`.
+    pub const PER_SLOT: [Family; 4] = [
+        Family::WorkerRequests,
+        Family::WorkerAccepted,
+        Family::WorkerCpuRetired,
+        Family::WorkerDuration,
     ];
 
     /// The family with code `code`, if any.
@@ -95,6 +108,7 @@ impl Family {
             Family::WorkerRequests => "gpe_worker_requests",
             Family::WorkerAccepted => "gpe_worker_connections_accepted",
             Family::WorkerCpuRetired => "gpe_worker_cpu_seconds",
+            Family::WorkerDuration => "gpe_worker_request_duration_seconds",
         }
     }
 
@@ -109,6 +123,9 @@ impl Family {
             Family::WorkerRequests => "Requests served by each worker slot",
             Family::WorkerAccepted => "Connections accepted by each worker slot",
             Family::WorkerCpuRetired => "CPU seconds used by each worker slot",
+            Family::WorkerDuration => {
+                "Time from request head to response in each worker slot, over every route"
+            }
         }
     }
 
@@ -119,25 +136,23 @@ impl Family {
             Family::HttpDuration => &["method", "route"],
             Family::HttpRequestSize | Family::HttpResponseSize => &[],
             Family::HttpErrors => &["method", "route", "kind"],
-            Family::WorkerRequests | Family::WorkerAccepted | Family::WorkerCpuRetired => {
-                &["worker"]
-            }
+            Family::WorkerRequests
+            | Family::WorkerAccepted
+            | Family::WorkerCpuRetired
+            | Family::WorkerDuration => &["worker"],
         }
     }
 
     /// Whether the per-family series cap applies. Per-slot families are
     /// bounded by the number of slots instead.
     pub fn capped(self) -> bool {
-        !matches!(
-            self,
-            Family::WorkerRequests | Family::WorkerAccepted | Family::WorkerCpuRetired
-        )
+        !Self::PER_SLOT.contains(&self)
     }
 
     /// How rows of this family are used.
     pub fn shape(self) -> Shape {
         match self {
-            Family::HttpDuration => Shape::Histogram(Buckets::Duration),
+            Family::HttpDuration | Family::WorkerDuration => Shape::Histogram(Buckets::Duration),
             Family::HttpRequestSize | Family::HttpResponseSize => Shape::Histogram(Buckets::Size),
             _ => Shape::Counter,
         }
@@ -305,6 +320,9 @@ mod tests {
         for (i, f) in Family::ALL.iter().enumerate() {
             assert_eq!(f.code() as usize, i);
             assert_eq!(Family::from_code(i as u8), Some(*f));
+        }
+        for f in Family::ALL {
+            assert_eq!(f.capped(), f.labels() != ["worker"], "{f:?}");
         }
         assert_eq!(WorkerState::from_code(2), Some(WorkerState::Busy));
         assert_eq!(MasterSignal::Chld.label(), "CHLD");

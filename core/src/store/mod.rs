@@ -537,6 +537,14 @@ mod tests {
             .unwrap()
             .id();
         raw.row(id)[0].fetch_add(5, Ordering::Relaxed);
+        // The slot's duration histogram is folded whole: buckets and sum.
+        let dur = m
+            .resolve(&index, &index::Key::new(Family::WorkerDuration, &["1"]))
+            .unwrap()
+            .id();
+        raw.row(dur)[0].fetch_add(3, Ordering::Relaxed);
+        raw.row(dur)[1].fetch_add(2, Ordering::Relaxed);
+        raw.row(dur)[layout::CELLS - 1].fetch_add(4_500_000_000, Ordering::Relaxed);
         let reread = store.open_data(&store.retired_path()).unwrap();
         {
             let window = retired.fold_window();
@@ -554,6 +562,16 @@ mod tests {
             .map(|s| s.cells[0])
             .sum();
         assert_eq!(reqs, 5, "a folded file is not counted twice");
+        let d = snap
+            .series
+            .iter()
+            .find(|s| s.family == Family::WorkerDuration)
+            .unwrap();
+        assert_eq!(d.labels, ["1"]);
+        assert_eq!(
+            (d.cells[0], d.cells[1], d.cells[layout::CELLS - 1]),
+            (3, 2, 4_500_000_000)
+        );
         let cpu = snap
             .series
             .iter()

@@ -81,6 +81,7 @@ impl Drop for Tracked {
 struct FixedIds {
     worker_requests: u32,
     worker_accepted: u32,
+    worker_duration: u32,
     request_size: u32,
     response_size: u32,
 }
@@ -197,6 +198,7 @@ impl Recorder {
         let fixed = FixedIds {
             worker_requests: fixed_id(Family::WorkerRequests, &[&slot_label])?,
             worker_accepted: fixed_id(Family::WorkerAccepted, &[&slot_label])?,
+            worker_duration: fixed_id(Family::WorkerDuration, &[&slot_label])?,
             request_size: fixed_id(Family::HttpRequestSize, &[])?,
             response_size: fixed_id(Family::HttpResponseSize, &[])?,
         };
@@ -385,13 +387,17 @@ impl Recorder {
     }
 
     fn record(&self, duration_ns: u64, end: u64, rec: &RequestRecord<'_>) {
+        // The slot's own duration histogram: same buckets, so the bucket is
+        // found once for both rows.
+        let bucket = bucket_of(&self.duration_bounds_ns, duration_ns);
+        let slot_row = self.file.row(self.fixed.worker_duration);
+        self.add(&slot_row[bucket], 1);
+        self.add(&slot_row[CELLS - 1], duration_ns);
         if let Some(ids) = self.request_ids(rec) {
             self.add(&self.file.row(ids.requests)[0], 1);
-            let bucket = self.observe(
-                self.file.row(ids.duration),
-                &self.duration_bounds_ns,
-                duration_ns,
-            );
+            let row = self.file.row(ids.duration);
+            self.add(&row[bucket], 1);
+            self.add(&row[CELLS - 1], duration_ns);
             if let Some(trace) = rec.trace {
                 super::exemplar::put(
                     &self.file,

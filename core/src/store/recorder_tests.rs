@@ -141,3 +141,52 @@ fn tracked_requests_are_named_in_the_file_until_dropped() {
     drop(b);
     assert_eq!(file.in_flight().0, vec![]);
 }
+
+#[test]
+fn the_slot_histogram_counts_every_route_in_the_same_buckets() {
+    let (_d, store, rec) = setup(1);
+    // Buckets 0.001 s and 1 s: 0.5 ms, 2 ms, 3 ms and 2 s, over two routes
+    // (the second one goes to `other`: the slot's row counts it too).
+    for (i, ns) in [500_000u64, 2_000_000, 3_000_000, 2_000_000_000]
+        .into_iter()
+        .enumerate()
+    {
+        let route = if i % 2 == 0 { "/a" } else { "/b" };
+        rec.begin_at(1_000);
+        rec.finish_at(
+            1_000,
+            1_000 + ns,
+            &RequestRecord {
+                method: "GET",
+                route,
+                status: 200,
+                request_bytes: 0,
+                response_bytes: 0,
+                error: None,
+                trace: None,
+            },
+        );
+    }
+    let snap = Snapshot::read(&store).unwrap();
+    let slot: Vec<_> = snap
+        .series
+        .iter()
+        .filter(|s| s.family == Family::WorkerDuration)
+        .collect();
+    assert_eq!(slot.len(), 1);
+    assert_eq!(slot[0].labels, ["0"]);
+    assert_eq!(slot[0].cells[..3], [1, 2, 1]);
+    assert_eq!(slot[0].cells[CELLS - 1], 2_005_500_000);
+    // The same observations as the route histograms, summed.
+    let mut routes = [0u64; CELLS];
+    for s in snap
+        .series
+        .iter()
+        .filter(|s| s.family == Family::HttpDuration)
+    {
+        for (a, c) in routes.iter_mut().zip(s.cells) {
+            *a += c;
+        }
+    }
+    assert_eq!(routes, slot[0].cells);
+}
