@@ -4,10 +4,11 @@
 
 use std::collections::BTreeMap;
 
+use gpe_core::WorkerState;
 use gpe_core::CELLS;
 use gpe_core::{AppKind, AppSeries, AppValue, ExemplarView, RejectReason};
 use gpe_core::{Buckets, Shape, SIZE_BUCKETS};
-use gpe_core::{ExitReason, Family, MasterSignal, Series, Snapshot, StoreDir, WorkerState};
+use gpe_core::{ExitReason, Family, MasterSignal, Series, Snapshot, SnapshotReader, StoreDir};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::exemplar::Exemplar;
@@ -79,7 +80,7 @@ impl Procs {
         }
         for w in &snap.workers {
             for (i, pid) in w.pids.iter().enumerate() {
-                if let Some(st) = procstat::read(*pid) {
+                if let Some(st) = procstat::read_worker(*pid) {
                     *p.cpu.entry(w.slot).or_default() += st.cpu_seconds;
                     if i == 0 {
                         p.newest.insert(w.slot, st);
@@ -98,7 +99,16 @@ impl Scrape {
     /// # Errors
     /// The store cannot be read.
     pub fn collect(store: &StoreDir) -> std::io::Result<Scrape> {
-        let (snap, procs) = Snapshot::read_with(store, Procs::read)?;
+        Self::collect_with(&mut SnapshotReader::new(store.clone()))
+    }
+
+    /// As [`Scrape::collect`], through `reader` (which keeps the worker files
+    /// mapped for the next scrape).
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub fn collect_with(reader: &mut SnapshotReader) -> std::io::Result<Scrape> {
+        let (snap, procs) = reader.read_with(Procs::read)?;
         Ok(Scrape {
             snap,
             procs,

@@ -3,6 +3,7 @@
 //! retired totals; the master's fold epoch (a sequence lock) makes sure a fold
 //! that races the read is retried rather than counted twice or missed.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
@@ -228,16 +229,77 @@ impl Snapshot {
         store: &StoreDir,
         extra: impl FnMut(&Snapshot) -> T,
     ) -> io::Result<(Snapshot, T)> {
-        Self::read_within(store, FOLD_STALE, extra)
+        SnapshotReader::new(store.clone()).read_with(extra)
     }
 
     /// As [`Snapshot::read_with`], taking an epoch that stays odd for `stale`
     /// as left by a dead folder.
+    #[cfg(test)]
     pub(super) fn read_within<T>(
         store: &StoreDir,
         stale: Duration,
+        extra: impl FnMut(&Snapshot) -> T,
+    ) -> io::Result<(Snapshot, T)> {
+        SnapshotReader::new(store.clone()).read_within(stale, extra)
+    }
+}
+
+/// Rows × files below which a read merges on one thread: splitting the files
+/// over rayon's pool pays only when there are many rows to add up.
+pub const PARALLEL_MIN_CELLS: usize = usize::MAX;
+
+/// A reader of one store that keeps the worker files it mapped from one
+/// read to the next, so that a read maps (and faults in) only the files that
+/// are new since the last one. A file is dropped once its name is gone from
+/// the directory or names another file.
+#[derive(Debug)]
+pub struct SnapshotReader {
+    store: StoreDir,
+    /// Mapped worker files by (slot, generation), with their inodes.
+    files: HashMap<(u32, u64), (u64, DataFile)>,
+    /// Rows × files from which the merge is split over threads.
+    parallel_min: usize,
+}
+
+impl SnapshotReader {
+    /// A reader of `store` that has mapped nothing yet.
+    pub fn new(store: StoreDir) -> SnapshotReader {
+        SnapshotReader {
+            store,
+            files: HashMap::new(),
+            parallel_min: PARALLEL_MIN_CELLS,
+        }
+    }
+
+    /// The same reader, merging on several threads from `rows` rows × files
+    /// (`usize::MAX`: never), in place of [`PARALLEL_MIN_CELLS`]. The result
+    /// is the same either way.
+    pub fn with_parallel_min(self, rows: usize) -> SnapshotReader {
+        SnapshotReader {
+            parallel_min: rows,
+            ..self
+        }
+    }
+
+    /// The store it reads.
+    pub fn store(&self) -> &StoreDir {
+        &self.store
+    }
+
+    /// As [`Snapshot::read_with`].
+    ///
+    /// # Errors
+    /// As [`Snapshot::read`].
+    pub fn read_with<T>(&mut self, extra: impl FnMut(&Snapshot) -> T) -> io::Result<(Snapshot, T)> {
+        self.read_within(FOLD_STALE, extra)
+    }
+
+    fn read_within<T>(
+        &mut self,
+        stale: Duration,
         mut extra: impl FnMut(&Snapshot) -> T,
     ) -> io::Result<(Snapshot, T)> {
+        let store = self.store.clone();
         let index = store.open_index()?;
         let retired = store.open_data(&store.retired_path()).ok();
         let master = store.open_data(&store.master_path()).ok();
@@ -261,7 +323,7 @@ impl Snapshot {
                 }
             }
             attempts += 1;
-            let snap = read_once(store, &index, retired.as_ref(), master.as_ref())?;
+            let snap = self.read_once(&index, retired.as_ref(), master.as_ref())?;
             let more = extra(&snap);
             fence(Ordering::Acquire);
             let end = retired
@@ -276,6 +338,28 @@ impl Snapshot {
             "the master kept folding while the store was read",
         ))
     }
+
+    /// The worker files listed now, mapped: those mapped before under the
+    /// same name and inode are kept, the others opened (a file that cannot
+    /// be opened, such as a half-created one, is left out this time).
+    fn worker_files(&mut self) -> io::Result<Vec<(u32, u64)>> {
+        let listed = self.store.worker_entries()?;
+        let mut keep: HashMap<(u32, u64), (u64, DataFile)> = HashMap::with_capacity(listed.len());
+        let mut names = Vec::with_capacity(listed.len());
+        for (slot, generation, path, ino) in listed {
+            let file = match self.files.remove(&(slot, generation)) {
+                Some((i, f)) if i == ino && f.whole() => (i, f),
+                _ => match self.store.open_data(&path) {
+                    Ok(f) => (f.ino().unwrap_or(ino), f),
+                    Err(_) => continue,
+                },
+            };
+            keep.insert((slot, generation), file);
+            names.push((slot, generation));
+        }
+        self.files = keep;
+        Ok(names)
+    }
 }
 
 /// How the rows of one id are merged.
@@ -289,130 +373,270 @@ enum RowUse {
     AppGauge,
 }
 
-fn read_once(
-    store: &StoreDir,
-    index: &Index,
-    retired: Option<&DataFile>,
-    master: Option<&DataFile>,
-) -> io::Result<Snapshot> {
-    let used = index.used();
-    let uses: Vec<RowUse> = (0..used)
-        .map(|id| {
-            match index
-                .app_family_of(id)
-                .and_then(|f| index.app_slot(f))
-                .and_then(|s| AppKind::from_code(s.kind.load(Ordering::Acquire)))
-            {
-                Some(AppKind::Gauge) => RowUse::AppGauge,
-                Some(AppKind::Histogram) => RowUse::AppHistogram,
-                _ => RowUse::Sum,
-            }
-        })
-        .collect();
-    let mut cells = vec![[0u64; CELLS]; used as usize];
-    let mut sums = vec![0f64; used as usize];
-    let mut gauges: Vec<Vec<GaugeSample>> = vec![Vec::new(); used as usize];
-    let mut newest_exemplars: std::collections::HashMap<(u32, usize), ExemplarView> =
-        std::collections::HashMap::new();
-    let mut dropped = [0u64; MAX_FAMILIES];
-    let mut sum_file =
-        |f: &DataFile, live: Option<(u32, u64)>, dropped: &mut [u64; MAX_FAMILIES]| {
-            for (id, acc) in cells.iter_mut().enumerate() {
-                let row = f.row(id as u32);
-                match uses[id] {
-                    RowUse::Sum => {
-                        for (a, c) in acc.iter_mut().zip(row) {
-                            *a = a.wrapping_add(c.load(Ordering::Relaxed));
-                        }
+/// What a run over some of the files adds up: integer cells summed, and,
+/// in file order, what is merged in order (the `f64` sums of app histograms,
+/// app gauge samples, exemplars).
+#[derive(Debug)]
+struct Part {
+    cells: Vec<[u64; CELLS]>,
+    sums: Vec<(u32, f64)>,
+    gauges: Vec<(u32, GaugeSample)>,
+    exemplars: Vec<(u32, usize, ExemplarView)>,
+    dropped: [u64; MAX_FAMILIES],
+}
+
+impl Part {
+    fn new(used: usize) -> Part {
+        Part {
+            cells: vec![[0u64; CELLS]; used],
+            sums: Vec::new(),
+            gauges: Vec::new(),
+            exemplars: Vec::new(),
+            dropped: [0; MAX_FAMILIES],
+        }
+    }
+
+    /// Adds one file's rows: `live` is its (slot, generation), `None` for
+    /// the retired totals.
+    fn add(&mut self, f: &DataFile, live: Option<(u32, u64)>, uses: &[RowUse]) {
+        let rows = f.rows_upto(uses.len() as u32);
+        for (id, ((acc, row), use_)) in self.cells.iter_mut().zip(rows).zip(uses).enumerate() {
+            match use_ {
+                RowUse::Sum => {
+                    for (a, c) in acc.iter_mut().zip(row) {
+                        *a = a.wrapping_add(c.load(Ordering::Relaxed));
                     }
-                    RowUse::AppHistogram => {
-                        for (a, c) in acc[..CELLS - 1].iter_mut().zip(row) {
-                            *a = a.wrapping_add(c.load(Ordering::Relaxed));
-                        }
-                        sums[id] += f64::from_bits(row[CELLS - 1].load(Ordering::Relaxed));
+                }
+                RowUse::AppHistogram => {
+                    for (a, c) in acc[..CELLS - 1].iter_mut().zip(row) {
+                        *a = a.wrapping_add(c.load(Ordering::Relaxed));
                     }
-                    RowUse::AppGauge => {
-                        let at_ns = row[1].load(Ordering::Relaxed);
-                        if let (Some((slot, generation)), true) = (live, at_ns != 0) {
-                            gauges[id].push(GaugeSample {
+                    let sum = f64::from_bits(row[CELLS - 1].load(Ordering::Relaxed));
+                    self.sums.push((id as u32, sum));
+                }
+                RowUse::AppGauge => {
+                    let at_ns = row[1].load(Ordering::Relaxed);
+                    if let (Some((slot, generation)), true) = (live, at_ns != 0) {
+                        self.gauges.push((
+                            id as u32,
+                            GaugeSample {
                                 slot,
                                 generation,
                                 value: f64::from_bits(row[0].load(Ordering::Relaxed)),
                                 at_ns,
-                            });
-                        }
+                            },
+                        ));
                     }
                 }
             }
-            for (d, c) in dropped.iter_mut().zip(&f.header().dropped) {
-                *d = d.wrapping_add(c.load(Ordering::Relaxed));
-            }
-            if live.is_some() {
-                for (id, bucket, e) in exemplar::read_all(f) {
-                    if id < used {
-                        let slot = newest_exemplars.entry((id, bucket)).or_insert(e);
-                        if e.at_ns > slot.at_ns {
-                            *slot = e;
-                        }
-                    }
-                }
-            }
-        };
-    if let Some(r) = retired {
-        sum_file(r, None, &mut dropped);
-    }
-    let mut workers: Vec<WorkerView> = Vec::new();
-    let mut in_flight: i64 = 0;
-    for (slot, generation, path) in store.worker_files()? {
-        // A file that vanished or is half-created is skipped: its counts are in
-        // `retired` (folded) or still zero.
-        let Ok(file) = store.open_data(&path) else {
-            continue;
-        };
-        let h = file.header();
-        if h.folded.load(Ordering::Acquire) != 0
-            || h.kind.load(Ordering::Relaxed) != FileKind::Worker as u32
-        {
-            continue;
         }
-        sum_file(&file, Some((slot, generation)), &mut dropped);
-        let pid = h.pid.load(Ordering::Relaxed);
-        let inf = h.in_flight.load(Ordering::Relaxed).max(0);
-        in_flight = in_flight.saturating_add(inf);
-        let mut state =
-            WorkerState::from_code(h.state.load(Ordering::Relaxed)).unwrap_or(WorkerState::Booting);
-        if matches!(state, WorkerState::Idle | WorkerState::Busy) {
-            state = if inf > 0 {
-                WorkerState::Busy
-            } else {
-                WorkerState::Idle
+        for (d, c) in self.dropped.iter_mut().zip(&f.header().dropped) {
+            *d = d.wrapping_add(c.load(Ordering::Relaxed));
+        }
+        if live.is_some() {
+            let used = uses.len() as u32;
+            self.exemplars.extend(
+                exemplar::read_all(f)
+                    .into_iter()
+                    .filter(|(id, _, _)| *id < used),
+            );
+        }
+    }
+
+    /// The sum of `parts`, merged in their order.
+    fn merge(mut parts: Vec<Part>, used: usize) -> Part {
+        let mut all = match parts.len() {
+            0 => return Part::new(used),
+            _ => parts.remove(0),
+        };
+        for p in parts {
+            for (a, c) in all.cells.iter_mut().zip(&p.cells) {
+                for (a, c) in a.iter_mut().zip(c) {
+                    *a = a.wrapping_add(*c);
+                }
+            }
+            all.sums.extend(p.sums);
+            all.gauges.extend(p.gauges);
+            all.exemplars.extend(p.exemplars);
+            for (d, c) in all.dropped.iter_mut().zip(p.dropped) {
+                *d = d.wrapping_add(c);
+            }
+        }
+        all
+    }
+}
+
+impl SnapshotReader {
+    fn read_once(
+        &mut self,
+        index: &Index,
+        retired: Option<&DataFile>,
+        master: Option<&DataFile>,
+    ) -> io::Result<Snapshot> {
+        let used = index.used();
+        let uses: Vec<RowUse> = (0..used)
+            .map(|id| {
+                match index
+                    .app_family_of(id)
+                    .and_then(|f| index.app_slot(f))
+                    .and_then(|s| AppKind::from_code(s.kind.load(Ordering::Acquire)))
+                {
+                    Some(AppKind::Gauge) => RowUse::AppGauge,
+                    Some(AppKind::Histogram) => RowUse::AppHistogram,
+                    _ => RowUse::Sum,
+                }
+            })
+            .collect();
+        let names = self.worker_files()?;
+        // The files whose rows count: the retired totals first, then every
+        // live (not folded) worker file, in name order.
+        let mut counted: Vec<(&DataFile, Option<(u32, u64)>)> = Vec::with_capacity(names.len() + 1);
+        counted.extend(retired.map(|r| (r, None)));
+        let mut workers: Vec<WorkerView> = Vec::new();
+        let mut in_flight: i64 = 0;
+        for (slot, generation) in names {
+            let Some((_, file)) = self.files.get(&(slot, generation)) else {
+                continue;
             };
-        }
-        let view = WorkerView {
-            slot,
-            generation,
-            pid,
-            kind: WorkerKind::from_code(h.worker_kind.load(Ordering::Relaxed)),
-            state,
-            state_since: (h.state_since_ns.load(Ordering::Relaxed) as i64)
-                .wrapping_add(h.clock_offset_ns.load(Ordering::Relaxed))
-                as f64
-                / 1e9,
-            start_time: h.start_time_ns.load(Ordering::Relaxed) as f64 / 1e9,
-            connections: h.connections.load(Ordering::Relaxed).max(0),
-            in_flight: inf,
-            pids: vec![pid],
-        };
-        match workers.iter_mut().find(|w| w.slot == slot) {
-            Some(w) if w.generation < generation => {
-                let mut pids = std::mem::take(&mut w.pids);
-                pids.insert(0, pid);
-                *w = WorkerView { pids, ..view };
+            // A folded file's counts are in `retired`.
+            let h = file.header();
+            if h.folded.load(Ordering::Acquire) != 0
+                || h.kind.load(Ordering::Relaxed) != FileKind::Worker as u32
+            {
+                continue;
             }
-            Some(w) => w.pids.push(pid),
-            None => workers.push(view),
+            counted.push((file, Some((slot, generation))));
+            let pid = h.pid.load(Ordering::Relaxed);
+            let inf = h.in_flight.load(Ordering::Relaxed).max(0);
+            in_flight = in_flight.saturating_add(inf);
+            let mut state = WorkerState::from_code(h.state.load(Ordering::Relaxed))
+                .unwrap_or(WorkerState::Booting);
+            if matches!(state, WorkerState::Idle | WorkerState::Busy) {
+                state = if inf > 0 {
+                    WorkerState::Busy
+                } else {
+                    WorkerState::Idle
+                };
+            }
+            let view = WorkerView {
+                slot,
+                generation,
+                pid,
+                kind: WorkerKind::from_code(h.worker_kind.load(Ordering::Relaxed)),
+                state,
+                state_since: (h.state_since_ns.load(Ordering::Relaxed) as i64)
+                    .wrapping_add(h.clock_offset_ns.load(Ordering::Relaxed))
+                    as f64
+                    / 1e9,
+                start_time: h.start_time_ns.load(Ordering::Relaxed) as f64 / 1e9,
+                connections: h.connections.load(Ordering::Relaxed).max(0),
+                in_flight: inf,
+                pids: vec![pid],
+            };
+            // Names come sorted by slot, then generation: the slot's
+            // earlier processes are the last view's.
+            match workers.last_mut().filter(|w| w.slot == slot) {
+                Some(w) if w.generation < generation => {
+                    let mut pids = std::mem::take(&mut w.pids);
+                    pids.insert(0, pid);
+                    *w = WorkerView { pids, ..view };
+                }
+                Some(w) => w.pids.push(pid),
+                None => workers.push(view),
+            }
         }
+        let part = self.sum(&counted, &uses);
+        let Part {
+            cells,
+            sums: file_sums,
+            gauges: file_gauges,
+            exemplars: file_exemplars,
+            dropped,
+        } = part;
+        let mut sums = vec![0f64; used as usize];
+        for (id, v) in file_sums {
+            sums[id as usize] += v;
+        }
+        let mut gauges: Vec<Vec<GaugeSample>> = vec![Vec::new(); used as usize];
+        for (id, g) in file_gauges {
+            gauges[id as usize].push(g);
+        }
+        let mut newest_exemplars: std::collections::HashMap<(u32, usize), ExemplarView> =
+            std::collections::HashMap::new();
+        for (id, bucket, e) in file_exemplars {
+            let slot = newest_exemplars.entry((id, bucket)).or_insert(e);
+            if e.at_ns > slot.at_ns {
+                *slot = e;
+            }
+        }
+        Ok(assemble(
+            index,
+            master,
+            &uses,
+            Merged {
+                cells,
+                sums,
+                gauges,
+                newest_exemplars,
+                dropped,
+                workers,
+                in_flight,
+            },
+        ))
     }
+
+    /// Adds up the rows of `files` (in order), on rayon's pool when there
+    /// are at least `parallel_min` rows × files, else on this thread.
+    fn sum(&self, files: &[(&DataFile, Option<(u32, u64)>)], uses: &[RowUse]) -> Part {
+        let used = uses.len();
+        let threads = rayon::current_num_threads();
+        if files.len() >= 2 && threads >= 2 && used.saturating_mul(files.len()) >= self.parallel_min
+        {
+            use rayon::prelude::*;
+            let chunk = files.len().div_ceil(threads);
+            let parts: Vec<Part> = files
+                .par_chunks(chunk)
+                .map(|c| {
+                    let mut p = Part::new(used);
+                    for (f, live) in c {
+                        p.add(f, *live, uses);
+                    }
+                    p
+                })
+                .collect();
+            return Part::merge(parts, used);
+        }
+        let mut p = Part::new(used);
+        for (f, live) in files {
+            p.add(f, *live, uses);
+        }
+        p
+    }
+}
+
+/// The summed rows and the live workers of one read.
+struct Merged {
+    cells: Vec<[u64; CELLS]>,
+    sums: Vec<f64>,
+    gauges: Vec<Vec<GaugeSample>>,
+    newest_exemplars: std::collections::HashMap<(u32, usize), ExemplarView>,
+    dropped: [u64; MAX_FAMILIES],
+    workers: Vec<WorkerView>,
+    in_flight: i64,
+}
+
+/// Names the merged rows by the index and adds the master's figures.
+fn assemble(index: &Index, master: Option<&DataFile>, uses: &[RowUse], m: Merged) -> Snapshot {
+    let used = index.used().min(uses.len() as u32);
+    let Merged {
+        cells,
+        sums,
+        gauges,
+        newest_exemplars,
+        dropped,
+        workers,
+        in_flight,
+    } = m;
     let mut exemplars_of: std::collections::HashMap<u32, Vec<(usize, ExemplarView)>> =
         std::collections::HashMap::new();
     for ((id, bucket), e) in newest_exemplars {
@@ -506,7 +730,7 @@ fn read_once(
         }
         view
     });
-    Ok(Snapshot {
+    Snapshot {
         series,
         workers,
         master,
@@ -515,5 +739,5 @@ fn read_once(
         duration_buckets: index.duration_buckets(),
         family_cap: index.family_cap(),
         app,
-    })
+    }
 }
