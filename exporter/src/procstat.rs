@@ -6,7 +6,7 @@ use procfs::process::{LimitValue, Process};
 /// One process' figures.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ProcStat {
-    /// Resident set size in bytes (`statm` resident pages × page size).
+    /// Resident set size in bytes (resident pages × page size).
     pub resident_bytes: u64,
     /// Virtual memory size in bytes.
     pub virtual_bytes: u64,
@@ -36,7 +36,9 @@ fn read_as(pid: u32, limits: bool) -> Option<ProcStat> {
     let stat = p.stat().ok()?;
     // A killed worker not yet reaped (a zombie) has no memory map but still
     // reports its CPU time, which must keep counting until the master folds it.
-    let resident = p.statm().map_or(0, |m| m.resident);
+    // `rss` of `stat` is the resident pages `statm` gives (both the kernel's
+    // `get_mm_rss`), 0 for a zombie: one file fewer to read per process.
+    let resident = stat.rss;
     let ticks = procfs::ticks_per_second() as f64;
     let boot = procfs::boot_time_secs().unwrap_or(0) as f64;
     let max_fds = limits

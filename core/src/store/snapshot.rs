@@ -244,10 +244,6 @@ impl Snapshot {
     }
 }
 
-/// Rows × files below which a read merges on one thread: splitting the files
-/// over rayon's pool pays only when there are many rows to add up.
-pub const PARALLEL_MIN_CELLS: usize = usize::MAX;
-
 /// A reader of one store that keeps the worker files it mapped from one
 /// read to the next, so that a read maps (and faults in) only the files that
 /// are new since the last one. A file is dropped once its name is gone from
@@ -257,8 +253,6 @@ pub struct SnapshotReader {
     store: StoreDir,
     /// Mapped worker files by (slot, generation), with their inodes.
     files: HashMap<(u32, u64), (u64, DataFile)>,
-    /// Rows × files from which the merge is split over threads.
-    parallel_min: usize,
 }
 
 impl SnapshotReader {
@@ -267,17 +261,6 @@ impl SnapshotReader {
         SnapshotReader {
             store,
             files: HashMap::new(),
-            parallel_min: PARALLEL_MIN_CELLS,
-        }
-    }
-
-    /// The same reader, merging on several threads from `rows` rows × files
-    /// (`usize::MAX`: never), in place of [`PARALLEL_MIN_CELLS`]. The result
-    /// is the same either way.
-    pub fn with_parallel_min(self, rows: usize) -> SnapshotReader {
-        SnapshotReader {
-            parallel_min: rows,
-            ..self
         }
     }
 
@@ -373,9 +356,9 @@ enum RowUse {
     AppGauge,
 }
 
-/// What a run over some of the files adds up: integer cells summed, and,
-/// in file order, what is merged in order (the `f64` sums of app histograms,
-/// app gauge samples, exemplars).
+/// What the files add up to: integer cells summed, and, in file order,
+/// what is merged in order (the `f64` sums of app histograms, app gauge
+/// samples, exemplars).
 #[derive(Debug)]
 struct Part {
     cells: Vec<[u64; CELLS]>,
@@ -441,28 +424,6 @@ impl Part {
                     .filter(|(id, _, _)| *id < used),
             );
         }
-    }
-
-    /// The sum of `parts`, merged in their order.
-    fn merge(mut parts: Vec<Part>, used: usize) -> Part {
-        let mut all = match parts.len() {
-            0 => return Part::new(used),
-            _ => parts.remove(0),
-        };
-        for p in parts {
-            for (a, c) in all.cells.iter_mut().zip(&p.cells) {
-                for (a, c) in a.iter_mut().zip(c) {
-                    *a = a.wrapping_add(*c);
-                }
-            }
-            all.sums.extend(p.sums);
-            all.gauges.extend(p.gauges);
-            all.exemplars.extend(p.exemplars);
-            for (d, c) in all.dropped.iter_mut().zip(p.dropped) {
-                *d = d.wrapping_add(c);
-            }
-        }
-        all
     }
 }
 
@@ -545,7 +506,11 @@ impl SnapshotReader {
                 None => workers.push(view),
             }
         }
-        let part = self.sum(&counted, &uses);
+        // Summing on more threads did not pay (docs/metrics.md).
+        let mut part = Part::new(used as usize);
+        for (f, live) in &counted {
+            part.add(f, *live, &uses);
+        }
         let Part {
             cells,
             sums: file_sums,
@@ -583,34 +548,6 @@ impl SnapshotReader {
                 in_flight,
             },
         ))
-    }
-
-    /// Adds up the rows of `files` (in order), on rayon's pool when there
-    /// are at least `parallel_min` rows × files, else on this thread.
-    fn sum(&self, files: &[(&DataFile, Option<(u32, u64)>)], uses: &[RowUse]) -> Part {
-        let used = uses.len();
-        let threads = rayon::current_num_threads();
-        if files.len() >= 2 && threads >= 2 && used.saturating_mul(files.len()) >= self.parallel_min
-        {
-            use rayon::prelude::*;
-            let chunk = files.len().div_ceil(threads);
-            let parts: Vec<Part> = files
-                .par_chunks(chunk)
-                .map(|c| {
-                    let mut p = Part::new(used);
-                    for (f, live) in c {
-                        p.add(f, *live, uses);
-                    }
-                    p
-                })
-                .collect();
-            return Part::merge(parts, used);
-        }
-        let mut p = Part::new(used);
-        for (f, live) in files {
-            p.add(f, *live, uses);
-        }
-        p
     }
 }
 
