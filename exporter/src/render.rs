@@ -201,6 +201,7 @@ impl Scrape {
         counter(enc, family.name(), family.help(), &samples)
     }
 
+    #[cfg(test)]
     fn histogram_family(
         &self,
         enc: &mut DescriptorEncoder<'_>,
