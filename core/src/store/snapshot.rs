@@ -688,3 +688,69 @@ fn assemble(index: &Index, master: Option<&DataFile>, uses: &[RowUse], m: Merged
         app,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::index::{Key, Mirror};
+    use crate::store::{WorkerFile, WorkerKind};
+
+    fn requests(s: &Snapshot) -> u64 {
+        s.series
+            .iter()
+            .filter(|s| s.family == Family::WorkerRequests)
+            .map(|s| s.cells[0])
+            .sum()
+    }
+
+    #[test]
+    fn a_reader_that_keeps_files_mapped_sees_what_a_fresh_read_sees() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StoreDir::new(dir.path().join("m"));
+        store.prepare().unwrap();
+        let index = Index::create(&store.index_path(), 1024, 100, &[1.0]).unwrap();
+        let id = Mirror::default()
+            .resolve(&index, &Key::new(Family::WorkerRequests, &["1"]))
+            .unwrap()
+            .id();
+        let count = |generation: u64, n: u64| {
+            let f = store.open_data(&store.worker_path(1, generation)).unwrap();
+            f.row(id)[0].fetch_add(n, Ordering::Relaxed);
+        };
+        let mut reader = SnapshotReader::new(store.clone());
+        let read = |r: &mut SnapshotReader| r.read_with(|_| ()).map(|(s, ())| s).unwrap();
+
+        let first = WorkerFile::create(&store, 1, 1, WorkerKind::Sync).unwrap();
+        count(1, 5);
+        assert_eq!(requests(&read(&mut reader)), 5);
+        // Counted again on the next read, from the kept mapping.
+        count(1, 1);
+        assert_eq!(requests(&read(&mut reader)), 6);
+        // A second generation joins; the newest leads the slot's view.
+        let second = WorkerFile::create(&store, 1, 2, WorkerKind::Sync).unwrap();
+        count(2, 7);
+        let s = read(&mut reader);
+        assert_eq!(requests(&s), 13);
+        assert_eq!((s.workers.len(), s.workers[0].generation), (1, 2));
+        assert_eq!(s.workers[0].pids.len(), 2);
+        // A removed file is dropped.
+        first.remove();
+        assert_eq!(requests(&read(&mut reader)), 7);
+        assert_eq!(reader.files.len(), 1);
+        // Another file under the same name (a new inode, since this reader
+        // still maps the old one) is mapped afresh.
+        std::fs::remove_file(store.worker_path(1, 2)).unwrap();
+        let third = WorkerFile::create(&store, 1, 2, WorkerKind::Sync).unwrap();
+        count(2, 3);
+        let s = read(&mut reader);
+        assert_eq!(requests(&s), 3);
+        assert_eq!(requests(&Snapshot::read(&store).unwrap()), 3);
+        // A file whose magic a foreign write broke is left out, as by a
+        // fresh read.
+        let raw = store.open_data(&store.worker_path(1, 2)).unwrap();
+        raw.header().magic.store(0, Ordering::Relaxed);
+        assert_eq!(requests(&read(&mut reader)), 0);
+        assert!(reader.files.is_empty());
+        drop((second, third));
+    }
+}
