@@ -43,6 +43,8 @@ for series in sorted({int(r["series"]) for r in rows}):
     pts = sorted((int(r["workers"]), float(r["p50_ms"])) for r in rows if int(r["series"]) == series)
     ax.plot([w for w, _ in pts], [p for _, p in pts], marker="o", label=f"{series:,} series per worker")
 ax.set_xscale("log", base=2)
+ticks = sorted({int(r["workers"]) for r in rows})
+ax.set_xticks(ticks, [str(t) for t in ticks])
 ax.set_xlabel("workers")
 ax.set_ylabel("scrape p50 (ms)")
 ax.set_title("gpe exporter: one scrape (read the store and /proc, merge, encode text)")

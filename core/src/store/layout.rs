@@ -21,7 +21,7 @@ pub const MAGIC: u64 = 0x4750_4553_544f_5245;
 /// Magic number at the start of the series index ("GPEINDEX").
 pub const INDEX_MAGIC: u64 = 0x4750_4549_4e44_4558;
 /// Layout version; bumped whenever a struct below changes.
-pub const VERSION: u32 = 6;
+pub const VERSION: u32 = 7;
 /// Series a store holds unless `metrics_store_series` says otherwise: index
 /// entries, and value rows in every data file.
 pub const DEFAULT_CAPACITY: usize = 16_384;
@@ -111,6 +111,9 @@ pub(super) struct Header {
     /// up: converts monotonic stamps to wall-clock time at scrape time, so the
     /// hot path reads one clock only.
     pub clock_offset_ns: AtomicI64,
+    /// 1 once an exemplar was written into this file's exemplar rows: the
+    /// exporter skips the rows of a file without (46 KiB it need not read).
+    pub exemplars: AtomicU32,
 }
 
 /// Bytes of the header of a data file.
