@@ -429,6 +429,11 @@ impl DataFile {
         self.map.row(id)
     }
 
+    /// Series the file has room for.
+    fn rows(&self) -> usize {
+        self.map.rows()
+    }
+
     /// The value rows of series `0..n`.
     pub fn rows_upto(&self, n: u32) -> &[Row] {
         self.map.rows_upto(n)

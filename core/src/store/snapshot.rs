@@ -327,11 +327,13 @@ impl SnapshotReader {
     /// be opened, such as a half-created one, is left out this time).
     fn worker_files(&mut self) -> io::Result<Vec<(u32, u64)>> {
         let listed = self.store.worker_entries()?;
+        // As a fresh open would, refuse a kept file sized for another index.
+        let capacity = self.store.capacity()?;
         let mut keep: HashMap<(u32, u64), (u64, DataFile)> = HashMap::with_capacity(listed.len());
         let mut names = Vec::with_capacity(listed.len());
         for (slot, generation, path, ino) in listed {
             let file = match self.files.remove(&(slot, generation)) {
-                Some((i, f)) if i == ino && f.whole() => (i, f),
+                Some((i, f)) if i == ino && f.whole() && f.rows() == capacity => (i, f),
                 _ => match self.store.open_data(&path) {
                     Ok(f) => (f.ino().unwrap_or(ino), f),
                     Err(_) => continue,
@@ -751,6 +753,16 @@ mod tests {
         raw.header().magic.store(0, Ordering::Relaxed);
         assert_eq!(requests(&read(&mut reader)), 0);
         assert!(reader.files.is_empty());
-        drop((second, third));
+        // A kept file sized for an index that was since replaced by one of
+        // another capacity is let go, as a fresh open refuses it.
+        let fourth = WorkerFile::create(&store, 1, 3, WorkerKind::Sync).unwrap();
+        assert_eq!(read(&mut reader).workers.len(), 1);
+        assert_eq!(reader.files.len(), 1);
+        let other = dir.path().join("index2");
+        Index::create(&other, 2048, 100, &[1.0]).unwrap();
+        std::fs::rename(&other, store.index_path()).unwrap();
+        assert!(read(&mut reader).workers.is_empty());
+        assert!(reader.files.is_empty());
+        drop((second, third, fourth));
     }
 }
