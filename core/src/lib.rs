@@ -74,7 +74,8 @@ pub use store::{
 };
 pub use store::{
     unix_now_ns, ErrorKind, ExitReason, Family, Index, MasterSignal, MasterView, Recorder,
-    RequestRecord, Series, Snapshot, StoreDir, WorkerFile, WorkerKind, WorkerState, WorkerView,
+    RequestRecord, Series, Snapshot, SnapshotReader, StoreDir, WorkerFile, WorkerKind, WorkerState,
+    WorkerView,
 };
 
 // The master and the logs.

@@ -90,6 +90,8 @@ impl Failures {
 /// What every connection of one exporter shares.
 struct Shared {
     store: StoreDir,
+    /// Keeps the worker files mapped from one scrape to the next.
+    reader: std::cell::RefCell<gpe_core::SnapshotReader>,
     path: String,
     web: Option<web_config::Watched>,
     health_public: bool,
@@ -236,8 +238,13 @@ fn answer(req: &Request<()>, shared: &Shared) -> Response<Full<Bytes>> {
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok()),
     );
-    let text = match render::Scrape::collect(store)
-        .map(|s| render(s.with_auth_failures(shared.failures.get()), format))
+    // A scrape never waits for another (none can be under way on this
+    // thread): without the reader it maps the files afresh.
+    let collected = match shared.reader.try_borrow_mut() {
+        Ok(mut reader) => render::Scrape::collect_with(&mut reader),
+        Err(_) => render::Scrape::collect(store),
+    };
+    let text = match collected.map(|s| render(s.with_auth_failures(shared.failures.get()), format))
     {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
@@ -332,6 +339,7 @@ pub fn serve(
         let mut listener = gpe_core::TokioListener::new(listener, "exporter")?;
         let conns = conns::Conns::new(limits.max_connections);
         let shared = Rc::new(Shared {
+            reader: std::cell::RefCell::new(gpe_core::SnapshotReader::new(store.clone())),
             store,
             path,
             web,

@@ -6,7 +6,7 @@ use procfs::process::{LimitValue, Process};
 /// One process' figures.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ProcStat {
-    /// Resident set size in bytes (`statm` resident pages × page size).
+    /// Resident set size in bytes (resident pages × page size).
     pub resident_bytes: u64,
     /// Virtual memory size in bytes.
     pub virtual_bytes: u64,
@@ -22,16 +22,28 @@ pub struct ProcStat {
 
 /// Reads `pid`'s figures; `None` when the process is gone or unreadable.
 pub fn read(pid: u32) -> Option<ProcStat> {
+    read_as(pid, true)
+}
+
+/// As [`read`], without the file descriptor limit (`max_fds` is 0): what a
+/// scrape shows of a worker, which saves reading `/proc/<pid>/limits`.
+pub fn read_worker(pid: u32) -> Option<ProcStat> {
+    read_as(pid, false)
+}
+
+fn read_as(pid: u32, limits: bool) -> Option<ProcStat> {
     let p = Process::new(i32::try_from(pid).ok()?).ok()?;
     let stat = p.stat().ok()?;
     // A killed worker not yet reaped (a zombie) has no memory map but still
     // reports its CPU time, which must keep counting until the master folds it.
-    let resident = p.statm().map_or(0, |m| m.resident);
+    // `rss` of `stat` is the resident pages `statm` gives (both the kernel's
+    // `get_mm_rss`), 0 for a zombie: one file fewer to read per process.
+    let resident = stat.rss;
     let ticks = procfs::ticks_per_second() as f64;
     let boot = procfs::boot_time_secs().unwrap_or(0) as f64;
-    let max_fds = p
-        .limits()
-        .ok()
+    let max_fds = limits
+        .then(|| p.limits().ok())
+        .flatten()
         .map(|l| match l.max_open_files.soft_limit {
             LimitValue::Unlimited => u64::MAX,
             LimitValue::Value(v) => v,
@@ -55,6 +67,10 @@ mod tests {
         assert!(s.resident_bytes > 0);
         assert!(s.open_fds >= 3);
         assert!(s.start_time > 1.6e9);
+        assert!(s.max_fds > 0);
         assert!(super::read(u32::MAX).is_none());
+        let w = super::read_worker(std::process::id()).unwrap();
+        assert_eq!(w.max_fds, 0);
+        assert!((w.start_time - s.start_time).abs() < 1e-6);
     }
 }

@@ -4,10 +4,11 @@
 
 use std::collections::BTreeMap;
 
+use gpe_core::WorkerState;
 use gpe_core::CELLS;
 use gpe_core::{AppKind, AppSeries, AppValue, ExemplarView, RejectReason};
 use gpe_core::{Buckets, Shape, SIZE_BUCKETS};
-use gpe_core::{ExitReason, Family, MasterSignal, Series, Snapshot, StoreDir, WorkerState};
+use gpe_core::{ExitReason, Family, MasterSignal, Series, Snapshot, SnapshotReader, StoreDir};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::exemplar::Exemplar;
@@ -79,7 +80,7 @@ impl Procs {
         }
         for w in &snap.workers {
             for (i, pid) in w.pids.iter().enumerate() {
-                if let Some(st) = procstat::read(*pid) {
+                if let Some(st) = procstat::read_worker(*pid) {
                     *p.cpu.entry(w.slot).or_default() += st.cpu_seconds;
                     if i == 0 {
                         p.newest.insert(w.slot, st);
@@ -98,7 +99,16 @@ impl Scrape {
     /// # Errors
     /// The store cannot be read.
     pub fn collect(store: &StoreDir) -> std::io::Result<Scrape> {
-        let (snap, procs) = Snapshot::read_with(store, Procs::read)?;
+        Self::collect_with(&mut SnapshotReader::new(store.clone()))
+    }
+
+    /// As [`Scrape::collect`], through `reader` (which keeps the worker files
+    /// mapped for the next scrape).
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub fn collect_with(reader: &mut SnapshotReader) -> std::io::Result<Scrape> {
+        let (snap, procs) = reader.read_with(Procs::read)?;
         Ok(Scrape {
             snap,
             procs,
@@ -191,6 +201,7 @@ impl Scrape {
         counter(enc, family.name(), family.help(), &samples)
     }
 
+    #[cfg(test)]
     fn histogram_family(
         &self,
         enc: &mut DescriptorEncoder<'_>,
@@ -221,6 +232,9 @@ impl Scrape {
         Ok(())
     }
 
+    /// The HTTP families through prometheus-client: what [`Scrape::write_http`]
+    /// writes by hand, kept as the reference the tests compare it with.
+    #[cfg(test)]
     fn encode_http(&self, enc: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
         for family in [
             Family::HttpRequests,
@@ -609,17 +623,6 @@ impl Scrape {
     /// in encoding order, its (bucket, exemplar) pairs.
     fn exemplar_notes(&self) -> Vec<ExemplarNote> {
         let mut notes = Vec::new();
-        let duration: Vec<Vec<(usize, ExemplarView)>> = self
-            .series(Family::HttpDuration)
-            .map(|s| s.exemplars.clone())
-            .collect();
-        if duration.iter().any(|e| !e.is_empty()) {
-            notes.push(ExemplarNote {
-                bucket_prefix: format!("{}_bucket{{", Family::HttpDuration.name()),
-                lines_per_series: self.snap.duration_buckets.len().min(CELLS - 2) + 1,
-                series: duration,
-            });
-        }
         let app = &self.snap.app;
         for (i, f) in app.families.iter().enumerate() {
             if f.kind != AppKind::Histogram {
@@ -640,6 +643,256 @@ impl Scrape {
             }
         }
         notes
+    }
+}
+
+/// Writes the HTTP families by hand, byte for byte as prometheus-client
+/// would (`tests::hand_written_http_families_match_prometheus_client`).
+/// They hold nearly every line of a large scrape, and prometheus-client
+/// formats every bucket bound and label set again on each line; here each
+/// series' labels and each family's bounds are formatted once.
+mod http_text {
+    use super::*;
+
+    /// `v` as a label value: `\`, `"` and newlines escaped.
+    fn push_label_value(out: &mut String, v: &str) {
+        if !v.bytes().any(|b| matches!(b, b'\\' | b'"' | b'\n')) {
+            out.push_str(v);
+            return;
+        }
+        for c in v.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
+        }
+    }
+
+    /// `k="v",…` for a series of `family` (no braces).
+    fn label_list(family: Family, s: &Series) -> String {
+        let mut out = String::new();
+        for (i, (k, v)) in family.labels().iter().zip(&s.labels).enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(k);
+            out.push_str("=\"");
+            push_label_value(&mut out, v);
+            out.push('"');
+        }
+        out
+    }
+
+    /// `{labels}`, or nothing without labels.
+    fn push_braced(out: &mut String, labels: &str) {
+        if !labels.is_empty() {
+            out.push('{');
+            out.push_str(labels);
+            out.push('}');
+        }
+    }
+
+    fn push_u64(out: &mut String, v: u64) {
+        out.push_str(itoa::Buffer::new().format(v));
+    }
+
+    /// A histogram sum as each format writes an `f64`.
+    fn push_f64(out: &mut String, v: f64, format: Format) {
+        match format {
+            Format::OpenMetrics => out.push_str(dtoa::Buffer::new().format(v)),
+            Format::Text004 if v.is_finite() => out.push_str(dtoa::Buffer::new().format_finite(v)),
+            Format::Text004 if v.is_nan() => out.push_str("NaN"),
+            Format::Text004 if v > 0.0 => out.push_str("+Inf"),
+            Format::Text004 => out.push_str("-Inf"),
+        }
+    }
+
+    /// A bucket bound as the `le` label of text 0.0.4 (Go's `%g`-like
+    /// form prometheus-client's `GoFloat` writes).
+    fn go_float(v: f64) -> String {
+        if v.fract() == 0.0 && v.abs() < 1e6 {
+            return itoa::Buffer::new().format(v as i64).to_owned();
+        }
+        if (1e-4..1e6).contains(&v.abs()) {
+            return format!("{v}");
+        }
+        if !v.is_finite() {
+            return match v {
+                _ if v.is_nan() => "NaN".to_owned(),
+                _ if v > 0.0 => "+Inf".to_owned(),
+                _ => "-Inf".to_owned(),
+            };
+        }
+        let sci = format!("{v:e}");
+        match sci.split_once('e') {
+            Some((mantissa, exp)) => match exp.parse::<i32>() {
+                Ok(e) => format!("{mantissa}e{e:+03}"),
+                Err(_) => sci,
+            },
+            None => sci,
+        }
+    }
+
+    /// `# HELP` and `# TYPE` of a family named `name` (counters without
+    /// `_total`).
+    fn descriptor(out: &mut String, name: &str, help: &str, kind: &str, format: Format) {
+        let total = if kind == "counter" && format == Format::Text004 {
+            "_total"
+        } else {
+            ""
+        };
+        out.push_str("# HELP ");
+        out.push_str(name);
+        out.push_str(total);
+        out.push(' ');
+        match format {
+            Format::Text004 => {
+                for c in help.chars() {
+                    match c {
+                        '\\' => out.push_str("\\\\"),
+                        '\n' => out.push_str("\\n"),
+                        c => out.push(c),
+                    }
+                }
+            }
+            Format::OpenMetrics => out.push_str(help),
+        }
+        out.push_str("\n# TYPE ");
+        out.push_str(name);
+        out.push_str(total);
+        out.push(' ');
+        out.push_str(kind);
+        out.push('\n');
+    }
+
+    impl Scrape {
+        /// The HTTP families (the first of a scrape) in `format`, appended
+        /// to `out`; in OpenMetrics with the duration exemplars.
+        pub(super) fn write_http(&self, out: &mut String, format: Format) {
+            for family in [
+                Family::HttpRequests,
+                Family::HttpDuration,
+                Family::HttpRequestSize,
+                Family::HttpResponseSize,
+                Family::HttpErrors,
+            ] {
+                match family.shape() {
+                    Shape::Counter => self.write_counter(out, family, format),
+                    Shape::Histogram(b) => self.write_histogram(out, family, b, format),
+                }
+            }
+            descriptor(
+                out,
+                "gpe_http_requests_in_flight",
+                "Requests in progress across all workers",
+                "gauge",
+                format,
+            );
+            out.push_str("gpe_http_requests_in_flight ");
+            out.push_str(itoa::Buffer::new().format(self.snap.in_flight));
+            out.push('\n');
+        }
+
+        fn write_counter(&self, out: &mut String, family: Family, format: Format) {
+            descriptor(out, family.name(), family.help(), "counter", format);
+            for s in self.series(family) {
+                out.push_str(family.name());
+                out.push_str("_total");
+                push_braced(out, &label_list(family, s));
+                out.push(' ');
+                push_u64(out, s.cells[0]);
+                out.push('\n');
+            }
+        }
+
+        fn write_histogram(
+            &self,
+            out: &mut String,
+            family: Family,
+            buckets: Buckets,
+            format: Format,
+        ) {
+            let (bounds, scale): (&[f64], f64) = match buckets {
+                Buckets::Duration => (&self.snap.duration_buckets, 1e9),
+                Buckets::Size => (&SIZE_BUCKETS, 1.0),
+            };
+            let n = bounds.len().min(CELLS - 2);
+            // The `le` values, the same for every series.
+            let les: Vec<String> = bounds[..n]
+                .iter()
+                .map(|b| match format {
+                    Format::Text004 => go_float(*b),
+                    Format::OpenMetrics => dtoa::Buffer::new().format(*b).to_owned(),
+                })
+                .chain(std::iter::once("+Inf".to_owned()))
+                .collect();
+            let name = family.name();
+            let exemplars = format == Format::OpenMetrics && family == Family::HttpDuration;
+            descriptor(out, name, family.help(), "histogram", format);
+            for s in self.series(family) {
+                let labels = label_list(family, s);
+                let count = s.cells[..=n].iter().fold(0u64, |a, c| a.wrapping_add(*c));
+                let sum = s.cells[CELLS - 1] as f64 / scale;
+                let sum_count = |out: &mut String| {
+                    out.push_str(name);
+                    out.push_str("_sum");
+                    push_braced(out, &labels);
+                    out.push(' ');
+                    push_f64(out, sum, format);
+                    out.push('\n');
+                    out.push_str(name);
+                    out.push_str("_count");
+                    push_braced(out, &labels);
+                    out.push(' ');
+                    push_u64(out, count);
+                    out.push('\n');
+                };
+                if format == Format::OpenMetrics {
+                    sum_count(out);
+                }
+                let mut cumulative = 0u64;
+                for (i, (le, c)) in les.iter().zip(&s.cells[..=n]).enumerate() {
+                    cumulative = cumulative.wrapping_add(*c);
+                    out.push_str(name);
+                    out.push_str("_bucket{");
+                    match format {
+                        Format::Text004 => {
+                            out.push_str(&labels);
+                            if !labels.is_empty() {
+                                out.push(',');
+                            }
+                            out.push_str("le=\"");
+                            out.push_str(le);
+                            out.push('"');
+                        }
+                        Format::OpenMetrics => {
+                            out.push_str("le=\"");
+                            out.push_str(le);
+                            out.push('"');
+                            if !labels.is_empty() {
+                                out.push(',');
+                                out.push_str(&labels);
+                            }
+                        }
+                    }
+                    out.push_str("} ");
+                    push_u64(out, cumulative);
+                    if exemplars {
+                        if let Some((_, e)) = s.exemplars.iter().find(|(b, _)| *b == i) {
+                            use std::fmt::Write;
+                            let _ =
+                                write!(out, " # {{trace_id=\"{}\"}} {}", e.trace_hex(), e.value);
+                        }
+                    }
+                    out.push('\n');
+                }
+                if format == Format::Text004 {
+                    sum_count(out);
+                }
+            }
+        }
     }
 }
 
@@ -707,16 +960,23 @@ pub fn exposed_name(f: Family) -> String {
     }
 }
 
+/// Every family after the HTTP ones, through prometheus-client.
 #[derive(Debug)]
 struct ScrapeCollector(Scrape);
 
 impl Collector for ScrapeCollector {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> std::fmt::Result {
-        self.0.encode_http(&mut enc)?;
-        self.0.encode_workers(&mut enc)?;
-        self.0.encode_master(&mut enc)?;
-        self.0.encode_store(&mut enc)?;
-        self.0.encode_app(&mut enc)
+        self.0.encode_rest(&mut enc)
+    }
+}
+
+impl Scrape {
+    /// Every family after the HTTP ones.
+    fn encode_rest(&self, enc: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
+        self.encode_workers(enc)?;
+        self.encode_master(enc)?;
+        self.encode_store(enc)?;
+        self.encode_app(enc)
     }
 }
 
@@ -729,9 +989,12 @@ pub fn render(scrape: Scrape, format: Format) -> Result<String, std::fmt::Error>
         Format::OpenMetrics => scrape.exemplar_notes(),
         Format::Text004 => Vec::new(),
     };
+    // The HTTP families come first; about 80 bytes a line.
+    let lines: usize = scrape.snap.series.len() * (CELLS - 1);
+    let mut out = String::with_capacity(16 * 1024 + lines * 80);
+    scrape.write_http(&mut out, format);
     let mut registry = Registry::default();
     registry.register_collector(Box::new(ScrapeCollector(scrape)));
-    let mut out = String::with_capacity(16 * 1024);
     match format {
         Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, &registry)?,
         Format::Text004 => {
@@ -1201,6 +1464,134 @@ mod tests {
             ]
         );
         assert!(om.ends_with("# EOF\n"));
+    }
+
+    /// The exposition as prometheus-client alone wrote it, HTTP families
+    /// included (their exemplars added afterwards, as for the app's).
+    fn render_reference(scrape: Scrape, format: Format) -> String {
+        #[derive(Debug)]
+        struct Reference(Scrape);
+        impl Collector for Reference {
+            fn encode(&self, mut enc: DescriptorEncoder<'_>) -> std::fmt::Result {
+                self.0.encode_http(&mut enc)?;
+                self.0.encode_rest(&mut enc)
+            }
+        }
+        let mut notes = Vec::new();
+        if format == Format::OpenMetrics {
+            let duration: Vec<Vec<(usize, ExemplarView)>> = scrape
+                .series(Family::HttpDuration)
+                .map(|s| s.exemplars.clone())
+                .collect();
+            if duration.iter().any(|e| !e.is_empty()) {
+                notes.push(ExemplarNote {
+                    bucket_prefix: format!("{}_bucket{{", Family::HttpDuration.name()),
+                    lines_per_series: scrape.snap.duration_buckets.len().min(CELLS - 2) + 1,
+                    series: duration,
+                });
+            }
+            notes.extend(scrape.exemplar_notes());
+        }
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Reference(scrape)));
+        let mut out = String::new();
+        match format {
+            Format::OpenMetrics => {
+                prometheus_client::encoding::text::encode(&mut out, &registry).unwrap()
+            }
+            Format::Text004 => {
+                prometheus_client::encoding::prometheus_text::encode(&mut out, &registry).unwrap()
+            }
+        }
+        add_exemplars(out, &notes)
+    }
+
+    /// Many HTTP series with awkward labels, values and bounds.
+    fn awkward_scrape() -> Scrape {
+        let mut s = app_scrape();
+        s.snap.duration_buckets = vec![1e-5, 0.005, 0.25, 1.0, 2.5, 10.0, 999_999.5, 2e6, 1e21];
+        let routes = [
+            "/",
+            "/a\"quote",
+            "/back\\slash",
+            "/new\nline",
+            "/ünïcödé/{id}",
+            "",
+            "/x\\\"\n\\",
+        ];
+        for (i, route) in routes.iter().enumerate() {
+            let mut cells = [0u64; CELLS];
+            for (k, c) in cells.iter_mut().enumerate() {
+                *c = (i as u64 + 1) * (k as u64 * 37 + 1);
+            }
+            // Large, but a cumulative count that does not overflow (the
+            // reference adds without wrapping).
+            cells[0] = (1 << 62) - i as u64;
+            cells[CELLS - 1] = 123_456_789_012 * (i as u64 + 1);
+            s.snap.series.push(Series {
+                family: Family::HttpDuration,
+                labels: vec!["POST".into(), (*route).into()],
+                cells,
+                exemplars: vec![
+                    (
+                        i % 10,
+                        ExemplarView {
+                            trace_id: 0xfeed + i as u128,
+                            value: 0.125 * i as f64,
+                            at_ns: 3,
+                        },
+                    ),
+                    (
+                        9,
+                        ExemplarView {
+                            trace_id: 1,
+                            value: 3e-7,
+                            at_ns: 3,
+                        },
+                    ),
+                ],
+            });
+            s.snap.series.push(series(
+                Family::HttpRequests,
+                &["POST", route, "503"],
+                &[u64::MAX / (i as u64 + 1)],
+            ));
+            s.snap.series.push(series(
+                Family::HttpErrors,
+                &["POST", route, "client_disconnect"],
+                &[i as u64],
+            ));
+            s.snap.series.push(Series {
+                family: Family::HttpResponseSize,
+                labels: vec![],
+                cells,
+                exemplars: vec![],
+            });
+        }
+        s.snap.in_flight = -3;
+        s
+    }
+
+    #[test]
+    fn hand_written_http_families_match_prometheus_client() {
+        for format in [Format::Text004, Format::OpenMetrics] {
+            for (name, fixture) in [
+                ("scrape", scrape as fn() -> Scrape),
+                ("app_scrape", app_scrape),
+                ("awkward_scrape", awkward_scrape),
+            ] {
+                let ours = render(fixture(), format).unwrap();
+                let reference = render_reference(fixture(), format);
+                if ours != reference {
+                    let first = ours.lines().zip(reference.lines()).find(|(a, b)| a != b);
+                    panic!("{name} in {format:?} differs, first at {first:?}");
+                }
+            }
+        }
+        // The awkward labels are escaped, not passed through.
+        let text = render(awkward_scrape(), Format::Text004).unwrap();
+        assert!(text.contains(r#"route="/a\"quote""#), "{text}");
+        assert!(text.contains(r#"le="2e+06""#), "{text}");
     }
 
     #[test]

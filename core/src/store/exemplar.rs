@@ -79,6 +79,10 @@ pub(super) fn put(
     at_ns: u64,
     single_writer: bool,
 ) {
+    let any = &file.header().exemplars;
+    if any.load(Ordering::Relaxed) == 0 {
+        any.store(1, Ordering::Relaxed);
+    }
     let c = cell(file, id, bucket);
     let seq = c.seq.load(Ordering::Relaxed);
     if single_writer {
@@ -103,6 +107,10 @@ pub(super) fn put(
 /// being written while it is read is skipped.
 pub(super) fn read_all(file: &DataFile) -> Vec<(u32, usize, ExemplarView)> {
     let mut out = Vec::new();
+    // Most files never hold one (no request came with a `traceparent`).
+    if file.header().exemplars.load(Ordering::Acquire) == 0 {
+        return out;
+    }
     for slot in 0..EXEMPLAR_SLOTS {
         for (bucket, c) in file.map.exemplars(slot).iter().enumerate() {
             let begin = c.seq.load(Ordering::Acquire);

@@ -480,7 +480,15 @@ impl Index {
         ))
     }
 
-    /// The app family of published entry `id`, if it is an app series.
+    /// The gpe family of published entry `id`, if it is one of gpe's.
+    pub(super) fn family_of(&self, id: u32) -> Option<Family> {
+        if id >= self.used() {
+            return None;
+        }
+        Family::from_code(self.map.entry(id).family)
+    }
+
+    /// The app family of entry `id`, if it is an app series.
     pub(super) fn app_family_of(&self, id: u32) -> Option<usize> {
         if id >= self.used() {
             return None;

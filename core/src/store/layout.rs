@@ -21,7 +21,7 @@ pub const MAGIC: u64 = 0x4750_4553_544f_5245;
 /// Magic number at the start of the series index ("GPEINDEX").
 pub const INDEX_MAGIC: u64 = 0x4750_4549_4e44_4558;
 /// Layout version; bumped whenever a struct below changes.
-pub const VERSION: u32 = 6;
+pub const VERSION: u32 = 7;
 /// Series a store holds unless `metrics_store_series` says otherwise: index
 /// entries, and value rows in every data file.
 pub const DEFAULT_CAPACITY: usize = 16_384;
@@ -111,6 +111,9 @@ pub(super) struct Header {
     /// up: converts monotonic stamps to wall-clock time at scrape time, so the
     /// hot path reads one clock only.
     pub clock_offset_ns: AtomicI64,
+    /// 1 once an exemplar was written into this file's exemplar rows: the
+    /// exporter skips the rows of a file without (46 KiB it need not read).
+    pub exemplars: AtomicU32,
 }
 
 /// Bytes of the header of a data file.
@@ -378,6 +381,11 @@ impl Mapped {
             && mine.dev() == there.dev()
     }
 
+    /// The mapped file's metadata (`fstat`).
+    pub fn file_metadata(&self) -> io::Result<std::fs::Metadata> {
+        self.file.metadata()
+    }
+
     /// Whether `path` still names the mapped file (whatever its size).
     pub fn is_at(&self, path: &Path) -> bool {
         use std::os::unix::fs::MetadataExt;
@@ -500,6 +508,22 @@ impl Mapped {
                 .as_ptr()
                 .add(ROWS_OFFSET + id * std::mem::size_of::<Row>()) as *const Row)
         }
+    }
+
+    /// The value rows of series `0..n` in a data file, as one slice (the
+    /// merge reads them in one pass instead of one bounds check per row).
+    ///
+    /// # Panics
+    /// If `n` is above [`Mapped::rows`] (as [`Mapped::row`]).
+    pub fn rows_upto(&self, n: u32) -> &[Row] {
+        let n = n as usize;
+        assert!(n <= self.rows());
+        // SAFETY: the `n` rows lie inside the mapping (bounds checked above),
+        // start 8-byte aligned (as in `row`) and follow each other without
+        // padding (`Row` is an array of `u64` atomics); every bit pattern is
+        // a valid row, and other processes touch them only through the same
+        // atomics. The slice lives no longer than `self`, which owns the mapping.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(ROWS_OFFSET) as *const Row, n) }
     }
 
     /// The in-flight table of a data file.
@@ -791,6 +815,26 @@ mod tests {
             std::fs::metadata(&path).unwrap().len(),
             data_file_bytes(DEFAULT_CAPACITY) as u64
         );
+        // The slice of every row is the rows one by one.
+        let all = b.rows_upto(DEFAULT_CAPACITY as u32);
+        assert_eq!(all.len(), DEFAULT_CAPACITY);
+        assert!(std::ptr::eq(
+            &all[DEFAULT_CAPACITY - 1],
+            b.row(DEFAULT_CAPACITY as u32 - 1)
+        ));
+        assert_eq!(
+            all[DEFAULT_CAPACITY - 1][CELLS - 1].load(Ordering::Relaxed),
+            7
+        );
+        assert!(b.rows_upto(0).is_empty());
+    }
+
+    #[test]
+    #[should_panic]
+    fn rows_beyond_the_file_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Mapped::create(&dir.path().join("w"), data_file_bytes(MIN_CAPACITY)).unwrap();
+        a.rows_upto(MIN_CAPACITY as u32 + 1);
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub use index::Index;
 pub use recorder::{ErrorKind, Recorder, RequestRecord, Tracked};
 pub use snapshot::{
     AppFamilyView, AppSeries, AppSnapshot, AppValue, GaugeSample, MasterView, Series, Snapshot,
-    WorkerView,
+    SnapshotReader, WorkerView,
 };
 pub use views::{MasterFile, RetiredFile, WorkerFile};
 
@@ -149,6 +149,17 @@ impl StoreDir {
     /// # Errors
     /// Reading the directory failed.
     pub fn worker_files(&self) -> io::Result<Vec<(u32, u64, PathBuf)>> {
+        Ok(self
+            .worker_entries()?
+            .into_iter()
+            .map(|(slot, generation, path, _)| (slot, generation, path))
+            .collect())
+    }
+
+    /// As [`StoreDir::worker_files`], with the inode each name has in the
+    /// directory listing (no call to `stat`).
+    fn worker_entries(&self) -> io::Result<Vec<(u32, u64, PathBuf, u64)>> {
+        use std::os::unix::fs::DirEntryExt;
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.path)? {
             let entry = entry?;
@@ -161,7 +172,7 @@ impl StoreDir {
                 continue;
             };
             if let (Ok(slot), Ok(generation)) = (slot.parse(), generation.parse()) {
-                out.push((slot, generation, entry.path()));
+                out.push((slot, generation, entry.path(), entry.ino()));
             }
         }
         out.sort();
@@ -416,6 +427,29 @@ impl DataFile {
     /// The value row of series `id`.
     pub fn row(&self, id: u32) -> &Row {
         self.map.row(id)
+    }
+
+    /// Series the file has room for.
+    fn rows(&self) -> usize {
+        self.map.rows()
+    }
+
+    /// The value rows of series `0..n`.
+    pub fn rows_upto(&self, n: u32) -> &[Row] {
+        self.map.rows_upto(n)
+    }
+
+    /// Whether the header still carries the magic and version (a foreign
+    /// write may change them after the file was opened).
+    fn whole(&self) -> bool {
+        let h = self.header();
+        h.magic.load(Ordering::Acquire) == MAGIC && h.version.load(Ordering::Relaxed) == VERSION
+    }
+
+    /// The inode of the mapped file.
+    fn ino(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        self.map.file_metadata().map(|m| m.ino())
     }
 
     /// Sets the worker state and its since-time (monotonic nanoseconds).

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::store::layout::FileKind;
-use crate::store::{FileIdentity, Snapshot, WorkerKind};
+use crate::store::{ExemplarView, FileIdentity, Snapshot, WorkerKind};
 
 fn setup(cap: u32) -> (tempfile::TempDir, StoreDir, Recorder) {
     let dir = tempfile::tempdir().unwrap();
@@ -78,6 +78,45 @@ fn requests_are_counted_exactly_and_state_follows_in_flight() {
     assert_eq!(get(Family::HttpErrors, &["GET", "/", "app_error"]), 5);
     assert_eq!(get(Family::WorkerRequests, &["0"]), 10);
     assert_eq!(rec.requests(), 10);
+}
+
+#[test]
+fn a_file_is_marked_once_it_holds_an_exemplar() {
+    let (_d, store, rec) = setup(100);
+    rec.ready();
+    let record = |trace| {
+        let start = rec.begin();
+        rec.finish(
+            start,
+            &RequestRecord {
+                method: "GET",
+                route: "/",
+                status: 200,
+                request_bytes: 0,
+                response_bytes: 13,
+                error: None,
+                trace,
+            },
+        );
+    };
+    let exemplars = || -> Vec<ExemplarView> {
+        Snapshot::read(&store)
+            .unwrap()
+            .series
+            .iter()
+            .filter(|s| s.family == Family::HttpDuration)
+            .flat_map(|s| s.exemplars.iter().map(|(_, e)| *e))
+            .collect()
+    };
+    record(None);
+    assert_eq!(rec.file().header().exemplars.load(Ordering::Relaxed), 0);
+    assert!(exemplars().is_empty());
+    record(Some(0xabc));
+    assert_eq!(rec.file().header().exemplars.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        exemplars().iter().map(|e| e.trace_id).collect::<Vec<_>>(),
+        [0xabc]
+    );
 }
 
 #[test]

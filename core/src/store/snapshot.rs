@@ -3,11 +3,12 @@
 //! retired totals; the master's fold epoch (a sequence lock) makes sure a fold
 //! that races the read is retried rather than counted twice or missed.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
-use super::catalogue::{AppKind, Family, GaugeMode, WorkerKind, WorkerState};
+use super::catalogue::{AppKind, Family, GaugeMode, Shape, WorkerKind, WorkerState};
 use super::exemplar::{self, ExemplarView};
 use super::index::Index;
 use super::layout::{
@@ -228,16 +229,60 @@ impl Snapshot {
         store: &StoreDir,
         extra: impl FnMut(&Snapshot) -> T,
     ) -> io::Result<(Snapshot, T)> {
-        Self::read_within(store, FOLD_STALE, extra)
+        SnapshotReader::new(store.clone()).read_with(extra)
     }
 
     /// As [`Snapshot::read_with`], taking an epoch that stays odd for `stale`
     /// as left by a dead folder.
+    #[cfg(test)]
     pub(super) fn read_within<T>(
         store: &StoreDir,
         stale: Duration,
+        extra: impl FnMut(&Snapshot) -> T,
+    ) -> io::Result<(Snapshot, T)> {
+        SnapshotReader::new(store.clone()).read_within(stale, extra)
+    }
+}
+
+/// A reader of one store that keeps the worker files it mapped from one
+/// read to the next, so that a read maps (and faults in) only the files that
+/// are new since the last one. A file is dropped once its name is gone from
+/// the directory or names another file.
+#[derive(Debug)]
+pub struct SnapshotReader {
+    store: StoreDir,
+    /// Mapped worker files by (slot, generation), with their inodes.
+    files: HashMap<(u32, u64), (u64, DataFile)>,
+}
+
+impl SnapshotReader {
+    /// A reader of `store` that has mapped nothing yet.
+    pub fn new(store: StoreDir) -> SnapshotReader {
+        SnapshotReader {
+            store,
+            files: HashMap::new(),
+        }
+    }
+
+    /// The store it reads.
+    pub fn store(&self) -> &StoreDir {
+        &self.store
+    }
+
+    /// As [`Snapshot::read_with`].
+    ///
+    /// # Errors
+    /// As [`Snapshot::read`].
+    pub fn read_with<T>(&mut self, extra: impl FnMut(&Snapshot) -> T) -> io::Result<(Snapshot, T)> {
+        self.read_within(FOLD_STALE, extra)
+    }
+
+    fn read_within<T>(
+        &mut self,
+        stale: Duration,
         mut extra: impl FnMut(&Snapshot) -> T,
     ) -> io::Result<(Snapshot, T)> {
+        let store = self.store.clone();
         let index = store.open_index()?;
         let retired = store.open_data(&store.retired_path()).ok();
         let master = store.open_data(&store.master_path()).ok();
@@ -261,7 +306,7 @@ impl Snapshot {
                 }
             }
             attempts += 1;
-            let snap = read_once(store, &index, retired.as_ref(), master.as_ref())?;
+            let snap = self.read_once(&index, retired.as_ref(), master.as_ref())?;
             let more = extra(&snap);
             fence(Ordering::Acquire);
             let end = retired
@@ -276,12 +321,39 @@ impl Snapshot {
             "the master kept folding while the store was read",
         ))
     }
+
+    /// The worker files listed now, mapped: those mapped before under the
+    /// same name and inode are kept, the others opened (a file that cannot
+    /// be opened, such as a half-created one, is left out this time).
+    fn worker_files(&mut self) -> io::Result<Vec<(u32, u64)>> {
+        let listed = self.store.worker_entries()?;
+        // As a fresh open would, refuse a kept file sized for another index.
+        let capacity = self.store.capacity()?;
+        let mut keep: HashMap<(u32, u64), (u64, DataFile)> = HashMap::with_capacity(listed.len());
+        let mut names = Vec::with_capacity(listed.len());
+        for (slot, generation, path, ino) in listed {
+            let file = match self.files.remove(&(slot, generation)) {
+                Some((i, f)) if i == ino && f.whole() && f.rows() == capacity => (i, f),
+                _ => match self.store.open_data(&path) {
+                    Ok(f) => (f.ino().unwrap_or(ino), f),
+                    Err(_) => continue,
+                },
+            };
+            keep.insert((slot, generation), file);
+            names.push((slot, generation));
+        }
+        self.files = keep;
+        Ok(names)
+    }
 }
 
 /// How the rows of one id are merged.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum RowUse {
-    /// Integer cells, summed (gpe's families, app counters).
+    /// A counter: cell 0 summed, the others never written (not read, which
+    /// halves the memory a large merge reads).
+    Counter,
+    /// Integer cells, summed (gpe's histograms).
     Sum,
     /// An app histogram: integer buckets, an `f64` sum in the last cell.
     AppHistogram,
@@ -289,130 +361,231 @@ enum RowUse {
     AppGauge,
 }
 
-fn read_once(
-    store: &StoreDir,
-    index: &Index,
-    retired: Option<&DataFile>,
-    master: Option<&DataFile>,
-) -> io::Result<Snapshot> {
-    let used = index.used();
-    let uses: Vec<RowUse> = (0..used)
-        .map(|id| {
-            match index
-                .app_family_of(id)
-                .and_then(|f| index.app_slot(f))
-                .and_then(|s| AppKind::from_code(s.kind.load(Ordering::Acquire)))
-            {
-                Some(AppKind::Gauge) => RowUse::AppGauge,
-                Some(AppKind::Histogram) => RowUse::AppHistogram,
-                _ => RowUse::Sum,
-            }
-        })
-        .collect();
-    let mut cells = vec![[0u64; CELLS]; used as usize];
-    let mut sums = vec![0f64; used as usize];
-    let mut gauges: Vec<Vec<GaugeSample>> = vec![Vec::new(); used as usize];
-    let mut newest_exemplars: std::collections::HashMap<(u32, usize), ExemplarView> =
-        std::collections::HashMap::new();
-    let mut dropped = [0u64; MAX_FAMILIES];
-    let mut sum_file =
-        |f: &DataFile, live: Option<(u32, u64)>, dropped: &mut [u64; MAX_FAMILIES]| {
-            for (id, acc) in cells.iter_mut().enumerate() {
-                let row = f.row(id as u32);
-                match uses[id] {
-                    RowUse::Sum => {
-                        for (a, c) in acc.iter_mut().zip(row) {
-                            *a = a.wrapping_add(c.load(Ordering::Relaxed));
-                        }
+/// What the files add up to: integer cells summed, and, in file order,
+/// what is merged in order (the `f64` sums of app histograms, app gauge
+/// samples, exemplars).
+#[derive(Debug)]
+struct Part {
+    cells: Vec<[u64; CELLS]>,
+    sums: Vec<(u32, f64)>,
+    gauges: Vec<(u32, GaugeSample)>,
+    exemplars: Vec<(u32, usize, ExemplarView)>,
+    dropped: [u64; MAX_FAMILIES],
+}
+
+impl Part {
+    fn new(used: usize) -> Part {
+        Part {
+            cells: vec![[0u64; CELLS]; used],
+            sums: Vec::new(),
+            gauges: Vec::new(),
+            exemplars: Vec::new(),
+            dropped: [0; MAX_FAMILIES],
+        }
+    }
+
+    /// Adds one file's rows: `live` is its (slot, generation), `None` for
+    /// the retired totals.
+    fn add(&mut self, f: &DataFile, live: Option<(u32, u64)>, uses: &[RowUse]) {
+        let rows = f.rows_upto(uses.len() as u32);
+        for (id, ((acc, row), use_)) in self.cells.iter_mut().zip(rows).zip(uses).enumerate() {
+            match use_ {
+                RowUse::Counter => {
+                    acc[0] = acc[0].wrapping_add(row[0].load(Ordering::Relaxed));
+                }
+                RowUse::Sum => {
+                    for (a, c) in acc.iter_mut().zip(row) {
+                        *a = a.wrapping_add(c.load(Ordering::Relaxed));
                     }
-                    RowUse::AppHistogram => {
-                        for (a, c) in acc[..CELLS - 1].iter_mut().zip(row) {
-                            *a = a.wrapping_add(c.load(Ordering::Relaxed));
-                        }
-                        sums[id] += f64::from_bits(row[CELLS - 1].load(Ordering::Relaxed));
+                }
+                RowUse::AppHistogram => {
+                    for (a, c) in acc[..CELLS - 1].iter_mut().zip(row) {
+                        *a = a.wrapping_add(c.load(Ordering::Relaxed));
                     }
-                    RowUse::AppGauge => {
-                        let at_ns = row[1].load(Ordering::Relaxed);
-                        if let (Some((slot, generation)), true) = (live, at_ns != 0) {
-                            gauges[id].push(GaugeSample {
+                    let sum = f64::from_bits(row[CELLS - 1].load(Ordering::Relaxed));
+                    self.sums.push((id as u32, sum));
+                }
+                RowUse::AppGauge => {
+                    let at_ns = row[1].load(Ordering::Relaxed);
+                    if let (Some((slot, generation)), true) = (live, at_ns != 0) {
+                        self.gauges.push((
+                            id as u32,
+                            GaugeSample {
                                 slot,
                                 generation,
                                 value: f64::from_bits(row[0].load(Ordering::Relaxed)),
                                 at_ns,
-                            });
-                        }
+                            },
+                        ));
                     }
                 }
             }
-            for (d, c) in dropped.iter_mut().zip(&f.header().dropped) {
-                *d = d.wrapping_add(c.load(Ordering::Relaxed));
-            }
-            if live.is_some() {
-                for (id, bucket, e) in exemplar::read_all(f) {
-                    if id < used {
-                        let slot = newest_exemplars.entry((id, bucket)).or_insert(e);
-                        if e.at_ns > slot.at_ns {
-                            *slot = e;
-                        }
-                    }
-                }
-            }
-        };
-    if let Some(r) = retired {
-        sum_file(r, None, &mut dropped);
-    }
-    let mut workers: Vec<WorkerView> = Vec::new();
-    let mut in_flight: i64 = 0;
-    for (slot, generation, path) in store.worker_files()? {
-        // A file that vanished or is half-created is skipped: its counts are in
-        // `retired` (folded) or still zero.
-        let Ok(file) = store.open_data(&path) else {
-            continue;
-        };
-        let h = file.header();
-        if h.folded.load(Ordering::Acquire) != 0
-            || h.kind.load(Ordering::Relaxed) != FileKind::Worker as u32
-        {
-            continue;
         }
-        sum_file(&file, Some((slot, generation)), &mut dropped);
-        let pid = h.pid.load(Ordering::Relaxed);
-        let inf = h.in_flight.load(Ordering::Relaxed).max(0);
-        in_flight = in_flight.saturating_add(inf);
-        let mut state =
-            WorkerState::from_code(h.state.load(Ordering::Relaxed)).unwrap_or(WorkerState::Booting);
-        if matches!(state, WorkerState::Idle | WorkerState::Busy) {
-            state = if inf > 0 {
-                WorkerState::Busy
-            } else {
-                WorkerState::Idle
+        for (d, c) in self.dropped.iter_mut().zip(&f.header().dropped) {
+            *d = d.wrapping_add(c.load(Ordering::Relaxed));
+        }
+        if live.is_some() {
+            let used = uses.len() as u32;
+            self.exemplars.extend(
+                exemplar::read_all(f)
+                    .into_iter()
+                    .filter(|(id, _, _)| *id < used),
+            );
+        }
+    }
+}
+
+impl SnapshotReader {
+    fn read_once(
+        &mut self,
+        index: &Index,
+        retired: Option<&DataFile>,
+        master: Option<&DataFile>,
+    ) -> io::Result<Snapshot> {
+        let used = index.used();
+        let uses: Vec<RowUse> = (0..used)
+            .map(|id| {
+                match index
+                    .app_family_of(id)
+                    .and_then(|f| index.app_slot(f))
+                    .and_then(|s| AppKind::from_code(s.kind.load(Ordering::Acquire)))
+                {
+                    Some(AppKind::Gauge) => RowUse::AppGauge,
+                    Some(AppKind::Histogram) => RowUse::AppHistogram,
+                    Some(AppKind::Counter) => RowUse::Counter,
+                    None => match index.family_of(id).map(Family::shape) {
+                        Some(Shape::Counter) => RowUse::Counter,
+                        _ => RowUse::Sum,
+                    },
+                }
+            })
+            .collect();
+        let names = self.worker_files()?;
+        // The files whose rows count: the retired totals first, then every
+        // live (not folded) worker file, in name order.
+        let mut counted: Vec<(&DataFile, Option<(u32, u64)>)> = Vec::with_capacity(names.len() + 1);
+        counted.extend(retired.map(|r| (r, None)));
+        let mut workers: Vec<WorkerView> = Vec::new();
+        let mut in_flight: i64 = 0;
+        for (slot, generation) in names {
+            let Some((_, file)) = self.files.get(&(slot, generation)) else {
+                continue;
             };
-        }
-        let view = WorkerView {
-            slot,
-            generation,
-            pid,
-            kind: WorkerKind::from_code(h.worker_kind.load(Ordering::Relaxed)),
-            state,
-            state_since: (h.state_since_ns.load(Ordering::Relaxed) as i64)
-                .wrapping_add(h.clock_offset_ns.load(Ordering::Relaxed))
-                as f64
-                / 1e9,
-            start_time: h.start_time_ns.load(Ordering::Relaxed) as f64 / 1e9,
-            connections: h.connections.load(Ordering::Relaxed).max(0),
-            in_flight: inf,
-            pids: vec![pid],
-        };
-        match workers.iter_mut().find(|w| w.slot == slot) {
-            Some(w) if w.generation < generation => {
-                let mut pids = std::mem::take(&mut w.pids);
-                pids.insert(0, pid);
-                *w = WorkerView { pids, ..view };
+            // A folded file's counts are in `retired`.
+            let h = file.header();
+            if h.folded.load(Ordering::Acquire) != 0
+                || h.kind.load(Ordering::Relaxed) != FileKind::Worker as u32
+            {
+                continue;
             }
-            Some(w) => w.pids.push(pid),
-            None => workers.push(view),
+            counted.push((file, Some((slot, generation))));
+            let pid = h.pid.load(Ordering::Relaxed);
+            let inf = h.in_flight.load(Ordering::Relaxed).max(0);
+            in_flight = in_flight.saturating_add(inf);
+            let mut state = WorkerState::from_code(h.state.load(Ordering::Relaxed))
+                .unwrap_or(WorkerState::Booting);
+            if matches!(state, WorkerState::Idle | WorkerState::Busy) {
+                state = if inf > 0 {
+                    WorkerState::Busy
+                } else {
+                    WorkerState::Idle
+                };
+            }
+            let view = WorkerView {
+                slot,
+                generation,
+                pid,
+                kind: WorkerKind::from_code(h.worker_kind.load(Ordering::Relaxed)),
+                state,
+                state_since: (h.state_since_ns.load(Ordering::Relaxed) as i64)
+                    .wrapping_add(h.clock_offset_ns.load(Ordering::Relaxed))
+                    as f64
+                    / 1e9,
+                start_time: h.start_time_ns.load(Ordering::Relaxed) as f64 / 1e9,
+                connections: h.connections.load(Ordering::Relaxed).max(0),
+                in_flight: inf,
+                pids: vec![pid],
+            };
+            // Names come sorted by slot, then generation: the slot's
+            // earlier processes are the last view's.
+            match workers.last_mut().filter(|w| w.slot == slot) {
+                Some(w) if w.generation < generation => {
+                    let mut pids = std::mem::take(&mut w.pids);
+                    pids.insert(0, pid);
+                    *w = WorkerView { pids, ..view };
+                }
+                Some(w) => w.pids.push(pid),
+                None => workers.push(view),
+            }
         }
+        // Summing on more threads did not pay (docs/metrics.md).
+        let mut part = Part::new(used as usize);
+        for (f, live) in &counted {
+            part.add(f, *live, &uses);
+        }
+        let Part {
+            cells,
+            sums: file_sums,
+            gauges: file_gauges,
+            exemplars: file_exemplars,
+            dropped,
+        } = part;
+        let mut sums = vec![0f64; used as usize];
+        for (id, v) in file_sums {
+            sums[id as usize] += v;
+        }
+        let mut gauges: Vec<Vec<GaugeSample>> = vec![Vec::new(); used as usize];
+        for (id, g) in file_gauges {
+            gauges[id as usize].push(g);
+        }
+        let mut newest_exemplars: std::collections::HashMap<(u32, usize), ExemplarView> =
+            std::collections::HashMap::new();
+        for (id, bucket, e) in file_exemplars {
+            let slot = newest_exemplars.entry((id, bucket)).or_insert(e);
+            if e.at_ns > slot.at_ns {
+                *slot = e;
+            }
+        }
+        Ok(assemble(
+            index,
+            master,
+            &uses,
+            Merged {
+                cells,
+                sums,
+                gauges,
+                newest_exemplars,
+                dropped,
+                workers,
+                in_flight,
+            },
+        ))
     }
+}
+
+/// The summed rows and the live workers of one read.
+struct Merged {
+    cells: Vec<[u64; CELLS]>,
+    sums: Vec<f64>,
+    gauges: Vec<Vec<GaugeSample>>,
+    newest_exemplars: std::collections::HashMap<(u32, usize), ExemplarView>,
+    dropped: [u64; MAX_FAMILIES],
+    workers: Vec<WorkerView>,
+    in_flight: i64,
+}
+
+/// Names the merged rows by the index and adds the master's figures.
+fn assemble(index: &Index, master: Option<&DataFile>, uses: &[RowUse], m: Merged) -> Snapshot {
+    let used = index.used().min(uses.len() as u32);
+    let Merged {
+        cells,
+        sums,
+        gauges,
+        newest_exemplars,
+        dropped,
+        workers,
+        in_flight,
+    } = m;
     let mut exemplars_of: std::collections::HashMap<u32, Vec<(usize, ExemplarView)>> =
         std::collections::HashMap::new();
     for ((id, bucket), e) in newest_exemplars {
@@ -439,7 +612,7 @@ fn read_once(
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect();
             let value = match uses[id as usize] {
-                RowUse::Sum => AppValue::Counter(cells[0]),
+                RowUse::Sum | RowUse::Counter => AppValue::Counter(cells[0]),
                 RowUse::AppGauge => AppValue::Gauge(samples),
                 RowUse::AppHistogram => {
                     let n = index
@@ -506,7 +679,7 @@ fn read_once(
         }
         view
     });
-    Ok(Snapshot {
+    Snapshot {
         series,
         workers,
         master,
@@ -515,5 +688,81 @@ fn read_once(
         duration_buckets: index.duration_buckets(),
         family_cap: index.family_cap(),
         app,
-    })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::index::{Key, Mirror};
+    use crate::store::{WorkerFile, WorkerKind};
+
+    fn requests(s: &Snapshot) -> u64 {
+        s.series
+            .iter()
+            .filter(|s| s.family == Family::WorkerRequests)
+            .map(|s| s.cells[0])
+            .sum()
+    }
+
+    #[test]
+    fn a_reader_that_keeps_files_mapped_sees_what_a_fresh_read_sees() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StoreDir::new(dir.path().join("m"));
+        store.prepare().unwrap();
+        let index = Index::create(&store.index_path(), 1024, 100, &[1.0]).unwrap();
+        let id = Mirror::default()
+            .resolve(&index, &Key::new(Family::WorkerRequests, &["1"]))
+            .unwrap()
+            .id();
+        let count = |generation: u64, n: u64| {
+            let f = store.open_data(&store.worker_path(1, generation)).unwrap();
+            f.row(id)[0].fetch_add(n, Ordering::Relaxed);
+        };
+        let mut reader = SnapshotReader::new(store.clone());
+        let read = |r: &mut SnapshotReader| r.read_with(|_| ()).map(|(s, ())| s).unwrap();
+
+        let first = WorkerFile::create(&store, 1, 1, WorkerKind::Sync).unwrap();
+        count(1, 5);
+        assert_eq!(requests(&read(&mut reader)), 5);
+        // Counted again on the next read, from the kept mapping.
+        count(1, 1);
+        assert_eq!(requests(&read(&mut reader)), 6);
+        // A second generation joins; the newest leads the slot's view.
+        let second = WorkerFile::create(&store, 1, 2, WorkerKind::Sync).unwrap();
+        count(2, 7);
+        let s = read(&mut reader);
+        assert_eq!(requests(&s), 13);
+        assert_eq!((s.workers.len(), s.workers[0].generation), (1, 2));
+        assert_eq!(s.workers[0].pids.len(), 2);
+        // A removed file is dropped.
+        first.remove();
+        assert_eq!(requests(&read(&mut reader)), 7);
+        assert_eq!(reader.files.len(), 1);
+        // Another file under the same name (a new inode, since this reader
+        // still maps the old one) is mapped afresh.
+        std::fs::remove_file(store.worker_path(1, 2)).unwrap();
+        let third = WorkerFile::create(&store, 1, 2, WorkerKind::Sync).unwrap();
+        count(2, 3);
+        let s = read(&mut reader);
+        assert_eq!(requests(&s), 3);
+        assert_eq!(requests(&Snapshot::read(&store).unwrap()), 3);
+        // A file whose magic a foreign write broke is left out, as by a
+        // fresh read.
+        let raw = store.open_data(&store.worker_path(1, 2)).unwrap();
+        raw.header().magic.store(0, Ordering::Relaxed);
+        assert_eq!(requests(&read(&mut reader)), 0);
+        assert!(reader.files.is_empty());
+        // A kept file sized for an index that was since replaced by one of
+        // another capacity is let go, as a fresh open refuses it.
+        let fourth = WorkerFile::create(&store, 1, 3, WorkerKind::Sync).unwrap();
+        assert_eq!(read(&mut reader).workers.len(), 1);
+        assert_eq!(reader.files.len(), 1);
+        let other = dir.path().join("index2");
+        Index::create(&other, 2048, 100, &[1.0]).unwrap();
+        std::fs::rename(&other, store.index_path()).unwrap();
+        assert!(read(&mut reader).workers.is_empty());
+        assert!(reader.files.is_empty());
+        drop((second, third, fourth));
+    }
 }
