@@ -201,7 +201,6 @@ impl Scrape {
         counter(enc, family.name(), family.help(), &samples)
     }
 
-    #[cfg(test)]
     fn histogram_family(
         &self,
         enc: &mut DescriptorEncoder<'_>,
