@@ -92,6 +92,8 @@ struct Shared {
     store: StoreDir,
     /// Keeps the worker files mapped from one scrape to the next.
     reader: std::cell::RefCell<gpe_core::SnapshotReader>,
+    /// The highest CPU seconds served per slot (see [`render::CpuFloor`]).
+    cpu_floor: std::cell::RefCell<render::CpuFloor>,
     path: String,
     web: Option<web_config::Watched>,
     health_public: bool,
@@ -244,6 +246,12 @@ fn answer(req: &Request<()>, shared: &Shared) -> Response<Full<Bytes>> {
         Ok(mut reader) => render::Scrape::collect_with(&mut reader),
         Err(_) => render::Scrape::collect(store),
     };
+    let collected = collected.map(|mut s| {
+        if let Ok(mut floor) = shared.cpu_floor.try_borrow_mut() {
+            s.keep_cpu_monotonic(&mut floor);
+        }
+        s
+    });
     let text = match collected.map(|s| render(s.with_auth_failures(shared.failures.get()), format))
     {
         Ok(Ok(t)) => t,
@@ -340,6 +348,7 @@ pub fn serve(
         let conns = conns::Conns::new(limits.max_connections);
         let shared = Rc::new(Shared {
             reader: std::cell::RefCell::new(gpe_core::SnapshotReader::new(store.clone())),
+            cpu_floor: Default::default(),
             store,
             path,
             web,

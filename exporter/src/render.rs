@@ -57,6 +57,11 @@ pub struct Scrape {
 }
 
 /// `/proc` figures read together with the store, inside its fold window.
+/// The highest CPU seconds an exporter has served for each slot
+/// ([`Scrape::keep_cpu_monotonic`]).
+#[derive(Debug, Default)]
+pub struct CpuFloor(BTreeMap<u32, f64>);
+
 #[derive(Debug, Default)]
 struct Procs {
     /// Figures of each slot's newest process.
@@ -115,6 +120,27 @@ impl Scrape {
             now: gpe_core::unix_now_ns() as f64 / 1e9,
             auth_failures: [0; AuthFailure::ALL.len()],
         })
+    }
+
+    /// Serves no slot's CPU seconds below what `floor` says was served
+    /// before, and raises `floor` to what this scrape serves.
+    ///
+    /// The figure is the retired CPU the master folded from each reaped
+    /// process's rusage plus the live processes' `/proc` times, two sources
+    /// that no lock reads together with the kernel's exit accounting. A
+    /// counter read a moment apart from each can come out a little lower
+    /// than the scrape before (seen in the chaos test after kill -9, by up to
+    /// a few tenths of a second), and Prometheus reads any decrease as a
+    /// reset. The true figure only grows, so the higher one stands.
+    pub fn keep_cpu_monotonic(&mut self, floor: &mut CpuFloor) {
+        for (slot, v) in &mut self.procs.cpu {
+            let seen = floor.0.entry(*slot).or_insert(*v);
+            if *v < *seen {
+                *v = *seen;
+            } else {
+                *seen = *v;
+            }
+        }
     }
 
     /// Adds the exporter's refusals by reason, in [`AuthFailure::ALL`] order.
@@ -1114,6 +1140,27 @@ mod tests {
             now: 1_001.0,
             auth_failures: [0, 2, 1, 0, 0],
         }
+    }
+
+    #[test]
+    fn cpu_seconds_never_go_down_across_scrapes() {
+        let cpu_line = |s: Scrape| {
+            let text = render(s, Format::Text004).unwrap();
+            family(&text, "gpe_worker_cpu_seconds_total")[2].to_string()
+        };
+        let mut floor = CpuFloor::default();
+        let mut first = scrape();
+        first.keep_cpu_monotonic(&mut floor);
+        assert_eq!(cpu_line(first), r#"gpe_worker_cpu_seconds_total{worker="0"} 1.25"#);
+        // Read between a reap and its fold: lower than the true figure.
+        let mut dip = scrape();
+        dip.procs.cpu.insert(0, 1.1);
+        dip.keep_cpu_monotonic(&mut floor);
+        assert_eq!(cpu_line(dip), r#"gpe_worker_cpu_seconds_total{worker="0"} 1.25"#);
+        let mut more = scrape();
+        more.procs.cpu.insert(0, 1.5);
+        more.keep_cpu_monotonic(&mut floor);
+        assert_eq!(cpu_line(more), r#"gpe_worker_cpu_seconds_total{worker="0"} 1.5"#);
     }
 
     /// The lines of family `name` in `text`: its HELP and TYPE lines and its

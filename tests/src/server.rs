@@ -209,13 +209,15 @@ impl Server {
         );
     }
 
-    /// Waits (up to 20 s) until the sample of `name` matching `labels` equals
-    /// `want`, and panics with the last value seen otherwise.
+    /// Waits (up to 20 s) until exactly one sample of `name` matches `labels`
+    /// and equals `want`, and panics with the last samples seen otherwise. A
+    /// scrape without the sample (a gauge while the processes that set it are
+    /// replaced) is one more look, not a failure.
     pub fn wait_for(&self, name: &str, labels: &[(&str, &str)], want: f64) {
         let mut last = None;
         let ok = wait_until(Duration::from_secs(20), || {
-            last = self.try_scrape().ok().map(|m| m.one(name, labels));
-            last == Some(want)
+            last = self.try_scrape().ok().map(|m| m.matching(name, labels));
+            last.as_deref() == Some(&[want][..])
         });
         assert!(
             ok,
