@@ -386,9 +386,9 @@ def sections(root, out, rows, env):
     rounds = Rounds(rows)
     ratio_md, res = ratio_section(rounds)
     tl = ratio_targets(rounds, res)
-    fr_md, p99 = fixed_rate_section(out, env.get("BENCH_RATE_SECONDS", "8"), env.get("BENCH_CONNECTIONS", "16"))
+    fr_md, p99 = fixed_rate_section(out, env.get("BENCH_RATE_SECONDS", "6"), env.get("BENCH_CONNECTIONS", "16"))
     tl += fixed_rate_target(p99)
-    sc_md = scaling_section(root, out, env.get("BENCH_SCALE_SECONDS", "4"))
+    sc_md = scaling_section(root, out, env.get("BENCH_SCALE_SECONDS", "3"))
     scr_md, scr_tl = scrape_scaling(out)
     tl += scr_tl or [f"| scrape at {w} workers × {s:,} series ≤ {t:g} ms p50 | not measured (no bench/scrape.sh) "
                      f"| **missed** |" for (w, s), t in T_SCRAPE.items()]
