@@ -32,7 +32,7 @@
 # 10. writes BENCHMARKS.md and the plots (bench/report.py).
 #
 # Environment: BENCH_QUICK=1 (shorter phases, 1 round, no criterion, no
-# gunicorn scrape; every default below then changes as noted in brackets),
+# gunicorn; every default below then changes as noted in brackets),
 # BENCH_SECONDS (6 [2]), BENCH_WARMUP (1), BENCH_CONNECTIONS (16),
 # BENCH_REPEAT (3 rounds [1]), BENCH_TLS_REPEAT (1 pair per type),
 # BENCH_PORT (18000), BENCH_METRICS_PORT (19091), BENCH_PEER_METRICS_PORT (19092),
@@ -70,7 +70,7 @@ SCALE_WORKERS=${BENCH_SCALE_WORKERS:-1 2 4 8}
 SCALE_CONNS=${BENCH_SCALE_CONNECTIONS:-16 256 1024}
 SCALE_SECS=${BENCH_SCALE_SECONDS:-$(q 3 2)}
 if [[ $QUICK == 1 ]]; then
-  : "${BENCH_SKIP_MICRO:=1}" "${BENCH_SKIP_PEER_SCRAPE:=1}"
+  : "${BENCH_SKIP_MICRO:=1}" "${BENCH_SKIP_PEER_SCRAPE:=1}" "${BENCH_SKIP_PEER:=1}"
 fi
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 GPE=$CARGO_TARGET_DIR/release/gpe
