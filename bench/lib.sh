@@ -102,3 +102,20 @@ run_wrk() {
     tee -a "$OUT/logs/wrk.log" | sed -n 's/^WRKJSON //p'
 }
 
+
+# $1 and its descendants (by pid).
+tree() { echo "$1"; descendants "$1"; }
+
+# gpe's master and its workers (not the exporter).
+gpe_master_and_workers() { echo "$1"; gpe_worker_pids "$1"; }
+
+# Total resident set (MiB) of the given pids: the sum of VmRSS in /proc/<pid>/status.
+total_rss_mib() {
+  local sum=0 n=0 p r
+  for p in "$@"; do
+    r=$(awk '/^VmRSS:/ {print $2}' /proc/"$p"/status 2>/dev/null || true)
+    [[ -n $r ]] || continue
+    sum=$((sum + r)); n=$((n + 1))
+  done
+  if ((n == 0)); then echo null; else awk -v s="$sum" 'BEGIN{printf "%.2f", s/1024}'; fi
+}

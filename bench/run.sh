@@ -1,33 +1,48 @@
 #!/usr/bin/env bash
-# gpe benchmark: one command, one run, regenerates BENCHMARKS.md and docs/bench.png.
+# gpe benchmark: one command, one run, regenerates BENCHMARKS.md and the plots
+# (docs/bench.png, docs/bench-scaling.png; docs/bench-scrape.png if bench/scrape.sh exists).
 #
-#   bench/run.sh                     # full run (about 14 minutes on 2 cores)
-#   BENCH_SECONDS=3 bench/run.sh     # quick check (shorter load phases)
+#   bench/run.sh                     # full run (under 20 minutes on 2 cores, builds cached)
+#   BENCH_QUICK=1 bench/run.sh       # quick run for use while working (under 5 minutes)
 #   bench/ab.sh OLD_REV              # A/B against an earlier commit (see its header)
 #
 # What it does (see BENCHMARKS.md for the method):
 #  1. installs what it needs (apt-get: wrk, gnuplot-nox, curl, iproute2, procps;
 #     a virtualenv in bench/venv with gunicorn + gunicorn-prometheus-exporter,
-#     gevent, eventlet from PyPI) and builds gpe and bench/ceiling in release mode;
-#  2. loads, one server at a time, with wrk (1 thread, 16 connections, warm-up then
-#     BENCH_SECONDS): the bare tokio+hyper ceiling, gpe for each worker type with
-#     metrics on and off, the same hello through the axum Router of examples/axum-app
-#     (keep-alive types, metrics on), and gunicorn with and without the exporter;
-#     then HTTPS keep-alive rows: the ceiling with tokio-rustls right before each
-#     keep-alive gpe type served with --certfile/--keyfile (a self-signed
-#     certificate made with openssl; wrk speaks HTTP/1.1 over TLS);
-#  3. measures the scrape cost of /metrics with 8 workers x 1,000 label sets, then
-#     again after 200 worker respawns forced by max_requests = 20, for gpe and the peer;
-#  4. counts syscalls, context switches and CPU per request with `perf stat` for the
-#     ceiling and the keep-alive worker types (with and without idle_yield; eventloop
-#     serving the axum Router too);
-#  5. runs the criterion micro-benchmark of the hot path (core/benches/hot_path.rs);
-#  6. writes BENCHMARKS.md and docs/bench.png (bench/report.py).
+#     gevent, eventlet and matplotlib from PyPI; oha with `cargo install --locked`)
+#     and builds gpe, bench/ceiling and bench/peers in release mode;
+#  2. throughput in interleaved rounds (the order of the servers alternates
+#     between rounds), wrk -t1 -cCONNS, warm-up then BENCH_SECONDS: keep-alive:
+#     the bare tokio+hyper ceiling (2-thread runtime), the forked ceiling (2
+#     processes, a current-thread runtime each, one listener), gpe thread,
+#     eventloop and greenlet with metrics on and off, gpe eventloop serving the
+#     axum Router of examples/axum-app, actix-web and axum plain and with their
+#     Prometheus middleware (bench/peers); close mode: the ceiling and gpe sync;
+#     then once more each keep-alive type with `--idle-yield false`;
+#  3. HTTPS keep-alive rows: the ceiling with tokio-rustls right before each
+#     keep-alive gpe type served with --certfile/--keyfile;
+#  4. gunicorn with and without the exporter;
+#  5. latency at a fixed rate: oha at 50% of each server's own peak (from step 2);
+#  6. scaling: gpe with 1, 2, 4, 8 workers against 16, 256 and 1,024 connections;
+#  7. the scrape cost of /metrics with 8 workers x 1,000 label sets, then again
+#     after 200 worker respawns, for gpe and gunicorn's exporter; and
+#     bench/scrape.sh (exporter scrape time against workers x series) if present;
+#  8. counts syscalls, context switches and CPU per request with `perf stat`;
+#  9. runs the criterion micro-benchmark of the hot path (core/benches/hot_path.rs);
+# 10. writes BENCHMARKS.md and the plots (bench/report.py).
 #
-# Environment: BENCH_SECONDS (10), BENCH_WARMUP (2), BENCH_CONNECTIONS (16),
+# Environment: BENCH_QUICK=1 (shorter phases, 1 round, no criterion, no
+# gunicorn; every default below then changes as noted in brackets),
+# BENCH_SECONDS (6 [2]), BENCH_WARMUP (1), BENCH_CONNECTIONS (16),
+# BENCH_REPEAT (3 rounds [1]), BENCH_TLS_REPEAT (1 pair per type),
 # BENCH_PORT (18000), BENCH_METRICS_PORT (19091), BENCH_PEER_METRICS_PORT (19092),
-# BENCH_SCRAPES (50), BENCH_RESPAWNS (200), BENCH_REPEAT (3 runs of each gpe row), BENCH_SKIP_PEER=1, BENCH_SKIP_MICRO=1,
-# BENCH_SKIP_PROFILE=1, BENCH_SKIP_AXUM=1, BENCH_SKIP_SCRAPE=1, BENCH_SKIP_TLS=1, BENCH_PROFILE_SECONDS (5),
+# BENCH_SCRAPES (50 [10]), BENCH_RESPAWNS (200 [20]), BENCH_PROFILE_SECONDS (5 [2]),
+# BENCH_RATE_SECONDS (BENCH_SECONDS), BENCH_SCALE_KINDS ("eventloop thread" ["eventloop"]),
+# BENCH_SCALE_WORKERS ("1 2 4 8"), BENCH_SCALE_CONNECTIONS ("16 256 1024"),
+# BENCH_SCALE_SECONDS (3 [2]),
+# BENCH_SKIP_PEER=1 (gunicorn), BENCH_SKIP_RUST_PEERS=1 (actix, axum), BENCH_SKIP_MICRO=1,
+# BENCH_SKIP_PROFILE=1, BENCH_SKIP_AXUM=1, BENCH_SKIP_SCRAPE=1, BENCH_SKIP_TLS=1,
+# BENCH_SKIP_RATE=1, BENCH_SKIP_SCALING=1, BENCH_SKIP_PEER_SCRAPE=1,
 # BENCH_KINDS (gpe worker types to load; default "sync thread eventloop greenlet"),
 # CARGO_TARGET_DIR (default: ./target).
 set -euo pipefail
@@ -36,20 +51,32 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(dirname "$HERE")
 OUT=$HERE/out
 VENV=$HERE/venv
-SECS=${BENCH_SECONDS:-10}
-WARM=${BENCH_WARMUP:-2}
+QUICK=${BENCH_QUICK:-0}
+q() { if [[ $QUICK == 1 ]]; then echo "$2"; else echo "$1"; fi; } # q FULL QUICK
+SECS=${BENCH_SECONDS:-$(q 6 2)}
+WARM=${BENCH_WARMUP:-1}
 CONNS=${BENCH_CONNECTIONS:-16}
 PORT=${BENCH_PORT:-18000}
 MPORT=${BENCH_METRICS_PORT:-19091}
 PPORT=${BENCH_PEER_METRICS_PORT:-19092}
-SCRAPES=${BENCH_SCRAPES:-50}
-REPEAT=${BENCH_REPEAT:-3}
-RESPAWNS=${BENCH_RESPAWNS:-200}
+SCRAPES=${BENCH_SCRAPES:-$(q 50 10)}
+REPEAT=${BENCH_REPEAT:-$(q 3 1)}
+TLS_REPEAT=${BENCH_TLS_REPEAT:-1}
+RESPAWNS=${BENCH_RESPAWNS:-$(q 200 20)}
 KINDS=${BENCH_KINDS:-sync thread eventloop greenlet}
+RATE_SECS=${BENCH_RATE_SECONDS:-$SECS}
+SCALE_KINDS=${BENCH_SCALE_KINDS:-$(q "eventloop thread" eventloop)}
+SCALE_WORKERS=${BENCH_SCALE_WORKERS:-1 2 4 8}
+SCALE_CONNS=${BENCH_SCALE_CONNECTIONS:-16 256 1024}
+SCALE_SECS=${BENCH_SCALE_SECONDS:-$(q 3 2)}
+if [[ $QUICK == 1 ]]; then
+  : "${BENCH_SKIP_MICRO:=1}" "${BENCH_SKIP_PEER_SCRAPE:=1}" "${BENCH_SKIP_PEER:=1}"
+fi
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 GPE=$CARGO_TARGET_DIR/release/gpe
 CEILING=$CARGO_TARGET_DIR/release/gpe-bench-ceiling
 AXUM=$CARGO_TARGET_DIR/release/gpe-axum-app
+PEERS=$CARGO_TARGET_DIR/release
 URL=http://127.0.0.1:$PORT/
 
 # Peer versions (gunicorn 24+ crashes the exporter 0.2.4).
@@ -61,22 +88,27 @@ log() { printf '\n== %s\n' "$*" >&2; }
 # shellcheck source=bench/lib.sh
 source "$HERE/lib.sh"
 
-# Warm-up, measured load, RSS of the workers at the end of the load; appends a row.
-# $1 server, $2 kind, $3 variant, $4 close(0/1), $5 pid-lister command, $6 note
+# Warm-up, measured load, RSS of the workers at the end of the load; appends a row
+# (with the round number ROUND, 0 outside the rounds).
+# $1 server, $2 kind, $3 variant, $4 close(0/1), $5 pid-lister command, $6 note,
+# $7 lister of every process of the server (master + workers; default: $5)
+ROUND=0
 measure() {
-  local server=$1 kind=$2 variant=$3 close=$4 lister=$5 note=${6:-}
-  echo "-- $server $kind $variant (warm-up ${WARM}s, load ${SECS}s)" >&2
+  local server=$1 kind=$2 variant=$3 close=$4 lister=$5 note=${6:-} all=${7:-$5}
+  echo "-- $server $kind $variant (round $ROUND, warm-up ${WARM}s, load ${SECS}s)" >&2
   run_wrk "$close" "$WARM" >/dev/null || true
-  local res pids rss
+  local res pids rss total
   res=$(run_wrk "$close" "$SECS" || true)
   # shellcheck disable=SC2046
   pids=$($lister)
   # shellcheck disable=SC2086
   rss=$(mean_rss_mib $pids)
+  # shellcheck disable=SC2046,SC2086
+  total=$(total_rss_mib $($all))
   [[ -n $res ]] || res=null
-  printf '{"server":"%s","kind":"%s","variant":"%s","close":%s,"workers":%s,"rss_mib":%s,"note":"%s","load1":%s,"wrk":%s}\n' \
-    "$server" "$kind" "$variant" "$close" "$(wc -w <<<"$pids")" "$rss" "$note" "$(cut -d' ' -f1 /proc/loadavg)" "$res" >>"$OUT/results.jsonl"
-  echo "   $res rss=${rss}MiB pids=[$(echo $pids)]" >&2
+  printf '{"server":"%s","kind":"%s","variant":"%s","close":%s,"round":%s,"workers":%s,"rss_mib":%s,"rss_total_mib":%s,"note":"%s","load1":%s,"wrk":%s}\n' \
+    "$server" "$kind" "$variant" "$close" "$ROUND" "$(wc -w <<<"$pids")" "$rss" "$total" "$note" "$(cut -d' ' -f1 /proc/loadavg)" "$res" >>"$OUT/results.jsonl"
+  echo "   $res rss=${rss}MiB total=${total}MiB pids=[$(echo $pids)]" >&2
 }
 skip_row() {
   printf '{"server":"%s","kind":"%s","variant":"%s","close":0,"workers":0,"rss_mib":null,"note":"%s","wrk":null}\n' \
@@ -104,70 +136,137 @@ setup() {
     python3 -m venv "$VENV" || { apt-get update -qq && apt-get install -y -qq python3-venv && python3 -m venv "$VENV"; }
     "$VENV/bin/pip" install -q "${PEER_PKGS[@]}"
   fi
-  log "cargo build --release -p gpe; -p gpe-bench-ceiling; -p gpe-example-axum-app (target $CARGO_TARGET_DIR)"
-  (cd "$ROOT" && cargo build --release -q -p gpe && cargo build --release -q -p gpe-bench-ceiling &&
-    cargo build --release -q -p gpe-example-axum-app)
+  # matplotlib draws the scaling (and scrape) plots; report.py runs with the
+  # venv's python when there is one.
+  local py=python3
+  [[ -x $VENV/bin/python ]] && py=$VENV/bin/python
+  if ! "$py" -c 'import matplotlib' 2>/dev/null; then
+    log "pip install matplotlib ($py)"
+    "$py" -m pip install -q --disable-pip-version-check matplotlib 2>/dev/null ||
+      "$py" -m pip install -q --disable-pip-version-check --break-system-packages matplotlib || true
+  fi
+  if [[ ${BENCH_SKIP_RATE:-0} != 1 ]] && ! command -v oha >/dev/null; then
+    log "cargo install oha --locked"
+    cargo install -q oha --locked || true
+  fi
+  local pkgs=(-p gpe -p gpe-bench-ceiling -p gpe-example-axum-app)
+  [[ ${BENCH_SKIP_RUST_PEERS:-0} == 1 ]] || pkgs+=(-p gpe-bench-peers)
+  log "cargo build --release ${pkgs[*]} (target $CARGO_TARGET_DIR)"
+  (cd "$ROOT" && cargo build --release -q "${pkgs[@]}")
 }
 
 # ---------------------------------------------------------------- throughput
-# The ceiling in one mode; $1 keepalive or close, $2 the variant's suffix.
-measure_ceiling() {
-  local mode=$1 tag=${2:-} close=0 extra=()
-  [[ $mode == close ]] && { close=1; extra=(--close); }
-  start_server "ceiling-$mode$tag" "$CEILING" --bind "127.0.0.1:$PORT" --threads 2 "${extra[@]}"
-  if wait_http "$URL" 10; then
-    measure ceiling hyper-2t "$mode$tag" "$close" "echo $SERVER_PID" "1 process, 2-thread tokio runtime"
+# The servers of the rounds, by id:
+#   ceiling-2t, ceiling-close       bench/ceiling, 2-thread runtime (keep-alive, close)
+#   ceiling-forked                  bench/ceiling --forked 2
+#   gpe:KIND:VARIANT                gpe serve -k KIND -w 2; VARIANT metrics,
+#                                   no-metrics, no-yield, or axum (gpe-axum-app)
+#   actix-plain, actix-prom, axum-plain, axum-prom   bench/peers, 2 workers
+# start_id ID starts one and sets SERVER_PID and the row's fields ROW_SERVER,
+# ROW_KIND, ROW_VARIANT, ROW_CLOSE, ROW_NOTE, ROW_LISTER (the workers' pids)
+# and ROW_ALL (every process of the server).
+start_id() {
+  local id=$1 kind variant flags=() cmd=()
+  ROW_CLOSE=0; ROW_NOTE=""
+  case $id in
+    ceiling-2t | ceiling-close)
+      local extra=()
+      [[ $id == ceiling-close ]] && { extra=(--close); ROW_CLOSE=1; }
+      start_server "$id-r$ROUND" "$CEILING" --bind "127.0.0.1:$PORT" --threads 2 "${extra[@]}"
+      ROW_SERVER=ceiling; ROW_KIND=hyper-2t; ROW_VARIANT=$([[ $ROW_CLOSE == 1 ]] && echo close || echo keepalive)
+      ROW_NOTE="1 process, 2-thread tokio runtime"
+      ROW_LISTER="echo $SERVER_PID"; ROW_ALL=$ROW_LISTER ;;
+    ceiling-forked)
+      start_server "$id-r$ROUND" "$CEILING" --bind "127.0.0.1:$PORT" --forked 2
+      ROW_SERVER=ceiling; ROW_KIND=forked-ct; ROW_VARIANT=keepalive
+      ROW_NOTE="2 forked processes, a current-thread tokio runtime each, one listener"
+      ROW_LISTER="children $SERVER_PID"; ROW_ALL="tree $SERVER_PID" ;;
+    gpe:*)
+      kind=${id#gpe:}; variant=${kind#*:}; kind=${kind%%:*}
+      cmd=("$GPE" serve)
+      [[ $variant == no-metrics ]] && flags=(--no-metrics)
+      [[ $variant == no-yield ]] && flags=(--idle-yield false)
+      [[ $variant == axum ]] && cmd=("$AXUM")
+      [[ $kind == sync ]] && ROW_CLOSE=1
+      start_server "gpe-$kind-$variant-r$ROUND" "${cmd[@]}" -k "$kind" -w 2 \
+        --bind "127.0.0.1:$PORT" --metrics-bind "127.0.0.1:$MPORT" "${flags[@]}"
+      ROW_SERVER=gpe; ROW_KIND=$kind; ROW_VARIANT=$variant
+      ROW_LISTER="gpe_worker_pids $SERVER_PID"; ROW_ALL="gpe_master_and_workers $SERVER_PID" ;;
+    actix-plain | actix-prom | axum-plain | axum-prom)
+      start_server "$id-r$ROUND" "$PEERS/$id" --bind "127.0.0.1:$PORT" --workers 2
+      ROW_SERVER=rust-peer; ROW_KIND=${id%%-*}; ROW_VARIANT=${id#*-}
+      case $id in
+        actix-*) ROW_NOTE="actix-web 4, 2 workers" ;;
+        *) ROW_NOTE="axum 0.8, 2-thread tokio runtime" ;;
+      esac
+      ROW_LISTER="echo $SERVER_PID"; ROW_ALL=$ROW_LISTER ;;
+    *) echo "unknown server id $id" >&2; return 1 ;;
+  esac
+}
+
+# Starts, loads and stops server ID (see start_id); a server that does not
+# answer gets a row without figures.
+measure_id() {
+  local id=$1
+  start_id "$id"
+  if wait_http "$URL" 20; then
+    [[ $ROW_SERVER == gpe ]] && sleep 0.5
+    measure "$ROW_SERVER" "$ROW_KIND" "$ROW_VARIANT" "$ROW_CLOSE" "$ROW_LISTER" "$ROW_NOTE" "$ROW_ALL"
   else
-    skip_row ceiling hyper-2t "$mode$tag" "did not start (see bench/out/logs/ceiling-$mode$tag.log)"
+    skip_row "$ROW_SERVER" "$ROW_KIND" "$ROW_VARIANT" "did not start (see bench/out/logs/)"
   fi
   stop_server
 }
 
-run_ceiling() {
-  measure_ceiling keepalive
-  measure_ceiling close
+# Is gpe worker type $1 in this build? (else a skipped row says why)
+kind_built() {
+  local kind=$1 reason
+  printf 'worker = "%s"\n' "$kind" >"$OUT/check-$kind.toml"
+  if ! reason=$("$GPE" check -c "$OUT/check-$kind.toml" 2>&1 >/dev/null); then
+    reason=$(tr '\n"' ' _' <<<"$reason" | cut -c1-160)
+    echo "-- gpe $kind: skipped: $reason" >&2
+    skip_row gpe "$kind" metrics "skipped: not in this build ($reason)"
+    skip_row gpe "$kind" no-metrics "skipped: not in this build"
+    return 1
+  fi
 }
 
-run_gpe() {
-  local kind variant close flags reason
+# REPEAT rounds; odd rounds run the servers in order, even rounds in reverse,
+# so that no server always follows the same one. Keep-alive servers, then the
+# close-mode pair; then each keep-alive type once with `--idle-yield false`.
+run_rounds() {
+  local ids=(ceiling-2t ceiling-forked) close_ids=() kind r i order
   for kind in $KINDS; do
-    printf 'worker = "%s"\n' "$kind" >"$OUT/check-$kind.toml"
-    if ! reason=$("$GPE" check -c "$OUT/check-$kind.toml" 2>&1 >/dev/null); then
-      reason=$(tr '\n"' ' _' <<<"$reason" | cut -c1-160)
-      echo "-- gpe $kind: skipped: $reason" >&2
-      skip_row gpe "$kind" metrics "skipped: not in this build ($reason)"
-      skip_row gpe "$kind" no-metrics "skipped: not in this build"
-      continue
+    kind_built "$kind" || continue
+    if [[ $kind == sync ]]; then
+      close_ids+=(ceiling-close gpe:sync:metrics gpe:sync:no-metrics)
+    else
+      ids+=("gpe:$kind:metrics" "gpe:$kind:no-metrics")
+      [[ $kind == eventloop && ${BENCH_SKIP_AXUM:-0} != 1 ]] && ids+=(gpe:eventloop:axum)
     fi
-    close=0; [[ $kind == sync ]] && close=1
-    # The machine's speed drifts during a run: each type is compared with the
-    # ceiling measured right before it.
-    if ((close)); then measure_ceiling close " before $kind"; else measure_ceiling keepalive " before $kind"; fi
-    # metrics on and off alternate, REPEAT times; the report takes the median run.
-    # Then once with metrics on and `--idle-yield false` (thread, eventloop, greenlet).
-    # The keep-alive types also serve the same hello through an axum Router
-    # (examples/axum-app, metrics on), in the same rotation.
-    local variants axum=""
-    [[ $kind == sync || ${BENCH_SKIP_AXUM:-0} == 1 ]] || axum=axum
-    variants=$(for _ in $(seq 1 "$REPEAT"); do echo metrics no-metrics $axum; done)
-    [[ $kind == sync ]] || variants+=" no-yield"
-    for variant in $variants; do
-      flags=()
-      [[ $variant == no-metrics ]] && flags=(--no-metrics)
-      [[ $variant == no-yield ]] && flags=(--idle-yield false)
-      local cmd=("$GPE" serve)
-      [[ $variant == axum ]] && cmd=("$AXUM")
-      start_server "gpe-$kind-$variant" "${cmd[@]}" -k "$kind" -w 2 \
-        --bind "127.0.0.1:$PORT" --metrics-bind "127.0.0.1:$MPORT" "${flags[@]}"
-      if wait_http "$URL" 20; then
-        sleep 0.5
-        measure gpe "$kind" "$variant" "$close" "gpe_worker_pids $SERVER_PID"
+  done
+  [[ ${BENCH_SKIP_RUST_PEERS:-0} == 1 ]] || ids+=(actix-plain actix-prom axum-plain axum-prom)
+  echo "${ids[*]} ${close_ids[*]}" >"$OUT/round-servers"
+  for r in $(seq 1 "$REPEAT"); do
+    ROUND=$r
+    log "round $r of $REPEAT"
+    for order in ids close_ids; do
+      local -n list=$order
+      ((${#list[@]})) || continue
+      if ((r % 2)); then
+        for i in "${list[@]}"; do measure_id "$i"; done
       else
-        skip_row gpe "$kind" "$variant" "did not start (see bench/out/logs/gpe-$kind-$variant.log)"
+        for ((i = ${#list[@]} - 1; i >= 0; i--)); do measure_id "${list[i]}"; done
       fi
-      stop_server
+      unset -n list
     done
   done
+  ROUND=0
+  for kind in $KINDS; do
+    [[ $kind == sync ]] && continue
+    grep -q "gpe:$kind:metrics" "$OUT/round-servers" && measure_id "gpe:$kind:no-yield"
+  done
+  return 0
 }
 
 # HTTPS keep-alive: for each keep-alive type, the TLS ceiling right before it,
@@ -180,7 +279,7 @@ run_tls() {
   URL=https://127.0.0.1:$PORT/
   for kind in $KINDS; do
     [[ $kind == sync ]] && continue
-    for i in $(seq 1 "$REPEAT"); do
+    for i in $(seq 1 "$TLS_REPEAT"); do
       start_server "ceiling-tls-before-$kind" "$CEILING" --bind "127.0.0.1:$PORT" --threads 2 --tls "$cert" "$key"
       if wait_http "$URL" 10; then
         measure ceiling hyper-2t "tls before $kind" 0 "echo $SERVER_PID" "1 process, 2-thread tokio runtime, tokio-rustls"
@@ -240,6 +339,99 @@ run_peer() {
       stop_server
     done
   done
+}
+
+# ---------------------------------------------------------------- fixed rate
+# Latency at a fixed rate: for each keep-alive gpe type (metrics on) and each
+# Rust peer, oha at 50% of that server's own peak (the median req/s of its
+# rounds), CONNS connections, RATE_SECS, latency corrected for coordinated
+# omission (measured from when each request was due). One line per server in
+# fixed_rate.jsonl: the peak, the rate asked, and oha's JSON summary.
+median_rps() { # $1 server $2 kind $3 variant: median req/s of the rounds, or nothing
+  python3 - "$OUT/results.jsonl" "$@" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+v = sorted(r["wrk"]["requests"] / (r["wrk"]["duration_us"] / 1e6) for r in rows
+           if (r["server"], r["kind"], r["variant"]) == tuple(sys.argv[2:5])
+           and r.get("round") and r.get("wrk") and r["wrk"].get("duration_us"))
+if v:
+    print(int(v[(len(v) - 1) // 2]))
+PY
+}
+
+run_fixed_rate() {
+  if ! command -v oha >/dev/null; then
+    echo "-- fixed rate skipped: oha is not installed (cargo install oha --locked)" >&2
+    return 0
+  fi
+  log "fixed rate: oha at 50% of each server's peak, -c$CONNS, ${RATE_SECS}s"
+  local id peak rate res
+  local ids=()
+  for id in thread eventloop greenlet; do
+    grep -q "gpe:$id:metrics" "$OUT/round-servers" 2>/dev/null && ids+=("gpe:$id:metrics")
+  done
+  [[ ${BENCH_SKIP_RUST_PEERS:-0} == 1 ]] || ids+=(actix-plain actix-prom axum-plain axum-prom)
+  for id in "${ids[@]}"; do
+    start_id "$id"
+    peak=$(median_rps "$ROW_SERVER" "$ROW_KIND" "$ROW_VARIANT")
+    if [[ -z $peak ]] || ! wait_http "$URL" 20; then
+      echo "-- $id: no peak or did not start; skipped" >&2
+      stop_server
+      continue
+    fi
+    rate=$((peak / 2))
+    echo "-- $ROW_SERVER $ROW_KIND $ROW_VARIANT: peak $peak req/s, oha -q $rate" >&2
+    run_wrk 0 "$WARM" >/dev/null || true
+    res=$(timeout $((RATE_SECS + 30)) oha --no-tui --output-format json --latency-correction \
+      -z "${RATE_SECS}s" -c "$CONNS" -q "$rate" "$URL" 2>>"$OUT/logs/oha.log" || true)
+    [[ -n $res ]] || res=null
+    printf '{"server":"%s","kind":"%s","variant":"%s","peak":%s,"rate":%s,"seconds":%s,"conns":%s,"oha":%s}\n' \
+      "$ROW_SERVER" "$ROW_KIND" "$ROW_VARIANT" "$peak" "$rate" "$RATE_SECS" "$CONNS" "$(tr -d '\n' <<<"$res")" >>"$OUT/fixed_rate.jsonl"
+    stop_server
+  done
+}
+
+# ---------------------------------------------------------------- scaling
+# gpe KIND with each of SCALE_WORKERS workers, loaded by wrk with each of
+# SCALE_CONNS connections (1 s warm-up, SCALE_SECS measured), RSS of the
+# master and the workers (VmRSS) at the end of each load. --worker-connections
+# is raised above the largest connection count, so that one worker holds them all.
+run_scaling() {
+  log "scaling: gpe $SCALE_KINDS, workers $SCALE_WORKERS x connections $SCALE_CONNS, ${SCALE_SECS}s each"
+  local kind w c res max=0 total
+  for c in $SCALE_CONNS; do ((c > max)) && max=$c; done
+  for kind in $SCALE_KINDS; do
+    for w in $SCALE_WORKERS; do
+      start_server "scale-$kind-$w" "$GPE" serve -k "$kind" -w "$w" --worker-connections $((max + 64)) \
+        --bind "127.0.0.1:$PORT" --metrics-bind "127.0.0.1:$MPORT"
+      if ! wait_http "$URL" 20; then
+        echo "-- scaling $kind -w $w did not start" >&2
+        stop_server
+        continue
+      fi
+      sleep 0.5
+      for c in $SCALE_CONNS; do
+        CONNS=$c run_wrk 0 1 >/dev/null || true
+        res=$(CONNS=$c run_wrk 0 "$SCALE_SECS" || true)
+        # shellcheck disable=SC2046
+        total=$(total_rss_mib $(gpe_master_and_workers "$SERVER_PID"))
+        [[ -n $res ]] || res=null
+        printf '{"kind":"%s","workers":%s,"conns":%s,"processes":%s,"rss_total_mib":%s,"load1":%s,"wrk":%s}\n' \
+          "$kind" "$w" "$c" "$(gpe_master_and_workers "$SERVER_PID" | wc -l)" "$total" \
+          "$(cut -d' ' -f1 /proc/loadavg)" "$res" >>"$OUT/scaling.jsonl"
+        echo "   $kind -w $w -c $c: $res rss=${total}MiB" >&2
+      done
+      stop_server
+    done
+  done
+}
+
+# ---------------------------------------------------------------- exporter scrape scaling
+# bench/scrape.sh (when present) writes bench/out/scrape.csv and docs/bench-scrape.png.
+run_scrape_scaling() {
+  [[ -x $HERE/scrape.sh || -f $HERE/scrape.sh ]] || return 0
+  log "exporter scrape scaling: bench/scrape.sh"
+  BENCH_QUICK=$QUICK bash "$HERE/scrape.sh" || echo "   bench/scrape.sh failed" >&2
 }
 
 # ---------------------------------------------------------------- scrape cost
@@ -333,7 +525,7 @@ scrape_peer() {
 # Kernel-side cost per request: `perf stat` counts syscalls (tracepoints),
 # context switches and CPU time of the server processes while one wrk run of
 # PROFILE_SECS loads them (same shape as the throughput runs).
-PROFILE_SECS=${BENCH_PROFILE_SECONDS:-5}
+PROFILE_SECS=${BENCH_PROFILE_SECONDS:-$(q 5 2)}
 PROFILE_EVENTS=raw_syscalls:sys_enter,syscalls:sys_enter_recvfrom,syscalls:sys_enter_read,syscalls:sys_enter_sendto,syscalls:sys_enter_writev,syscalls:sys_enter_write,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_pwait,syscalls:sys_enter_sched_yield,syscalls:sys_enter_accept4,context-switches,task-clock
 
 # $1 label, $2 space-separated pids, $3 1 for Connection: close; appends a
@@ -401,8 +593,10 @@ run_micro() {
 # ---------------------------------------------------------------- main
 main() {
   mkdir -p "$OUT/logs"
-  rm -f "$OUT"/results.jsonl "$OUT"/scrape.jsonl "$OUT"/profile.jsonl "$OUT"/logs/*.log "$OUT"/logs/*.csv
+  rm -f "$OUT"/results.jsonl "$OUT"/scrape.jsonl "$OUT"/profile.jsonl "$OUT"/fixed_rate.jsonl \
+    "$OUT"/scaling.jsonl "$OUT"/scrape.csv "$OUT"/round-servers "$OUT"/logs/*.log "$OUT"/logs/*.csv
   : >"$OUT/results.jsonl"; : >"$OUT/scrape.jsonl"; : >"$OUT/profile.jsonl"
+  : >"$OUT/fixed_rate.jsonl"; : >"$OUT/scaling.jsonl"
   date -u +%Y-%m-%dT%H:%M:%SZ >"$OUT/started"
   # The commit measured; "dirty" if tracked sources differ from it (the
   # generated BENCHMARKS.md and docs/bench.png do not count).
@@ -416,18 +610,24 @@ main() {
   for p in "$PORT" "$MPORT" "$PPORT"; do
     ss -Hltn "sport = :$p" | grep -q . && { echo "port $p is busy; set BENCH_*PORT" >&2; exit 1; }
   done
-  log "throughput: wrk -t1 -c$CONNS, ${WARM}s warm-up + ${SECS}s"
-  run_ceiling
-  run_gpe
+  # wrk and the servers need a descriptor per connection of the scaling runs.
+  ulimit -n 8192 2>/dev/null || true
+  log "throughput: wrk -t1 -c$CONNS, ${WARM}s warm-up + ${SECS}s, $REPEAT interleaved round(s)"
+  run_rounds
   [[ ${BENCH_SKIP_TLS:-0} == 1 ]] || run_tls
   [[ ${BENCH_SKIP_PEER:-0} == 1 ]] || run_peer
+  [[ ${BENCH_SKIP_RATE:-0} == 1 ]] || run_fixed_rate
+  [[ ${BENCH_SKIP_SCALING:-0} == 1 ]] || run_scaling
   [[ ${BENCH_SKIP_PROFILE:-0} == 1 ]] || run_profile
   [[ ${BENCH_SKIP_SCRAPE:-0} == 1 ]] || scrape_gpe
-  [[ ${BENCH_SKIP_PEER:-0} == 1 || ${BENCH_SKIP_SCRAPE:-0} == 1 ]] || scrape_peer
+  [[ ${BENCH_SKIP_PEER:-0} == 1 || ${BENCH_SKIP_SCRAPE:-0} == 1 || ${BENCH_SKIP_PEER_SCRAPE:-0} == 1 ]] || scrape_peer
+  [[ ${BENCH_SKIP_SCRAPE:-0} == 1 ]] || run_scrape_scaling
   [[ ${BENCH_SKIP_MICRO:-0} == 1 ]] || run_micro
-  log "report: BENCHMARKS.md, docs/bench.png"
+  log "report: BENCHMARKS.md and the plots"
   wrk_version=$(wrk -v 2>&1 | head -1 || true)
   BENCH_PROFILE_SECONDS=$PROFILE_SECS BENCH_SECONDS=$SECS BENCH_WARMUP=$WARM BENCH_REPEAT=$REPEAT BENCH_SCRAPES=$SCRAPES BENCH_CONNECTIONS=$CONNS BENCH_WRK_VERSION="$wrk_version" \
+    BENCH_TLS_REPEAT=$TLS_REPEAT BENCH_RATE_SECONDS=$RATE_SECS BENCH_SCALE_SECONDS=$SCALE_SECS BENCH_QUICK=$QUICK \
+    BENCH_RESPAWNS=$RESPAWNS BENCH_OHA_VERSION="$(oha --version 2>/dev/null | head -1 || true)" \
     "$([[ -x $VENV/bin/python ]] && echo "$VENV/bin/python" || echo python3)" "$HERE/report.py" "$ROOT" "$OUT"
 }
 main "$@"

@@ -3,11 +3,14 @@
 //! request with `Hello, World!` and the same headers as gpe's `hello` app.
 //!
 //! ```text
-//! gpe-bench-ceiling [--bind ADDR] [--threads N] [--close] [--tls CERT KEY]
+//! gpe-bench-ceiling [--bind ADDR] [--threads N | --forked N] [--close] [--tls CERT KEY]
 //! ```
 //!
 //! `--threads N`: worker threads of the tokio runtime (1 = current-thread
-//! runtime; default 2). `--close`: answer `Connection: close` and close every
+//! runtime; default 2). `--forked N`: the pre-fork shape without gpe — bind
+//! the listener, then fork N processes that each run a current-thread
+//! runtime accepting on that one listener; the parent only waits (SIGTERM or
+//! SIGINT stops and reaps the children; a child that dies stops the rest). `--close`: answer `Connection: close` and close every
 //! connection after one response (to compare with gpe's sync worker).
 //! `--tls CERT KEY`: serve HTTPS with tokio-rustls (ring provider, ALPN
 //! `http/1.1`), the ceiling of gpe's HTTPS rows.
@@ -29,6 +32,7 @@ use hyper_util::rt::TokioIo;
 struct Opts {
     bind: SocketAddr,
     threads: usize,
+    forked: Option<usize>,
     close: bool,
     tls: Option<(PathBuf, PathBuf)>,
 }
@@ -37,10 +41,12 @@ fn parse() -> Result<Opts, String> {
     let mut opts = Opts {
         bind: SocketAddr::from(([127, 0, 0, 1], 8000)),
         threads: 2,
+        forked: None,
         close: false,
         tls: None,
     };
     let mut args = std::env::args().skip(1);
+    let mut threads_given = false;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--bind" => {
@@ -54,6 +60,16 @@ fn parse() -> Result<Opts, String> {
                     .ok()
                     .filter(|n| *n >= 1)
                     .ok_or(format!("--threads {v}: expected an integer >= 1"))?;
+                threads_given = true;
+            }
+            "--forked" => {
+                let v = args.next().ok_or("--forked needs N")?;
+                opts.forked = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|n| (1..=64).contains(n))
+                        .ok_or(format!("--forked {v}: expected an integer from 1 to 64"))?,
+                );
             }
             "--close" => opts.close = true,
             "--tls" => {
@@ -63,12 +79,15 @@ fn parse() -> Result<Opts, String> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: gpe-bench-ceiling [--bind ADDR] [--threads N] [--close] [--tls CERT KEY]"
+                    "usage: gpe-bench-ceiling [--bind ADDR] [--threads N | --forked N] [--close] [--tls CERT KEY]"
                 );
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?}")),
         }
+    }
+    if threads_given && opts.forked.is_some() {
+        return Err("--forked runs a current-thread runtime per process: drop --threads".into());
     }
     Ok(opts)
 }
@@ -113,25 +132,24 @@ fn tls_config(cert: &PathBuf, key: &PathBuf) -> Result<Arc<rustls::ServerConfig>
     Ok(Arc::new(config))
 }
 
-async fn serve(opts: Opts) -> std::io::Result<()> {
-    let tls = match &opts.tls {
-        Some((cert, key)) => Some(tokio_rustls::TlsAcceptor::from(
-            tls_config(cert, key).map_err(std::io::Error::other)?,
-        )),
-        None => None,
-    };
-    let listener = tokio::net::TcpListener::bind(opts.bind).await?;
-    eprintln!(
-        "gpe-bench-ceiling listening on {} ({} thread(s), {}{})",
-        opts.bind,
-        opts.threads,
-        if tls.is_some() { "TLS, " } else { "" },
-        if opts.close {
-            "connection close"
-        } else {
-            "keep-alive"
-        }
-    );
+/// The listening socket: bound before any fork, with gpe's default backlog
+/// (2048), non-blocking for tokio.
+fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(2048)?;
+    sock.set_nonblocking(true)?;
+    Ok(sock.into())
+}
+
+async fn serve(
+    opts: &Opts,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    listener: std::net::TcpListener,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
     let close = opts.close;
     loop {
         let (stream, _) = match listener.accept().await {
@@ -161,6 +179,113 @@ async fn serve(opts: Opts) -> std::io::Result<()> {
     }
 }
 
+/// Runs one server process: a tokio runtime with `threads` workers (1 = current-thread).
+fn run(
+    opts: &Opts,
+    threads: usize,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    listener: std::net::TcpListener,
+) -> std::io::Result<()> {
+    let rt = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }?;
+    rt.block_on(serve(opts, tls, listener))
+}
+
+/// `--forked N`: forks N servers on `listener`, then waits for SIGTERM or
+/// SIGINT (stops them) or for one of them to exit (stops the rest); reaps
+/// every child before it returns.
+fn forked(
+    opts: &Opts,
+    n: usize,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    listener: std::net::TcpListener,
+) -> Result<(), String> {
+    use nix::sys::signal::{kill, SigSet, Signal};
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    use nix::unistd::{fork, ForkResult, Pid};
+
+    // Blocked before the forks so that none is lost; sigwait takes them.
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD] {
+        set.add(s);
+    }
+    set.thread_block()
+        .map_err(|e| format!("sigprocmask: {e}"))?;
+    let parent = nix::unistd::getpid();
+    let mut children: Vec<Pid> = Vec::with_capacity(n);
+    let stop = |children: &mut Vec<Pid>| {
+        for &pid in children.iter() {
+            let _ = kill(pid, Signal::SIGTERM);
+        }
+        for pid in children.drain(..) {
+            let _ = waitpid(pid, None);
+        }
+    };
+    for _ in 0..n {
+        // SAFETY: the process is single-threaded here (no runtime has been
+        // built yet, and nothing else spawns threads before this point), so
+        // the child may run any code, not only async-signal-safe functions.
+        match unsafe { fork() } {
+            Ok(ForkResult::Child) => {
+                let child = (|| {
+                    set.thread_unblock().map_err(std::io::Error::other)?;
+                    // A parent killed with SIGKILL must not leave servers behind.
+                    nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)
+                        .map_err(std::io::Error::other)?;
+                    if nix::unistd::getppid() != parent {
+                        return Err(std::io::Error::other("the parent exited"));
+                    }
+                    run(opts, 1, tls.clone(), listener.try_clone()?)
+                })();
+                if let Err(e) = child {
+                    eprintln!("gpe-bench-ceiling: child {}: {e}", std::process::id());
+                    std::process::exit(1);
+                }
+                std::process::exit(0);
+            }
+            Ok(ForkResult::Parent { child }) => children.push(child),
+            Err(e) => {
+                stop(&mut children);
+                return Err(format!("fork: {e}"));
+            }
+        }
+    }
+    drop(listener);
+    loop {
+        match set.wait() {
+            Ok(Signal::SIGCHLD) => {
+                let exited = children.iter().position(|&pid| {
+                    !matches!(
+                        waitpid(pid, Some(WaitPidFlag::WNOHANG)),
+                        Ok(WaitStatus::StillAlive)
+                    )
+                });
+                if let Some(i) = exited {
+                    let pid = children.remove(i);
+                    stop(&mut children);
+                    return Err(format!("child {pid} exited"));
+                }
+            }
+            Ok(_) => {
+                stop(&mut children);
+                return Ok(());
+            }
+            Err(e) => {
+                stop(&mut children);
+                return Err(format!("sigwait: {e}"));
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let opts = match parse() {
         Ok(o) => o,
@@ -169,24 +294,42 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = if opts.threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(opts.threads)
-            .enable_all()
-            .build()
+    let tls = match &opts.tls {
+        Some((cert, key)) => match tls_config(cert, key) {
+            Ok(c) => Some(tokio_rustls::TlsAcceptor::from(c)),
+            Err(e) => {
+                eprintln!("gpe-bench-ceiling: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
     };
-    let rt = match rt {
-        Ok(rt) => rt,
+    let listener = match listen(opts.bind) {
+        Ok(l) => l,
         Err(e) => {
-            eprintln!("gpe-bench-ceiling: runtime: {e}");
+            eprintln!("gpe-bench-ceiling: {}: {e}", opts.bind);
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(opts)) {
+    let addr = listener.local_addr().map_or(opts.bind, |a| a);
+    let shape = match opts.forked {
+        Some(n) => format!("{n} forked current-thread process(es)"),
+        None => format!("{} thread(s)", opts.threads),
+    };
+    eprintln!(
+        "gpe-bench-ceiling listening on {addr} ({shape}, {}{})",
+        if tls.is_some() { "TLS, " } else { "" },
+        if opts.close {
+            "connection close"
+        } else {
+            "keep-alive"
+        }
+    );
+    let res = match opts.forked {
+        Some(n) => forked(&opts, n, tls, listener),
+        None => run(&opts, opts.threads, tls, listener).map_err(|e| e.to_string()),
+    };
+    match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gpe-bench-ceiling: {e}");

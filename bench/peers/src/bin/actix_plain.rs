@@ -1,0 +1,38 @@
+//! actix-web 4, plain: `GET /` answers gpe's hello world (see the crate docs).
+
+use std::process::ExitCode;
+
+use actix_web::http::header;
+use actix_web::{web, App, HttpResponse, HttpServer};
+use gpe_bench_peers::{parse, CONTENT_TYPE, HELLO};
+
+async fn hello() -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, CONTENT_TYPE))
+        .insert_header((header::SERVER, "actix"))
+        .body(HELLO)
+}
+
+fn main() -> ExitCode {
+    let opts = match parse("actix-plain") {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("actix-plain: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let run = actix_web::rt::System::new().block_on(async move {
+        HttpServer::new(|| App::new().route("/", web::get().to(hello)))
+            .workers(opts.workers)
+            .bind(opts.bind)?
+            .run()
+            .await
+    });
+    match run {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("actix-plain: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! axum 0.8 on a 2-thread tokio runtime with axum-prometheus: its default
+//! layer around gpe's hello world at `GET /`, the metrics at `GET /metrics`
+//! (see the crate docs).
+
+use std::process::ExitCode;
+
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use axum_prometheus::PrometheusMetricLayer;
+use gpe_bench_peers::{parse, Opts, CONTENT_TYPE, HELLO};
+
+async fn hello() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, CONTENT_TYPE),
+            (header::SERVER, "axum"),
+        ],
+        HELLO,
+    )
+}
+
+async fn serve(opts: Opts) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let (layer, handle) = PrometheusMetricLayer::pair();
+    let app = Router::new()
+        .route("/", get(hello))
+        .route("/metrics", get(move || std::future::ready(handle.render())))
+        .layer(layer);
+    let listener = tokio::net::TcpListener::bind(opts.bind).await?;
+    // Nagle off, as gpe and the ceiling have it.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, app).await
+}
+
+fn main() -> ExitCode {
+    let opts = match parse("axum-prom") {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("axum-prom: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(opts.workers)
+        .enable_all()
+        .build();
+    let run = rt.and_then(|rt| rt.block_on(serve(opts)));
+    match run {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("axum-prom: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
