@@ -1151,16 +1151,25 @@ mod tests {
         let mut floor = CpuFloor::default();
         let mut first = scrape();
         first.keep_cpu_monotonic(&mut floor);
-        assert_eq!(cpu_line(first), r#"gpe_worker_cpu_seconds_total{worker="0"} 1.25"#);
+        assert_eq!(
+            cpu_line(first),
+            r#"gpe_worker_cpu_seconds_total{worker="0"} 1.25"#
+        );
         // Read between a reap and its fold: lower than the true figure.
         let mut dip = scrape();
         dip.procs.cpu.insert(0, 1.1);
         dip.keep_cpu_monotonic(&mut floor);
-        assert_eq!(cpu_line(dip), r#"gpe_worker_cpu_seconds_total{worker="0"} 1.25"#);
+        assert_eq!(
+            cpu_line(dip),
+            r#"gpe_worker_cpu_seconds_total{worker="0"} 1.25"#
+        );
         let mut more = scrape();
         more.procs.cpu.insert(0, 1.5);
         more.keep_cpu_monotonic(&mut floor);
-        assert_eq!(cpu_line(more), r#"gpe_worker_cpu_seconds_total{worker="0"} 1.5"#);
+        assert_eq!(
+            cpu_line(more),
+            r#"gpe_worker_cpu_seconds_total{worker="0"} 1.5"#
+        );
     }
 
     /// The lines of family `name` in `text`: its HELP and TYPE lines and its
