@@ -381,6 +381,34 @@ def scrape_scaling(out):
     return md, tl
 
 
+def instructions_section(out):
+    """bench/instructions.sh's table (instructions per request by layer)."""
+    p = out / "instructions.jsonl"
+    if not p.exists():
+        return None
+    rows = []
+    for line in p.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    if not rows or rows[0].get("server") != "ceiling" or not rows[0].get("total"):
+        return None
+    cols = ["total", "app", "instrumentation", "deadline watch", "admission", "hyper + tokio"]
+    base = rows[0]["total"]
+    lines = ["| server | " + " | ".join(cols) + " | × ceiling |", "|---|" + "---:|" * (len(cols) + 1)]
+    for r in rows:
+        cells = [f"{r[c]:,}" if c in r else "-" for c in cols]
+        lines.append(f"| {r['server']} | " + " | ".join(cells) + f" | {r['total'] / base:.2f} |")
+    return ("`bench/instructions.sh`: user-space instructions per keep-alive request of the hello "
+            "route under callgrind, one worker (one runtime thread for the ceiling), "
+            f"{rows[0].get('requests', 0):,} requests over 8 connections. The count does not "
+            "depend on the host's speed or its scheduler; the kernel's share (system calls, "
+            "context switches) is not in it, and the syscall profile above shows that part. "
+            "Layers are inclusive costs of the functions that begin them (see the script's "
+            "header).\n\n" + "\n".join(lines))
+
+
 def sections(root, out, rows, env):
     """Markdown of the new sections and their target rows."""
     rounds = Rounds(rows)
@@ -403,6 +431,13 @@ def sections(root, out, rows, env):
 ## Scaling
 
 {sc_md}
+"""
+    ins_md = instructions_section(out)
+    if ins_md:
+        md += f"""
+## Instructions per request, by layer
+
+{ins_md}
 """
     if scr_md:
         md += f"""

@@ -7,7 +7,8 @@
 #   bench/ab.sh OLD_REV              # A/B against an earlier commit (see its header)
 #
 # What it does (see BENCHMARKS.md for the method):
-#  1. installs what it needs (apt-get: wrk, gnuplot-nox, curl, iproute2, procps;
+#  1. installs what it needs (apt-get: wrk, gnuplot-nox, curl, iproute2, procps,
+#     valgrind, nghttp2-client;
 #     a virtualenv in bench/venv with gunicorn + gunicorn-prometheus-exporter,
 #     gevent, eventlet and matplotlib from PyPI; oha with `cargo install --locked`)
 #     and builds gpe, bench/ceiling and bench/peers in release mode;
@@ -28,7 +29,9 @@
 #     after 200 worker respawns, for gpe and gunicorn's exporter; and
 #     bench/scrape.sh (exporter scrape time against workers x series) if present;
 #  8. counts syscalls, context switches and CPU per request with `perf stat`;
-#  9. runs the criterion micro-benchmark of the hot path (core/benches/hot_path.rs);
+#  9. counts instructions per request by layer under callgrind (bench/instructions.sh;
+#     BENCH_SKIP_INSTR=1 leaves it out), and runs the criterion micro-benchmark of
+#     the hot path (core/benches/hot_path.rs);
 # 10. writes BENCHMARKS.md and the plots (bench/report.py).
 #
 # Environment: BENCH_QUICK=1 (shorter phases, 1 round, no criterion, no
@@ -127,6 +130,10 @@ setup() {
   [[ -x /usr/bin/time ]] || missing+=(time)
   [[ ${BENCH_SKIP_PROFILE:-0} == 1 ]] || command -v perf >/dev/null || missing+=(linux-perf)
   command -v python3 >/dev/null || missing+=(python3 python3-venv)
+  if [[ ${BENCH_SKIP_INSTR:-0} != 1 ]]; then
+    command -v valgrind >/dev/null || missing+=(valgrind)
+    command -v h2load >/dev/null || missing+=(nghttp2-client)
+  fi
   if ((${#missing[@]})); then
     log "apt-get install ${missing[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
@@ -434,6 +441,16 @@ run_scrape_scaling() {
   BENCH_QUICK=$QUICK bash "$HERE/scrape.sh" || echo "   bench/scrape.sh failed" >&2
 }
 
+# ---------------------------------------------------------------- instructions
+# bench/instructions.sh (valgrind): instructions per request by layer, into
+# bench/out/instructions.jsonl.
+run_instructions() {
+  command -v valgrind >/dev/null || { echo "   valgrind missing: no instruction counts" >&2; return 0; }
+  log "instructions per request: bench/instructions.sh"
+  BENCH_INSTR_REQUESTS=$(q 10000 3000) BENCH_PORT=$PORT BENCH_METRICS_PORT=$MPORT \
+    bash "$HERE/instructions.sh" >/dev/null || echo "   bench/instructions.sh failed" >&2
+}
+
 # ---------------------------------------------------------------- scrape cost
 # Prints "p50_ms size_bytes" of $SCRAPES scrapes of $1.
 scrape_stats() {
@@ -594,7 +611,7 @@ run_micro() {
 main() {
   mkdir -p "$OUT/logs"
   rm -f "$OUT"/results.jsonl "$OUT"/scrape.jsonl "$OUT"/profile.jsonl "$OUT"/fixed_rate.jsonl \
-    "$OUT"/scaling.jsonl "$OUT"/scrape.csv "$OUT"/round-servers "$OUT"/logs/*.log "$OUT"/logs/*.csv
+    "$OUT"/scaling.jsonl "$OUT"/scrape.csv "$OUT"/instructions.jsonl "$OUT"/round-servers "$OUT"/logs/*.log "$OUT"/logs/*.csv
   : >"$OUT/results.jsonl"; : >"$OUT/scrape.jsonl"; : >"$OUT/profile.jsonl"
   : >"$OUT/fixed_rate.jsonl"; : >"$OUT/scaling.jsonl"
   date -u +%Y-%m-%dT%H:%M:%SZ >"$OUT/started"
@@ -622,6 +639,7 @@ main() {
   [[ ${BENCH_SKIP_SCRAPE:-0} == 1 ]] || scrape_gpe
   [[ ${BENCH_SKIP_PEER:-0} == 1 || ${BENCH_SKIP_SCRAPE:-0} == 1 || ${BENCH_SKIP_PEER_SCRAPE:-0} == 1 ]] || scrape_peer
   [[ ${BENCH_SKIP_SCRAPE:-0} == 1 ]] || run_scrape_scaling
+  [[ ${BENCH_SKIP_INSTR:-0} == 1 ]] || run_instructions
   [[ ${BENCH_SKIP_MICRO:-0} == 1 ]] || run_micro
   log "report: BENCHMARKS.md and the plots"
   wrk_version=$(wrk -v 2>&1 | head -1 || true)
