@@ -394,7 +394,7 @@ def instructions_section(out):
             continue
     if not rows or rows[0].get("server") != "ceiling" or not rows[0].get("total"):
         return None
-    cols = ["total", "app", "instrumentation", "deadline watch", "admission", "hyper + tokio"]
+    cols = ["total", "app", "instrumentation", "deadline watch", "admission", "hyper + runtime"]
     base = rows[0]["total"]
     lines = ["| server | " + " | ".join(cols) + " | × ceiling |", "|---|" + "---:|" * (len(cols) + 1)]
     for r in rows:
