@@ -15,6 +15,7 @@
 //! ```
 
 use std::net::SocketAddr;
+use std::process::ExitCode;
 
 /// The body of every peer's `GET /`.
 pub const HELLO: &str = "Hello, World!";
@@ -68,6 +69,36 @@ fn parse_from(name: &str, args: impl IntoIterator<Item = String>) -> Result<Opts
         }
     }
     Ok(opts)
+}
+
+/// The `main` of every peer: parses the options (exit code 2 on a bad
+/// one), runs `serve` with them, and reports its error (exit code 1).
+pub fn main_with(name: &str, serve: impl FnOnce(Opts) -> std::io::Result<()>) -> ExitCode {
+    let opts = match parse(name) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match serve(opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The axum peers' runtime: multi-threaded, with `workers` threads.
+///
+/// # Errors
+/// The runtime cannot be built.
+pub fn tokio_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
 }
 
 #[cfg(test)]

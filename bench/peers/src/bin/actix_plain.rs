@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use actix_web::http::header;
 use actix_web::{web, App, HttpResponse, HttpServer};
-use gpe_bench_peers::{parse, CONTENT_TYPE, HELLO};
+use gpe_bench_peers::{CONTENT_TYPE, HELLO};
 
 async fn hello() -> HttpResponse {
     HttpResponse::Ok()
@@ -14,25 +14,13 @@ async fn hello() -> HttpResponse {
 }
 
 fn main() -> ExitCode {
-    let opts = match parse("actix-plain") {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("actix-plain: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let run = actix_web::rt::System::new().block_on(async move {
-        HttpServer::new(|| App::new().route("/", web::get().to(hello)))
-            .workers(opts.workers)
-            .bind(opts.bind)?
-            .run()
-            .await
-    });
-    match run {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("actix-plain: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    gpe_bench_peers::main_with("actix-plain", |opts| {
+        actix_web::rt::System::new().block_on(async move {
+            HttpServer::new(|| App::new().route("/", web::get().to(hello)))
+                .workers(opts.workers)
+                .bind(opts.bind)?
+                .run()
+                .await
+        })
+    })
 }

@@ -7,7 +7,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use gpe_bench_peers::{parse, Opts, CONTENT_TYPE, HELLO};
+use gpe_bench_peers::{Opts, CONTENT_TYPE, HELLO};
 
 async fn hello() -> impl IntoResponse {
     (
@@ -30,23 +30,7 @@ async fn serve(opts: Opts) -> std::io::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let opts = match parse("axum-plain") {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("axum-plain: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(opts.workers)
-        .enable_all()
-        .build();
-    let run = rt.and_then(|rt| rt.block_on(serve(opts)));
-    match run {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("axum-plain: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    gpe_bench_peers::main_with("axum-plain", |opts| {
+        gpe_bench_peers::tokio_runtime(opts.workers)?.block_on(serve(opts))
+    })
 }
