@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report_peers  # noqa: E402  (bench/report_peers.py)
+from report_peers import load_jsonl, rps  # noqa: E402
 
 GPE_KINDS = ["sync", "thread", "eventloop", "greenlet"]
 PEER_OF = {"sync": "sync", "thread": "gthread", "eventloop": "gevent", "greenlet": "eventlet"}
@@ -43,19 +44,6 @@ AXUM_KINDS = ["thread", "eventloop", "greenlet"]
 # The section bench/ab.sh writes; kept as it is when this file is rewritten.
 AB_START = "<!-- ab:start"
 AB_END = "<!-- ab:end -->"
-
-
-def load_jsonl(p):
-    if not p.exists():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-
-
-def rps(row):
-    w = row and row.get("wrk")
-    if not w or not w.get("duration_us"):
-        return None
-    return w["requests"] / (w["duration_us"] / 1e6)
 
 
 def errors(row):
