@@ -9,28 +9,17 @@ ROOT/BENCHMARKS.md (appending it if the markers are missing); bench/report.py
 keeps that section when it rewrites the file.
 """
 
-import json
 import os
 import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report_peers import load_jsonl, rps  # noqa: E402  (bench/report_peers.py)
+
 START = "<!-- ab:start (bench/ab.sh; kept by bench/report.py) -->"
 END = "<!-- ab:end -->"
 KINDS = ["sync", "thread", "eventloop", "greenlet"]
-
-
-def load_jsonl(p):
-    if not p.exists():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-
-
-def rps(row):
-    w = row and row.get("wrk")
-    if not w or not w.get("duration_us"):
-        return None
-    return w["requests"] / (w["duration_us"] / 1e6)
 
 
 def errors(row):

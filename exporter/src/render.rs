@@ -1149,27 +1149,17 @@ mod tests {
             family(&text, "gpe_worker_cpu_seconds_total")[2].to_string()
         };
         let mut floor = CpuFloor::default();
-        let mut first = scrape();
-        first.keep_cpu_monotonic(&mut floor);
-        assert_eq!(
-            cpu_line(first),
-            r#"gpe_worker_cpu_seconds_total{worker="0"} 1.25"#
-        );
-        // Read between a reap and its fold: lower than the true figure.
-        let mut dip = scrape();
-        dip.procs.cpu.insert(0, 1.1);
-        dip.keep_cpu_monotonic(&mut floor);
-        assert_eq!(
-            cpu_line(dip),
-            r#"gpe_worker_cpu_seconds_total{worker="0"} 1.25"#
-        );
-        let mut more = scrape();
-        more.procs.cpu.insert(0, 1.5);
-        more.keep_cpu_monotonic(&mut floor);
-        assert_eq!(
-            cpu_line(more),
-            r#"gpe_worker_cpu_seconds_total{worker="0"} 1.5"#
-        );
+        // Read, then read between a reap and its fold (lower than the true
+        // figure), then read after more work.
+        for (read, served) in [(1.25, "1.25"), (1.1, "1.25"), (1.5, "1.5")] {
+            let mut s = scrape();
+            s.procs.cpu.insert(0, read);
+            s.keep_cpu_monotonic(&mut floor);
+            assert_eq!(
+                cpu_line(s),
+                format!(r#"gpe_worker_cpu_seconds_total{{worker="0"}} {served}"#)
+            );
+        }
     }
 
     /// The lines of family `name` in `text`: its HELP and TYPE lines and its

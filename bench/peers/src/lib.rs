@@ -101,6 +101,15 @@ pub fn tokio_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime>
         .build()
 }
 
+/// The actix peers' `GET /`.
+pub async fn actix_hello() -> actix_web::HttpResponse {
+    use actix_web::http::header;
+    actix_web::HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, CONTENT_TYPE))
+        .insert_header((header::SERVER, "actix"))
+        .body(HELLO)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

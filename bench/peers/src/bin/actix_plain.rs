@@ -2,16 +2,8 @@
 
 use std::process::ExitCode;
 
-use actix_web::http::header;
-use actix_web::{web, App, HttpResponse, HttpServer};
-use gpe_bench_peers::{CONTENT_TYPE, HELLO};
-
-async fn hello() -> HttpResponse {
-    HttpResponse::Ok()
-        .insert_header((header::CONTENT_TYPE, CONTENT_TYPE))
-        .insert_header((header::SERVER, "actix"))
-        .body(HELLO)
-}
+use actix_web::{web, App, HttpServer};
+use gpe_bench_peers::actix_hello as hello;
 
 fn main() -> ExitCode {
     gpe_bench_peers::main_with("actix-plain", |opts| {

@@ -3,17 +3,9 @@
 
 use std::process::ExitCode;
 
-use actix_web::http::header;
-use actix_web::{web, App, HttpResponse, HttpServer};
+use actix_web::{web, App, HttpServer};
 use actix_web_prom::PrometheusMetricsBuilder;
-use gpe_bench_peers::{CONTENT_TYPE, HELLO};
-
-async fn hello() -> HttpResponse {
-    HttpResponse::Ok()
-        .insert_header((header::CONTENT_TYPE, CONTENT_TYPE))
-        .insert_header((header::SERVER, "actix"))
-        .body(HELLO)
-}
+use gpe_bench_peers::actix_hello as hello;
 
 fn main() -> ExitCode {
     gpe_bench_peers::main_with("actix-prom", |opts| {
