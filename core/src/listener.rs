@@ -23,7 +23,7 @@ pub enum Listener {
     Unix(UnixListener),
 }
 
-/// An accepted connection (non-blocking, like its listener's accept).
+/// An accepted connection, non-blocking ([`Listener::accept`] makes it so).
 #[derive(Debug)]
 pub enum Stream {
     /// TCP.
@@ -112,15 +112,22 @@ impl Listener {
     /// # Errors
     /// `WouldBlock` when none is waiting; other accept errors.
     pub fn accept(&self) -> io::Result<(Stream, String)> {
+        // accept4 with SOCK_NONBLOCK: the stream is non-blocking from the
+        // start (std's accept would leave it blocking, a later fcntl each).
+        let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
         match self {
             Listener::Tcp(l) => {
-                let (s, peer) = l.accept()?;
+                let (s, peer) = socket2::SockRef::from(l).accept4(flags)?;
+                let s = TcpStream::from(s);
                 let _ = s.set_nodelay(true);
-                Ok((Stream::Tcp(s), peer.ip().to_string()))
+                let peer = peer
+                    .as_socket()
+                    .map_or_else(|| "?".to_owned(), |a| a.ip().to_string());
+                Ok((Stream::Tcp(s), peer))
             }
             Listener::Unix(l) => {
-                let (s, _) = l.accept()?;
-                Ok((Stream::Unix(s), "unix".to_owned()))
+                let (s, _) = socket2::SockRef::from(l).accept4(flags)?;
+                Ok((Stream::Unix(UnixStream::from(s)), "unix".to_owned()))
             }
         }
     }
@@ -152,19 +159,6 @@ impl AsFd for Listener {
 impl AsRawFd for Listener {
     fn as_raw_fd(&self) -> RawFd {
         self.as_fd().as_raw_fd()
-    }
-}
-
-impl Stream {
-    /// Sets blocking or non-blocking mode.
-    ///
-    /// # Errors
-    /// fcntl(2) failed.
-    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.set_nonblocking(on),
-            Stream::Unix(s) => s.set_nonblocking(on),
-        }
     }
 }
 
@@ -362,6 +356,35 @@ impl TokioListener {
 mod tests {
     use super::*;
 
+    /// Accepts the connection a client has just made, retrying while the
+    /// kernel has not queued it yet (bounded: 5 s).
+    fn accept_within(l: &Listener) -> (Stream, String) {
+        let due = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match l.accept() {
+                Ok(accepted) => return accepted,
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock && std::time::Instant::now() < due =>
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+    }
+
+    /// An accepted stream is non-blocking: a read with nothing sent fails
+    /// with `WouldBlock` at once.
+    fn assert_nonblocking(s: &Stream) {
+        use std::io::Read;
+        let mut buf = [0u8; 1];
+        let got = match s {
+            Stream::Tcp(t) => (&*t).read(&mut buf),
+            Stream::Unix(u) => (&*u).read(&mut buf),
+        };
+        assert_eq!(got.unwrap_err().kind(), io::ErrorKind::WouldBlock);
+    }
+
     #[test]
     fn binds_tcp_and_unix_and_accepts() {
         let l = Listener::bind(&BindAddr::Tcp("127.0.0.1:0".parse().unwrap()), 16, false).unwrap();
@@ -374,14 +397,18 @@ mod tests {
             io::ErrorKind::WouldBlock
         );
         let _c = TcpStream::connect(addr).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        let (_s, peer) = l.accept().unwrap();
+        let (s, peer) = accept_within(&l);
         assert_eq!(peer, "127.0.0.1");
+        assert_nonblocking(&s);
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.sock");
         let u = Listener::bind(&BindAddr::Unix(path.clone()), 16, false).unwrap();
         assert_eq!(u.describe(), format!("unix:{}", path.display()));
+        let _uc = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let (us, peer) = accept_within(&u);
+        assert_eq!(peer, "unix");
+        assert_nonblocking(&us);
         drop(u);
         // A stale socket file is replaced.
         let _u2 = Listener::bind(&BindAddr::Unix(path), 16, false).unwrap();

@@ -8,6 +8,7 @@
 //! hyper then reads the kept bytes first ([`Prefixed`]).
 
 use std::io::{self, Read};
+use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,15 +20,18 @@ use hyper::rt::{Read as HyperRead, ReadBufCursor, Write as HyperWrite};
 
 /// Bytes read from a socket at a time.
 const CHUNK: usize = 4096;
+/// httparse's header slots, on the stack. A complete head with more fields
+/// fails to parse here and so is handed to hyper, which applies
+/// `limit_request_fields`.
+const SLOTS: usize = 64;
 
 /// What the head check needs, reused across connections.
 #[derive(Debug)]
 pub struct Head {
     /// The head budget: more is not read here.
     max: usize,
-    /// httparse's header slots: one more than `limit_request_fields`, so that
-    /// a head with too many fields is handed to hyper, which refuses it.
-    fields: usize,
+    /// What each read lands in: allocated and zeroed once, not per read.
+    chunk: Box<[u8]>,
 }
 
 impl Head {
@@ -35,14 +39,18 @@ impl Head {
     pub fn new(config: &Config) -> Head {
         Head {
             max: config.max_head_bytes(),
-            fields: config.limit_request_fields.saturating_add(1),
+            chunk: vec![0; CHUNK].into_boxed_slice(),
         }
     }
 
     /// Whether `buf` holds all a head needs, given that bytes from `new_from`
     /// on just arrived: the blank line that ends a head (looked for only in
-    /// the new bytes, so that a trickled head costs linear time), then a
-    /// parse. A head that does not parse is handed over too.
+    /// the new bytes, so that a trickled head costs linear time). After a
+    /// first line that is not empty, that blank line ends the head for
+    /// httparse, and so for hyper, whether the head parses or not (hyper
+    /// answers a bad one). Only empty lines before the request line, which
+    /// httparse skips (RFC 9112 §2.2), can hold a blank line ahead of the
+    /// head: then a parse decides.
     fn complete(&self, buf: &[u8], new_from: usize) -> bool {
         if buf.len() >= self.max {
             return true;
@@ -53,9 +61,12 @@ impl Head {
         if !ends {
             return false;
         }
-        let mut headers = vec![httparse::EMPTY_HEADER; self.fields];
+        if !buf.starts_with(b"\r") && !buf.starts_with(b"\n") {
+            return true;
+        }
+        let mut slots = [const { MaybeUninit::uninit() }; SLOTS];
         !matches!(
-            httparse::Request::new(&mut headers).parse(buf),
+            httparse::Request::new(&mut []).parse_with_uninit_headers(buf, &mut slots),
             Ok(httparse::Status::Partial)
         )
     }
@@ -85,26 +96,25 @@ pub struct Waiting {
 }
 
 impl Waiting {
-    /// A connection just accepted, made non-blocking (`None` if that fails).
-    pub fn new(stream: Stream, peer: String, recorder: Arc<Recorder>) -> Option<Waiting> {
-        stream.set_nonblocking(true).ok()?;
-        Some(Waiting {
+    /// A connection just accepted (non-blocking, as `Listener::accept` gives it).
+    pub fn new(stream: Stream, peer: String, recorder: Arc<Recorder>) -> Waiting {
+        Waiting {
             stream,
             peer,
             buf: Vec::new(),
             since: Instant::now(),
             _open: ConnectionGuard::new(recorder),
-        })
+        }
     }
 
     /// Reads what has arrived, up to the head budget.
     pub fn read(&mut self, head: &mut Head) -> Progress {
-        let mut chunk = [0u8; CHUNK];
         loop {
             let room = head.max.saturating_sub(self.buf.len()).clamp(1, CHUNK);
+            let chunk = &mut head.chunk[..room];
             let got = match &self.stream {
-                Stream::Tcp(s) => (&*s).read(&mut chunk[..room]),
-                Stream::Unix(s) => (&*s).read(&mut chunk[..room]),
+                Stream::Tcp(s) => (&*s).read(chunk),
+                Stream::Unix(s) => (&*s).read(chunk),
             };
             match got {
                 // The client's FIN: hyper answers what came before it (or
@@ -113,7 +123,7 @@ impl Waiting {
                 Ok(0) => return Progress::Complete,
                 Ok(n) => {
                     let from = self.buf.len();
-                    self.buf.extend_from_slice(&chunk[..n]);
+                    self.buf.extend_from_slice(&head.chunk[..n]);
                     if head.complete(&self.buf, from) {
                         return Progress::Complete;
                     }
@@ -214,7 +224,7 @@ mod tests {
     fn head() -> Head {
         Head {
             max: 8192,
-            fields: 4,
+            chunk: vec![0; CHUNK].into_boxed_slice(),
         }
     }
 
@@ -228,14 +238,24 @@ mod tests {
         // Byte by byte, the last byte completes it.
         assert!(h.complete(full, full.len() - 1));
         assert!(h.complete(b"GET / HTTP/1.0\n\n", 0));
+        // Empty lines before the request line do not end a head.
+        assert!(!h.complete(b"\r\n\r\n", 0));
+        assert!(!h.complete(b"\n\nGET / HTTP/1.1\r\n", 0));
+        assert!(h.complete(b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n", 0));
     }
 
     #[test]
     fn refused_and_oversized_heads_go_to_hyper() {
         let h = head();
-        // Too many fields for httparse's slots: hyper refuses it.
-        let many = b"GET / HTTP/1.1\r\na: 1\r\nb: 1\r\nc: 1\r\nd: 1\r\ne: 1\r\n\r\n";
-        assert!(h.complete(many, 0));
+        // More fields than httparse's slots: handed over whole, for hyper
+        // to judge by `limit_request_fields`; not before its blank line.
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for k in 0..SLOTS + 6 {
+            many.extend_from_slice(format!("x-{k}: 1\r\n").as_bytes());
+        }
+        assert!(!h.complete(&many, 0));
+        many.extend_from_slice(b"\r\n");
+        assert!(h.complete(&many, 0));
         assert!(h.complete(b"\x01\x02 nonsense\r\n\r\n", 0));
         let big = vec![b'a'; 8192];
         assert!(h.complete(&big, 8000));

@@ -40,6 +40,11 @@ use nix::sys::signal::Signal;
 
 /// How long the loop waits at most before refreshing the heartbeat.
 const TICK: Duration = Duration::from_millis(500);
+/// How long a just-accepted connection's head is waited for before the
+/// next client is accepted.
+const GRACE: Duration = Duration::from_millis(2);
+/// Most connections waiting for their heads for `GRACE` to apply.
+const GRACE_MAX: usize = 8;
 /// Most connections accepted from one ready socket before polling again (so
 /// other sockets and signals get their turn).
 const BURST: usize = 32;
@@ -98,6 +103,7 @@ impl Worker for SyncWorker {
         // Connections whose head is still arriving, and those whose head is
         // complete, in the order they completed.
         let mut waiting: Vec<Waiting> = Vec::new();
+        let mut spare: Vec<Waiting> = Vec::new();
         let mut ready: VecDeque<Waiting> = VecDeque::new();
         // Where the next accept starts looking, so that every socket gets its turn.
         let mut first = 0;
@@ -126,31 +132,47 @@ impl Worker for SyncWorker {
                     return Ok(exit);
                 }
             }
-            let room = waiting.len() + ready.len() < cap;
+            // While the newest waiting connection is in its first `GRACE`,
+            // its head is most likely on its way: wait for it before taking
+            // another client, so that a sibling that is free takes that one
+            // (and is the only worker woken for it). With more than
+            // `GRACE_MAX` waiting, slow clients may be among them, and the
+            // next client is accepted at once.
+            let now = Instant::now();
+            let grace = waiting
+                .last()
+                .filter(|_| waiting.len() <= GRACE_MAX)
+                .map(|w| (w.since + GRACE).saturating_duration_since(now))
+                .filter(|d| !d.is_zero());
+            let room = grace.is_none() && waiting.len() + ready.len() < cap;
             let wait = if ready.is_empty() {
-                let now = Instant::now();
-                waiting
+                let due = waiting
                     .iter()
                     .map(|w| (w.since + head_timeout).saturating_duration_since(now))
                     .min()
-                    .map_or(TICK, |d| d.min(TICK) + Duration::from_millis(1))
+                    .map_or(TICK, |d| d.min(TICK) + Duration::from_millis(1));
+                grace.map_or(due, |g| g.min(due))
             } else {
                 Duration::ZERO
             };
             let polled = poll_all(&shared.lock(), room, &waiting, &woken, first, wait)?;
             recorder.beat();
-            drain(&woken);
-            // Heads that arrived, in the order of the poll set.
-            let mut k = 0;
-            while k < waiting.len() {
-                if polled.readable.get(k).copied().unwrap_or(false) {
-                    match waiting[k].read(&mut head) {
-                        heads::Progress::More => k += 1,
-                        heads::Progress::Complete => ready.push_back(waiting.swap_remove(k)),
-                        heads::Progress::Gone => drop(waiting.swap_remove(k)),
-                    }
-                } else {
-                    k += 1;
+            if polled.woken {
+                drain(&woken);
+            }
+            // Heads that arrived, in the order of the poll set (`spare`
+            // keeps its capacity from one loop to the next).
+            std::mem::swap(&mut waiting, &mut spare);
+            let mut readable = polled.readable.iter().copied();
+            for mut w in spare.drain(..) {
+                if !readable.next().unwrap_or(false) {
+                    waiting.push(w);
+                    continue;
+                }
+                match w.read(&mut head) {
+                    heads::Progress::More => waiting.push(w),
+                    heads::Progress::Complete => ready.push_back(w),
+                    heads::Progress::Gone => {}
                 }
             }
             // Heads not complete in time: closed, counted as a timeout.
@@ -211,10 +233,8 @@ impl Worker for SyncWorker {
                         recorder.beat();
                         continue;
                     }
-                    let Some(mut w) = Waiting::new(stream, peer, recorder.clone()) else {
-                        continue;
-                    };
-                    // The head is often there already.
+                    let mut w = Waiting::new(stream, peer, recorder.clone());
+                    // The head may be there already.
                     match w.read(&mut head) {
                         heads::Progress::More => waiting.push(w),
                         heads::Progress::Complete => ready.push_back(w),
@@ -265,6 +285,8 @@ impl Shared {
 struct Polled {
     /// The first ready listener from `first` on (wrapping).
     listener: Option<usize>,
+    /// The signal watcher wrote to the wake-up socket.
+    woken: bool,
     /// Per waiting connection: readable (or closed, or failed).
     readable: Vec<bool>,
 }
@@ -289,7 +311,9 @@ fn poll_all(
     for w in waiting {
         fds.push(PollFd::new(w.as_fd(), PollFlags::POLLIN));
     }
-    let ms = wait.as_millis().min(u128::from(u16::MAX)) as u16;
+    // Rounded up: a wait of less than a millisecond must not become a poll
+    // that returns at once, again and again until the time is up.
+    let ms = wait.as_micros().div_ceil(1000).min(u128::from(u16::MAX)) as u16;
     match poll(&mut fds, PollTimeout::from(ms)) {
         Ok(_) => {}
         Err(nix::errno::Errno::EINTR) => return Ok(Polled::default()),
@@ -302,6 +326,7 @@ fn poll_all(
     };
     Ok(Polled {
         listener: (0..n).map(|k| (first + k) % n).find(|&i| ready(i + 1)),
+        woken: ready(0),
         readable: (0..waiting.len()).map(|k| ready(1 + n + k)).collect(),
     })
 }

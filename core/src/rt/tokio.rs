@@ -78,12 +78,12 @@ pub enum Conn {
 }
 
 impl Conn {
-    /// Registers a connection accepted with [`Listener::accept`].
+    /// Registers a connection accepted with [`Listener::accept`], which is
+    /// non-blocking already.
     ///
     /// # Errors
-    /// The socket cannot be made non-blocking or registered.
+    /// The socket cannot be registered.
     pub fn from_std(stream: Stream) -> io::Result<Conn> {
-        stream.set_nonblocking(true)?;
         Ok(match stream {
             Stream::Tcp(s) => Conn::Tcp(TcpStream::from_std(s)?),
             Stream::Unix(s) => Conn::Unix(UnixStream::from_std(s)?),
