@@ -36,6 +36,7 @@ pub use http::body::Body;
 
 // The HTTP layer the workers share.
 pub use http::conn::{policy as conn_policy, serve_io, ConnectionGuard, Policy, Protocol};
+pub use http::h2::Rewind;
 pub use http::instrument::Instrumented;
 pub use http::limits::HeadLimits;
 pub use http::run::{

@@ -132,12 +132,21 @@ impl Listener {
         }
     }
 
+    /// The bound TCP address; `None` for a unix socket (or if the OS cannot
+    /// say).
+    pub fn tcp_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Unix(_) => None,
+        }
+    }
+
     /// The bound address, printable.
     pub fn describe(&self) -> String {
         match self {
-            Listener::Tcp(l) => l
-                .local_addr()
-                .map_or_else(|_| "tcp:?".to_owned(), |a| a.to_string()),
+            Listener::Tcp(_) => self
+                .tcp_addr()
+                .map_or_else(|| "tcp:?".to_owned(), |a| a.to_string()),
             Listener::Unix(l) => l
                 .local_addr()
                 .ok()
@@ -388,10 +397,7 @@ mod tests {
     #[test]
     fn binds_tcp_and_unix_and_accepts() {
         let l = Listener::bind(&BindAddr::Tcp("127.0.0.1:0".parse().unwrap()), 16, false).unwrap();
-        let addr = match &l {
-            Listener::Tcp(t) => t.local_addr().unwrap(),
-            Listener::Unix(_) => unreachable!(),
-        };
+        let addr = l.tcp_addr().unwrap();
         assert_eq!(
             l.accept().map(|_| ()).unwrap_err().kind(),
             io::ErrorKind::WouldBlock

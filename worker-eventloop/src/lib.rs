@@ -58,10 +58,7 @@ mod tests {
     fn accept_pauses_at_the_cap_and_resumes_when_a_place_frees() {
         let listener =
             Listener::bind(&BindAddr::Tcp("127.0.0.1:0".parse().unwrap()), 16, false).unwrap();
-        let addr = match &listener {
-            Listener::Tcp(t) => t.local_addr().unwrap(),
-            Listener::Unix(_) => unreachable!(),
-        };
+        let addr = listener.tcp_addr().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

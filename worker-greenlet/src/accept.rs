@@ -67,10 +67,7 @@ mod tests {
     fn accept_pauses_at_the_cap_and_resumes_when_a_place_frees() {
         let listener =
             Listener::bind(&BindAddr::Tcp("127.0.0.1:0".parse().unwrap()), 16, false).unwrap();
-        let addr = match &listener {
-            Listener::Tcp(t) => t.local_addr().unwrap(),
-            Listener::Unix(_) => unreachable!(),
-        };
+        let addr = listener.tcp_addr().unwrap();
         let accepted = RefCell::new(Vec::new());
         smol::block_on(async {
             let listener = Async::new(listener).unwrap();

@@ -5,18 +5,15 @@
 //! head that httparse refuses, one at the head budget (`max_head_bytes`), or
 //! one cut by the client's FIN is handed over too, so that hyper gives the
 //! answer it gives on every worker type (400, 431, or a counted disconnect).
-//! hyper then reads the kept bytes first ([`Prefixed`]).
+//! hyper then reads the kept bytes first (`gpe_core::Rewind`).
 
 use std::io::{self, Read};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use gpe_core::{Config, ConnectionGuard, Recorder, Stream};
-use hyper::rt::{Read as HyperRead, ReadBufCursor, Write as HyperWrite};
 
 /// Bytes read from a socket at a time.
 const CHUNK: usize = 4096;
@@ -148,72 +145,6 @@ impl AsFd for Waiting {
             Stream::Tcp(s) => s.as_fd(),
             Stream::Unix(s) => s.as_fd(),
         }
-    }
-}
-
-/// A transport that yields `prefix` before what it reads from `io`.
-#[derive(Debug)]
-pub struct Prefixed<I> {
-    prefix: Vec<u8>,
-    at: usize,
-    io: I,
-}
-
-impl<I> Prefixed<I> {
-    /// `io`, with `prefix` read first.
-    pub fn new(prefix: Vec<u8>, io: I) -> Prefixed<I> {
-        Prefixed { prefix, at: 0, io }
-    }
-}
-
-impl<I: HyperRead + Unpin> HyperRead for Prefixed<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        mut buf: ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.at < this.prefix.len() {
-            let n = (this.prefix.len() - this.at).min(buf.remaining());
-            buf.put_slice(&this.prefix[this.at..this.at + n]);
-            this.at += n;
-            if this.at == this.prefix.len() {
-                this.prefix = Vec::new();
-                this.at = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl<I: HyperWrite + Unpin> HyperWrite for Prefixed<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 }
 

@@ -30,7 +30,7 @@ use gpe_core::Conn;
 use gpe_core::Listener;
 use gpe_core::WorkerKind;
 use gpe_core::{allow_blocking, Inline};
-use gpe_core::{conn_policy, serve_conn, serve_io, Protocol, TlsAcceptor};
+use gpe_core::{conn_policy, serve_conn, serve_io, Protocol, Rewind, TlsAcceptor};
 use gpe_core::{AcceptFailure, ACCEPT_BACKOFF};
 use gpe_core::{ErrorKind, Worker, WorkerContext, WorkerExit};
 use heads::{Head, Waiting};
@@ -247,7 +247,7 @@ impl Worker for SyncWorker {
             if let Some(w) = ready.pop_front() {
                 let (stream, peer, prefix) = w.into_parts();
                 let served = rt.block_on(async {
-                    let io = heads::Prefixed::new(prefix, Conn::from_std(stream)?.into_hyper());
+                    let io = Rewind::new(prefix, Conn::from_std(stream)?.into_hyper());
                     let never = std::future::pending::<()>();
                     let (svc, p) = (&ctx.service, &policy);
                     serve_io(io, (), &peer, svc, p, Protocol::Http1, &Inline, never).await;

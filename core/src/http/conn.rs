@@ -1,32 +1,27 @@
 //! One connection: the one builder policy every worker uses (http/1, and
 //! HTTP/2 where the worker type and `http2` allow it), the connection guard,
-//! the head and idle deadlines of http/1 ([`Deadlines`]), and [`serve_io`],
-//! which serves a connection with hyper until it closes (through an upgrade,
-//! if the app takes one).
-//!
-//! HTTP/2 streams run inside the connection's own task ([`Streams`]), not as
-//! tasks of their own: the same code then serves on tokio and on smol, the
-//! streams may borrow the worker's service, and they end with the connection.
+//! and [`serve_io`], which serves a connection with hyper until it closes
+//! (through an upgrade, if the app takes one). The head and idle deadlines of
+//! http/1 are in [`deadline`](super::deadline), HTTP/2's streams and preface
+//! in [`h2`](super::h2).
 
-use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
-use futures_util::future::LocalBoxFuture;
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::{header, HeaderValue};
-use hyper::rt::{Read, ReadBufCursor, Sleep, Timer, Write};
+use hyper::rt::{Read, ReadBufCursor, Timer, Write};
 use hyper::server::conn::{http1, http2};
 
+use super::deadline::{Deadlines, Expiry, Watch, Watched};
+use super::h2::{serve_h2, sniff, SharedTimer, Streams};
 use super::instrument::Instrumented;
 use super::run::Runner;
 use crate::config::Config;
-use crate::store::{monotonic_ns, ErrorKind, Recorder};
+use crate::store::{ErrorKind, Recorder};
 
 /// How long an HTTP/2 connection without an open stream stays when
 /// keep-alive is off.
@@ -66,162 +61,6 @@ where
 /// (`DEFAULT_MAX_HEADERS` in its `proto/h1/role.rs`).
 const HYPER_MAX_HEADERS: usize = 100;
 
-/// The two deadlines of a connection that waits for a request head, kept
-/// apart (hyper has one timer for both):
-///
-/// - **head** (`header_timeout`): a fresh connection's first head must be
-///   complete within it of the accept; on keep-alive, a later head within it
-///   of its first byte. On expiry the connection closes and is counted as
-///   `gpe_http_errors_total{kind="timeout"}`.
-/// - **idle** (`keepalive`): a keep-alive connection that has answered its
-///   requests closes when the next head has not begun within it. That is
-///   normal, not an error.
-#[derive(Clone)]
-pub struct Deadlines {
-    timer: Arc<dyn hyper::rt::Timer + Send + Sync>,
-    head: Duration,
-    idle: Duration,
-}
-
-impl std::fmt::Debug for Deadlines {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Deadlines")
-            .field("head", &self.head)
-            .field("idle", &self.idle)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Deadlines {
-    /// The deadlines of `config` on the runtime whose hyper timer is `timer`.
-    pub fn new<T>(config: &Config, timer: T) -> Deadlines
-    where
-        T: hyper::rt::Timer + Send + Sync + 'static,
-    {
-        Deadlines {
-            timer: Arc::new(timer),
-            head: config.header_timeout,
-            idle: config.keepalive,
-        }
-    }
-}
-
-/// What the deadline watch of one connection knows of it. Written by the
-/// connection's own task only (atomics keep the connection future `Send`).
-#[derive(Debug)]
-struct Watch {
-    /// Requests whose head arrived.
-    started: AtomicU64,
-    /// Responses whose body ended (or was dropped).
-    finished: AtomicU64,
-    /// Monotonic ns: the end of the last response (the accept at first).
-    waiting_since: AtomicU64,
-    /// Monotonic ns of the first byte read since `waiting_since`; 0 if none.
-    first_byte: AtomicU64,
-}
-
-/// How a connection's wait for a head ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Expiry {
-    /// No complete head in time: counted as a timeout.
-    Head,
-    /// Idle keep-alive: closed, not an error.
-    Idle,
-}
-
-impl Watch {
-    fn new() -> Watch {
-        Watch {
-            started: AtomicU64::new(0),
-            finished: AtomicU64::new(0),
-            waiting_since: AtomicU64::new(monotonic_ns()),
-            first_byte: AtomicU64::new(0),
-        }
-    }
-
-    fn bytes_arrived(&self) {
-        if self.first_byte.load(Ordering::Relaxed) == 0 {
-            self.first_byte.store(monotonic_ns(), Ordering::Relaxed);
-        }
-    }
-
-    fn response_ended(&self) {
-        self.first_byte.store(0, Ordering::Relaxed);
-        self.waiting_since.store(monotonic_ns(), Ordering::Relaxed);
-        self.finished.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// At `now`: expired, or how long until the next look.
-    fn check(&self, now: u64, d: &Deadlines) -> Result<Expiry, Duration> {
-        let started = self.started.load(Ordering::Relaxed);
-        if started > self.finished.load(Ordering::Relaxed) {
-            // In a request: no deadline here; look again after the shorter one.
-            return Err(d.head.min(d.idle).max(Duration::from_millis(100)));
-        }
-        let since = self.waiting_since.load(Ordering::Relaxed);
-        let first = self.first_byte.load(Ordering::Relaxed);
-        let (from, limit, expiry) = if started == 0 {
-            (since, d.head, Expiry::Head)
-        } else if first == 0 {
-            (since, d.idle, Expiry::Idle)
-        } else {
-            (first, d.head, Expiry::Head)
-        };
-        let due = from.saturating_add(limit.as_nanos() as u64);
-        if now >= due {
-            Ok(expiry)
-        } else {
-            Err(Duration::from_nanos(due - now))
-        }
-    }
-
-    /// Completes when a deadline passes. The watch is not woken when a
-    /// request begins or ends, so it looks again at least every quarter of
-    /// the shorter deadline: a keep-alive wait that begins while it sleeps
-    /// towards the first head's deadline still ends within 1.25 × `keepalive`.
-    async fn expired(&self, d: &Deadlines) -> Expiry {
-        let most = (d.head.min(d.idle) / 4).max(Duration::from_millis(50));
-        loop {
-            match self.check(monotonic_ns(), d) {
-                Ok(e) => return e,
-                Err(wait) => d.timer.sleep(wait.min(most)).await,
-            }
-        }
-    }
-}
-
-/// A response body that tells the connection's [`Watch`] when it has ended.
-struct Watched<B> {
-    body: B,
-    watch: Arc<Watch>,
-}
-
-impl<B> Drop for Watched<B> {
-    fn drop(&mut self) {
-        self.watch.response_ended();
-    }
-}
-
-impl<B: http_body::Body + Unpin> http_body::Body for Watched<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
-}
-
 /// The one builder policy: the http/1 [`builder`], and whether and how
 /// HTTP/2 is spoken (ALPN `h2` under TLS; with `http2 = "always"` also
 /// prior-knowledge h2c, told apart from http/1 by the client preface).
@@ -233,7 +72,7 @@ pub struct Policy {
     /// `http2 = "always"`: a connection without ALPN `h2` may still start with
     /// the HTTP/2 preface.
     prior_knowledge: bool,
-    timer: SharedTimer,
+    pub(super) timer: SharedTimer,
     /// The http/1 head and idle deadlines; the head one (`header_timeout`)
     /// also bounds a TLS handshake and the wait for the h2c preface.
     deadlines: Deadlines,
@@ -251,14 +90,14 @@ impl std::fmt::Debug for Policy {
 
 /// The HTTP/2 limits, from the settings that bound HTTP/1 the same way.
 #[derive(Debug, Clone, Copy)]
-struct H2Limits {
+pub(super) struct H2Limits {
     /// `worker_connections`: a stream costs the worker what a connection does.
     max_concurrent_streams: u32,
     /// [`Config::max_head_bytes`]: the same bound on a request head.
     max_header_list_size: u32,
     /// `keepalive` (2 s when it is 0): a connection without an open stream
     /// for this long is closed with GOAWAY.
-    idle: Duration,
+    pub(super) idle: Duration,
 }
 
 /// How hyper speaks on one connection.
@@ -318,7 +157,7 @@ impl Policy {
         }
     }
 
-    fn http2_builder<'a>(
+    pub(super) fn http2_builder<'a>(
         &self,
         h2: &H2Limits,
         streams: Streams<'a>,
@@ -329,139 +168,6 @@ impl Policy {
             .timer(self.timer.clone());
         b
     }
-}
-
-/// A runtime's hyper timer behind one type.
-#[derive(Clone)]
-struct SharedTimer(Arc<dyn Timer + Send + Sync>);
-
-impl Timer for SharedTimer {
-    fn sleep(&self, duration: Duration) -> Pin<Box<dyn Sleep>> {
-        self.0.sleep(duration)
-    }
-
-    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn Sleep>> {
-        self.0.sleep_until(deadline)
-    }
-
-    fn now(&self) -> Instant {
-        self.0.now()
-    }
-
-    fn reset(&self, sleep: &mut Pin<Box<dyn Sleep>>, new_deadline: Instant) {
-        self.0.reset(sleep, new_deadline);
-    }
-}
-
-/// The executor of one HTTP/2 connection: hyper hands it each stream, and
-/// [`drive_h2`] polls them in the connection's task. hyper's executors must
-/// spawn `'static` tasks otherwise, which the borrowed service cannot be,
-/// and the spawn differs between tokio and smol.
-#[derive(Clone, Default)]
-pub struct Streams<'a>(Rc<RefCell<Queued<'a>>>);
-
-#[derive(Default)]
-struct Queued<'a> {
-    new: Vec<LocalBoxFuture<'a, ()>>,
-    waker: Option<Waker>,
-}
-
-impl<'a, F> hyper::rt::Executor<F> for Streams<'a>
-where
-    F: Future<Output = ()> + 'a,
-{
-    fn execute(&self, fut: F) {
-        let mut q = self.0.borrow_mut();
-        q.new.push(Box::pin(fut));
-        if let Some(w) = q.waker.take() {
-            w.wake();
-        }
-    }
-}
-
-/// The HTTP/2 client preface (RFC 9113, section 3.4).
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// A connection whose first bytes were read to look for the preface, and are
-/// read again by hyper. (hyper-util's auto builder does the same, but would
-/// need a second copy of the http/1 configuration.)
-struct Rewind<I> {
-    prefix: Vec<u8>,
-    read: usize,
-    io: I,
-}
-
-impl<I: Read + Unpin> Read for Rewind<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        mut buf: ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        if this.read < this.prefix.len() {
-            let rest = &this.prefix[this.read..];
-            let n = rest.len().min(buf.remaining());
-            buf.put_slice(&rest[..n]);
-            this.read += n;
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl<I: Write + Unpin> Write for Rewind<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-}
-
-/// Reads until the bytes are the preface, differ from it, or end; whether
-/// they were the preface, and the connection to hand to hyper.
-async fn sniff<I: Read + Unpin>(mut io: I) -> std::io::Result<(bool, Rewind<I>)> {
-    let mut prefix = Vec::with_capacity(PREFACE.len());
-    while prefix.len() < PREFACE.len() && PREFACE.starts_with(&prefix) {
-        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 24];
-        let want = PREFACE.len() - prefix.len();
-        let mut buf = hyper::rt::ReadBuf::uninit(&mut chunk[..want]);
-        std::future::poll_fn(|cx| Pin::new(&mut io).poll_read(cx, buf.unfilled())).await?;
-        if buf.filled().is_empty() {
-            break;
-        }
-        prefix.extend_from_slice(buf.filled());
-    }
-    let h2 = prefix == PREFACE;
-    Ok((
-        h2,
-        Rewind {
-            prefix,
-            read: 0,
-            io,
-        },
-    ))
 }
 
 /// Classifies an error returned by a hyper connection for `gpe_http_errors_total`.
@@ -526,37 +232,11 @@ impl<I: Read + Unpin, H: Unpin> Read for Held<I, H> {
 }
 
 impl<I: Write + Unpin, H: Unpin> Write for Held<I, H> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
+    write_through_io!();
 }
 
 /// A hyper connection future that can be asked to finish gracefully.
-trait Graceful: Future<Output = hyper::Result<()>> {
+pub(super) trait Graceful: Future<Output = hyper::Result<()>> {
     fn shutdown(self: Pin<&mut Self>);
 }
 
@@ -735,90 +415,6 @@ where
     }
 }
 
-async fn serve_h2<I, S, B, D>(
-    io: I,
-    service: S,
-    policy: &Policy,
-    h2: &H2Limits,
-    drain: D,
-    draining: &AtomicBool,
-) -> hyper::Result<()>
-where
-    I: Read + Write + Unpin,
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    D: Future<Output = ()>,
-{
-    let streams = Streams::default();
-    let builder = policy.http2_builder(h2, streams.clone());
-    let conn = builder.serve_connection(io, service);
-    drive_h2(conn, &streams, drain, draining, &policy.timer, h2.idle).await
-}
-
-/// Most rounds of "poll the connection, then the streams it opened" in one
-/// poll, so that one busy connection yields to the others.
-const H2_ROUNDS: usize = 32;
-
-/// Drives an HTTP/2 connection and its streams. A drain sends GOAWAY (the
-/// open streams finish); so does `idle` without an open stream. When the
-/// connection ends, streams still open are dropped (counted as client
-/// disconnects by the response body's recorder).
-async fn drive_h2<C, D>(
-    conn: C,
-    streams: &Streams<'_>,
-    drain: D,
-    draining: &AtomicBool,
-    timer: &SharedTimer,
-    idle: Duration,
-) -> hyper::Result<()>
-where
-    C: Graceful,
-    D: Future<Output = ()>,
-{
-    let mut conn = std::pin::pin!(conn);
-    let mut drain = std::pin::pin!(drain);
-    let mut open: FuturesUnordered<LocalBoxFuture<'_, ()>> = FuturesUnordered::new();
-    let mut idle_since: Option<Pin<Box<dyn Sleep>>> = None;
-    let mut closing = false;
-    std::future::poll_fn(|cx| {
-        for _ in 0..H2_ROUNDS {
-            if let Poll::Ready(r) = conn.as_mut().poll(cx) {
-                return Poll::Ready(r);
-            }
-            {
-                let mut q = streams.0.borrow_mut();
-                q.waker = Some(cx.waker().clone());
-                open.extend(q.new.drain(..));
-            }
-            while let Poll::Ready(Some(())) = open.poll_next_unpin(cx) {}
-            if streams.0.borrow().new.is_empty() {
-                break;
-            }
-        }
-        if !closing && drain.as_mut().poll(cx).is_ready() {
-            closing = true;
-            draining.store(true, Ordering::Relaxed);
-            conn.as_mut().shutdown();
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
-        }
-        if open.is_empty() && !closing {
-            let sleep = idle_since.get_or_insert_with(|| timer.sleep(idle));
-            if sleep.as_mut().poll(cx).is_ready() {
-                closing = true;
-                conn.as_mut().shutdown();
-                cx.waker().wake_by_ref();
-            }
-        } else {
-            idle_since = None;
-        }
-        Poll::Pending
-    })
-    .await
-}
-
 async fn drive<C, D, E>(
     conn: C,
     drain: D,
@@ -860,7 +456,6 @@ where
 mod tests {
     use super::*;
     use crate::config::RawSettings;
-    use tokio::io::AsyncWriteExt;
 
     fn config(pairs: &[(&str, &str)]) -> Config {
         let mut raw = RawSettings::default();
@@ -894,84 +489,5 @@ mod tests {
         let p = policy(&config(&[]), true, true, hyper_util::rt::TokioTimer::new());
         assert!(p.offers_h2());
         assert_eq!(p.handshake_timeout(), Duration::from_secs(10));
-    }
-
-    /// Everything `io` yields until its end.
-    async fn read_all<I: Read + Unpin>(mut io: I) -> Vec<u8> {
-        let mut out = Vec::new();
-        loop {
-            let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 7];
-            let mut buf = hyper::rt::ReadBuf::uninit(&mut chunk);
-            std::future::poll_fn(|cx| Pin::new(&mut io).poll_read(cx, buf.unfilled()))
-                .await
-                .unwrap();
-            if buf.filled().is_empty() {
-                return out;
-            }
-            out.extend_from_slice(buf.filled());
-        }
-    }
-
-    #[test]
-    fn sniffing_finds_the_preface_and_hands_every_byte_on() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let h2 = [PREFACE, b"\x00\x00\x00\x04\x00\x00\x00\x00\x00".as_slice()].concat();
-            let cases: [(&[u8], bool); 4] = [
-                (&h2, true),
-                (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", false),
-                (b"PRI * HTTP/1.1\r\n\r\n", false),
-                (b"PR", false),
-            ];
-            for (sent, want) in cases {
-                let (client, server) = tokio::io::duplex(64);
-                let mut client = client;
-                // Written in pieces, then closed.
-                for piece in sent.chunks(5) {
-                    client.write_all(piece).await.unwrap();
-                }
-                drop(client);
-                let io = hyper_util::rt::TokioIo::new(server);
-                let (h2, io) = sniff(io).await.unwrap();
-                assert_eq!(h2, want, "{:?}", String::from_utf8_lossy(sent));
-                assert_eq!(read_all(io).await, sent);
-            }
-        });
-    }
-
-    #[test]
-    fn the_head_and_idle_deadlines_follow_the_connection() {
-        let d = Deadlines {
-            timer: Arc::new(hyper_util::rt::TokioTimer::new()),
-            head: Duration::from_secs(10),
-            idle: Duration::from_secs(2),
-        };
-        let s = 1_000_000_000u64;
-        let w = Watch {
-            started: AtomicU64::new(0),
-            finished: AtomicU64::new(0),
-            waiting_since: AtomicU64::new(100 * s),
-            first_byte: AtomicU64::new(0),
-        };
-        // Fresh: the head is due 10 s after the accept, bytes or not.
-        assert_eq!(w.check(101 * s, &d), Err(Duration::from_secs(9)));
-        w.first_byte.store(105 * s, Ordering::Relaxed);
-        assert_eq!(w.check(110 * s, &d), Ok(Expiry::Head));
-        // In a request: no deadline; looked at again later.
-        w.started.store(1, Ordering::Relaxed);
-        assert!(w.check(500 * s, &d).is_err());
-        // Answered: idle for 2 s at most...
-        w.finished.store(1, Ordering::Relaxed);
-        w.first_byte.store(0, Ordering::Relaxed);
-        w.waiting_since.store(200 * s, Ordering::Relaxed);
-        assert_eq!(w.check(201 * s, &d), Err(Duration::from_secs(1)));
-        assert_eq!(w.check(202 * s, &d), Ok(Expiry::Idle));
-        // ...unless the next head began: 10 s from its first byte.
-        w.first_byte.store(201 * s, Ordering::Relaxed);
-        assert_eq!(w.check(202 * s, &d), Err(Duration::from_secs(9)));
-        assert_eq!(w.check(211 * s, &d), Ok(Expiry::Head));
     }
 }

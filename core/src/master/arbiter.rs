@@ -18,7 +18,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use super::health::BACKOFF_BASE;
-use super::os::{Notice, Os};
+use super::os::{master_signal, Notice, Os};
 use super::procs::{Life, Proc};
 use super::{MasterError, Pidfile};
 use crate::config::Config;
@@ -533,27 +533,4 @@ impl<O: Os> Arbiter<O> {
             _ => Notice::Ready,
         });
     }
-}
-
-fn master_signal(sig: Signal) -> Option<MasterSignal> {
-    Some(match sig {
-        Signal::SIGHUP => MasterSignal::Hup,
-        Signal::SIGUSR1 => MasterSignal::Usr1,
-        Signal::SIGUSR2 => MasterSignal::Usr2,
-        Signal::SIGCHLD => MasterSignal::Chld,
-        Signal::SIGTTIN => MasterSignal::Ttin,
-        Signal::SIGTTOU => MasterSignal::Ttou,
-        Signal::SIGTERM => MasterSignal::Term,
-        Signal::SIGINT => MasterSignal::Int,
-        Signal::SIGQUIT => MasterSignal::Quit,
-        Signal::SIGWINCH => MasterSignal::Winch,
-        _ => return None,
-    })
-}
-
-#[cfg(test)]
-#[test]
-fn only_the_masters_signals_are_commands() {
-    assert_eq!(master_signal(Signal::SIGCHLD), Some(MasterSignal::Chld));
-    assert_eq!(master_signal(Signal::SIGPIPE), None);
 }

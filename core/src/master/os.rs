@@ -10,7 +10,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use crate::config::{Config, ConfigError};
-use crate::store::WorkerKind;
+use crate::store::{MasterSignal, WorkerKind};
 use crate::sys::Reaped;
 
 /// A state change systemd is told about (when `NOTIFY_SOCKET` is set).
@@ -68,4 +68,29 @@ pub(super) trait Os {
     fn reopen_errorlog(&mut self, config: &Config);
     /// The resident set of `pid` in bytes, if it can be read.
     fn rss_bytes(&self, pid: Pid) -> Option<u64>;
+}
+
+/// The master's command (and metric label) for a signal it handles; `None`
+/// for the others.
+pub(super) fn master_signal(sig: Signal) -> Option<MasterSignal> {
+    Some(match sig {
+        Signal::SIGHUP => MasterSignal::Hup,
+        Signal::SIGUSR1 => MasterSignal::Usr1,
+        Signal::SIGUSR2 => MasterSignal::Usr2,
+        Signal::SIGCHLD => MasterSignal::Chld,
+        Signal::SIGTTIN => MasterSignal::Ttin,
+        Signal::SIGTTOU => MasterSignal::Ttou,
+        Signal::SIGTERM => MasterSignal::Term,
+        Signal::SIGINT => MasterSignal::Int,
+        Signal::SIGQUIT => MasterSignal::Quit,
+        Signal::SIGWINCH => MasterSignal::Winch,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+#[test]
+fn only_the_masters_signals_are_commands() {
+    assert_eq!(master_signal(Signal::SIGCHLD), Some(MasterSignal::Chld));
+    assert_eq!(master_signal(Signal::SIGPIPE), None);
 }

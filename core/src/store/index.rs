@@ -4,22 +4,20 @@
 //!
 //! Appending takes an exclusive `flock` on the index file (cold path: once per
 //! new label set and process); lookups go through a per-process mirror and take
-//! no lock. Each family holds at most `family_cap` label sets; later ones share
-//! the family's `other` series.
+//! no lock (the [`Mirror`], in `mirror.rs`). Each family holds at most
+//! `family_cap` label sets; later ones share the family's `other` series.
 
-use std::collections::HashMap as StdHashMap;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use hashbrown::HashMap;
 use nix::fcntl::{Flock, FlockArg};
 
 use super::catalogue::Family;
 use super::layout::{
     index_capacity, index_file_bytes, AppFamilySlot, AppTable, Entry, Mapped, APP_CODE_BASE,
-    INDEX_MAGIC, LABEL_BYTES, MAX_APP_FAMILIES, MAX_BUCKETS, MAX_CAPACITY, MIN_CAPACITY, VERSION,
+    INDEX_MAGIC, LABEL_BYTES, MAX_BUCKETS, MAX_CAPACITY, MIN_CAPACITY, VERSION,
 };
 
 /// Label value used for every label of a family's overflow series.
@@ -31,7 +29,7 @@ pub const MAX_KEY_VALUES: usize = 16;
 /// The shared series index of one server.
 #[derive(Debug)]
 pub struct Index {
-    map: Mapped,
+    pub(super) map: Mapped,
     path: PathBuf,
 }
 
@@ -109,7 +107,7 @@ impl Key {
         &self.buf[..self.len]
     }
 
-    fn family_code(&self) -> u8 {
+    pub(super) fn family_code(&self) -> u8 {
         self.buf[0]
     }
 
@@ -358,7 +356,7 @@ impl Index {
         Ok(fixed)
     }
 
-    fn family_full(&self, family: Family) -> bool {
+    pub(super) fn family_full(&self, family: Family) -> bool {
         family.capped()
             && self.map.index_header().family_counts[family.code() as usize].load(Ordering::Acquire)
                 >= self.family_cap()
@@ -366,7 +364,7 @@ impl Index {
 
     /// Appends `key` unless it exists, returning its id; `Ok(None)` when the
     /// family is full (the caller then uses [`Index::other`]).
-    fn append(&self, key: &Key, other: bool) -> io::Result<Option<u32>> {
+    pub(super) fn append(&self, key: &Key, other: bool) -> io::Result<Option<u32>> {
         let _lock = self.lock()?;
         let h = self.map.index_header();
         let fam = key.family_code() as usize;
@@ -498,7 +496,7 @@ impl Index {
     }
 
     /// The id of app family `fam`'s overflow series, if it exists yet.
-    fn app_other_id(&self, fam: usize) -> Option<u32> {
+    pub(super) fn app_other_id(&self, fam: usize) -> Option<u32> {
         let slot = self.map.app_table().families.get(fam)?;
         let v = slot.other_id.load(Ordering::Acquire);
         v.checked_sub(1).filter(|id| *id < self.used())
@@ -507,7 +505,7 @@ impl Index {
     /// Appends an app series (`key` made by [`Key::app`]) unless it exists;
     /// `Ok(None)` when its family reached the cap. With `other`, appends the
     /// family's overflow series (once).
-    fn append_app(&self, key: &Key, fam: usize, other: bool) -> io::Result<Option<u32>> {
+    pub(super) fn append_app(&self, key: &Key, fam: usize, other: bool) -> io::Result<Option<u32>> {
         let _lock = self.lock()?;
         let slot = self
             .map
@@ -537,128 +535,11 @@ impl Index {
     }
 }
 
-fn e_bytes(e: &Entry) -> &[u8] {
+pub(super) fn e_bytes(e: &Entry) -> &[u8] {
     &e.data[..(e.len as usize).min(LABEL_BYTES)]
 }
 
-/// Outcome of resolving a label set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resolved {
-    /// The label set's own series.
-    Own(u32),
-    /// The family is full: the `other` series.
-    Other(u32),
-}
-
-impl Resolved {
-    /// The row id to update.
-    pub fn id(self) -> u32 {
-        match self {
-            Resolved::Own(id) | Resolved::Other(id) => id,
-        }
-    }
-}
-
-/// A per-process mirror of the index for lock-free lookups.
-#[derive(Debug, Default)]
-pub struct Mirror {
-    seen: u32,
-    ids: HashMap<Box<[u8]>, u32>,
-}
-
-impl Mirror {
-    /// Brings the mirror up to date with published entries.
-    fn refresh(&mut self, index: &Index) {
-        let used = index.used();
-        let other: StdHashMap<u32, ()> = crate::store::catalogue::Family::ALL
-            .iter()
-            .filter_map(|f| index.other_id(*f).map(|id| (id, ())))
-            .chain((0..MAX_APP_FAMILIES).filter_map(|f| index.app_other_id(f).map(|id| (id, ()))))
-            .collect();
-        for id in self.seen..used {
-            if other.contains_key(&id) {
-                continue;
-            }
-            let e = index.map.entry(id);
-            let mut k = Vec::with_capacity(1 + e.len as usize);
-            k.push(e.family);
-            k.extend_from_slice(e_bytes(e));
-            self.ids.insert(k.into_boxed_slice(), id);
-        }
-        self.seen = used;
-    }
-
-    /// Resolves `key` to a row id, appending it to the index if it is new and
-    /// its family has room.
-    ///
-    /// # Errors
-    /// Locking errors or a full index.
-    pub fn resolve(&mut self, index: &Index, key: &Key) -> io::Result<Resolved> {
-        if let Some(&id) = self.ids.get(key.as_bytes()) {
-            return Ok(Resolved::Own(id));
-        }
-        if index.used() != self.seen {
-            self.refresh(index);
-            if let Some(&id) = self.ids.get(key.as_bytes()) {
-                return Ok(Resolved::Own(id));
-            }
-        }
-        let family = Family::from_code(key.family_code())
-            .ok_or_else(|| io::Error::other("unknown family"))?;
-        if !index.family_full(family) {
-            if let Some(id) = index.append(key, false)? {
-                self.refresh(index);
-                return Ok(Resolved::Own(id));
-            }
-        }
-        Ok(Resolved::Other(index.other(family)?))
-    }
-}
-
-impl Mirror {
-    /// Resolves the series `labels` of app family `fam`, appending it if it
-    /// is new and the family has room; else the family's `other` series
-    /// (whose labels are these names, each with the value `other`).
-    ///
-    /// # Errors
-    /// Locking errors or a full index.
-    pub(super) fn resolve_app(
-        &mut self,
-        index: &Index,
-        fam: usize,
-        labels: &[(&str, &str)],
-    ) -> io::Result<Resolved> {
-        let key = Key::app(fam, labels);
-        if let Some(&id) = self.ids.get(key.as_bytes()) {
-            return Ok(Resolved::Own(id));
-        }
-        if index.used() != self.seen {
-            self.refresh(index);
-            if let Some(&id) = self.ids.get(key.as_bytes()) {
-                return Ok(Resolved::Own(id));
-            }
-        }
-        let full = index
-            .app_table()
-            .families
-            .get(fam)
-            .is_none_or(|s| s.series.load(Ordering::Acquire) >= index.family_cap());
-        if !full {
-            if let Some(id) = index.append_app(&key, fam, false)? {
-                self.refresh(index);
-                return Ok(Resolved::Own(id));
-            }
-        }
-        if let Some(id) = index.app_other_id(fam) {
-            return Ok(Resolved::Other(id));
-        }
-        let other: Vec<(&str, &str)> = labels.iter().map(|(k, _)| (*k, OTHER)).collect();
-        let id = index
-            .append_app(&Key::app(fam, &other), fam, true)?
-            .ok_or_else(|| io::Error::other("overflow series refused"))?;
-        Ok(Resolved::Other(id))
-    }
-}
+pub use super::mirror::{Mirror, Resolved};
 
 #[cfg(test)]
 mod tests {
