@@ -19,6 +19,15 @@ use prometheus_client::registry::Unit;
 use crate::procstat::{self, ProcStat};
 use crate::web_config::AuthFailure;
 
+/// The HTTP families, the first of a scrape, in the order they are written.
+const HTTP_FAMILIES: [Family; 5] = [
+    Family::HttpRequests,
+    Family::HttpDuration,
+    Family::HttpRequestSize,
+    Family::HttpResponseSize,
+    Family::HttpErrors,
+];
+
 /// Which exposition format to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -261,13 +270,7 @@ impl Scrape {
     /// writes by hand, kept as the reference the tests compare it with.
     #[cfg(test)]
     fn encode_http(&self, enc: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
-        for family in [
-            Family::HttpRequests,
-            Family::HttpDuration,
-            Family::HttpRequestSize,
-            Family::HttpResponseSize,
-            Family::HttpErrors,
-        ] {
+        for family in HTTP_FAMILIES {
             match family.shape() {
                 Shape::Counter => self.counter_family(enc, family)?,
                 Shape::Histogram(b) => self.histogram_family(enc, family, b)?,
@@ -796,13 +799,7 @@ mod http_text {
         /// The HTTP families (the first of a scrape) in `format`, appended
         /// to `out`; in OpenMetrics with the duration exemplars.
         pub(super) fn write_http(&self, out: &mut String, format: Format) {
-            for family in [
-                Family::HttpRequests,
-                Family::HttpDuration,
-                Family::HttpRequestSize,
-                Family::HttpResponseSize,
-                Family::HttpErrors,
-            ] {
+            for family in HTTP_FAMILIES {
                 match family.shape() {
                     Shape::Counter => self.write_counter(out, family, format),
                     Shape::Histogram(b) => self.write_histogram(out, family, b, format),
