@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report_peers import load_jsonl, rps  # noqa: E402  (bench/report_peers.py)
+from report_peers import load_jsonl, markers, put_section, rps  # noqa: E402  (bench/report_peers.py)
 
-START = "<!-- ab:start (bench/ab.sh; kept by bench/report.py) -->"
-END = "<!-- ab:end -->"
+START, END = markers("ab")
 KINDS = ["sync", "thread", "eventloop", "greenlet"]
 
 
@@ -120,13 +119,7 @@ def main():
     print(md)
     if os.environ.get("BENCH_AB_WRITE") == "1":
         path = root / "BENCHMARKS.md"
-        text = path.read_text()
-        if START in text and END in text:
-            head, rest = text.split(START, 1)
-            text = head + md + rest.split(END, 1)[1]
-        else:
-            text = text.rstrip("\n") + "\n\n" + md + "\n"
-        path.write_text(text)
+        put_section(path, "ab", md)
         print(f"\nwrote the A/B section of {path}", file=sys.stderr)
 
 

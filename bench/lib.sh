@@ -92,12 +92,14 @@ mean_rss_mib() {
   if ((n == 0)); then echo null; else awk -v s="$sum" -v n="$n" 'BEGIN{printf "%.2f", s/n/1048576}'; fi
 }
 
-# wrk with the shared shape; $1 = 1 for Connection: close; prints the WRKJSON object.
+# wrk with the shared shape; $1 = 1 for Connection: close; prints the WRKJSON
+# object. WRK_PREFIX, if set, is a command wrk runs under (taskset -c 0).
 run_wrk() {
   local close=$1 secs=$2; shift 2
-  local hdr=()
+  local hdr=() pre=()
   [[ $close == 1 ]] && hdr=(-H 'Connection: close')
-  timeout $((secs + 30)) wrk -t1 -c"$CONNS" -d"${secs}s" --timeout 5s \
+  [[ -z ${WRK_PREFIX:-} ]] || read -ra pre <<<"$WRK_PREFIX"
+  timeout $((secs + 30)) "${pre[@]}" wrk -t1 -c"$CONNS" -d"${secs}s" --timeout 5s \
     -s "$HERE/wrk/report.lua" "${hdr[@]}" "$@" "$URL" 2>&1 |
     tee -a "$OUT/logs/wrk.log" | sed -n 's/^WRKJSON //p'
 }

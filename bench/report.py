@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report_peers  # noqa: E402  (bench/report_peers.py)
-from report_peers import load_jsonl, rps  # noqa: E402
+from report_peers import kept_sections, load_jsonl, rps  # noqa: E402
 
 GPE_KINDS = ["sync", "thread", "eventloop", "greenlet"]
 PEER_OF = {"sync": "sync", "thread": "gthread", "eventloop": "gevent", "greenlet": "eventlet"}
@@ -41,9 +41,6 @@ T_TIME_DRIFT = 0.20
 # Issue 9: the axum Router's hello ≥ 95% of gpe's native hello on eventloop.
 T_AXUM_RATIO = 0.95
 AXUM_KINDS = ["thread", "eventloop", "greenlet"]
-# The section bench/ab.sh writes; kept as it is when this file is rewritten.
-AB_START = "<!-- ab:start"
-AB_END = "<!-- ab:end -->"
 
 
 def errors(row):
@@ -602,11 +599,10 @@ event; *CPU µs* is the servers' task-clock per request. `recvfrom + read` and
 - **The ceiling moves.** The bare server itself varies from run to run on this
   shared VM, and every ratio above moves with it.
 """
-    # Keep the A/B section of bench/ab.sh (its own run, its own date).
+    # Keep the sections of bench/ab.sh and bench/idle_yield.sh (their own runs).
     old_md = (root / "BENCHMARKS.md").read_text() if (root / "BENCHMARKS.md").exists() else ""
-    if AB_START in old_md and AB_END in old_md:
-        ab = AB_START + old_md.split(AB_START, 1)[1].split(AB_END, 1)[0] + AB_END
-        md = md.rstrip("\n") + "\n\n" + ab + "\n"
+    for kept in kept_sections(old_md):
+        md = md.rstrip("\n") + "\n\n" + kept + "\n"
     (root / "BENCHMARKS.md").write_text(md)
     print("\n" + table + "\n\n" + stable + "\n\n" + htable + "\n\n" + ttable)
 

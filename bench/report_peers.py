@@ -54,6 +54,43 @@ def rps(row):
     return w["requests"] / (w["duration_us"] / 1e6)
 
 
+# Sections of BENCHMARKS.md that their own scripts write (each with its own
+# run and date); bench/report.py keeps them when it rewrites the file.
+KEPT_SECTIONS = {
+    "ab": "bench/ab.sh",
+    "yield": "bench/idle_yield.sh",
+}
+
+
+def markers(name):
+    """The start and end markers of kept section `name`."""
+    return (f"<!-- {name}:start ({KEPT_SECTIONS[name]}; kept by bench/report.py) -->",
+            f"<!-- {name}:end -->")
+
+
+def put_section(path, name, md):
+    """Replaces kept section `name` of the file at `path` with `md` (which
+    carries its markers), appending it if the file has none."""
+    start, end = markers(name)
+    text = path.read_text() if path.exists() else ""
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + md + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + md + "\n"
+    path.write_text(text)
+
+
+def kept_sections(text):
+    """The kept sections found in `text`, in KEPT_SECTIONS order, markers included."""
+    out = []
+    for name in KEPT_SECTIONS:
+        start, end = markers(name)
+        if start in text and end in text:
+            out.append(start + text.split(start, 1)[1].split(end, 1)[0] + end)
+    return out
+
+
 def median(v):
     v = sorted(x for x in v if x is not None)
     if not v:
