@@ -576,6 +576,21 @@ event; *CPU µs* is the servers' task-clock per request. `recvfrom + read` and
   {pfig('greenlet no-yield', *cs)} to {pfig('greenlet', *cs)} (greenlet); the ceiling
   makes {pfig('ceiling keepalive', *cs)}. Throughput with / without it (metrics on; the
   median of the metrics-on runs against the single no-yield run): {ryield_s}.
+- **The thread worker's hand-off.** Each request crosses from the IO thread
+  to a pool thread and back (the app may block, so it never runs on the IO
+  thread): {pfig('thread', *cs)} context switches and {pfig('thread', "syscalls:sys_enter_sched_yield")}
+  `sched_yield` calls per request, against {pfig('eventloop', *cs)} and
+  {pfig('eventloop', "syscalls:sys_enter_sched_yield")} for eventloop. Most of those yields are the
+  pool's idle threads: crossbeam's receivers yield a few times before they
+  sleep, and `perf sched timehist` shows the idle pool threads of both
+  processes taking turns on one CPU for 3 to 5 µs each while the IO threads
+  and wrk share the other; `perf record` puts about a third of the workers'
+  samples in `finish_task_switch`. Tried by hand on 2026-12-01 (interleaved,
+  not part of this run): a pool whose threads sleep at once ran at 0.71 to
+  0.77 of this one (a futex wake per request instead); one spinning thread,
+  or wakes deferred to the end of the IO thread's turn, at 0.90 to 1.05 (no
+  change). Only running the app on the IO thread removes the hand-off, which a
+  blocking app forbids: choose eventloop for apps that never block.
 - **The greenlet worker's IO layer.** smol (async-io) registers sockets in
   one-shot mode, so every wait re-arms a socket with `epoll_ctl`
   ({pfig('greenlet', *ctl)} per request, against {pfig('eventloop', *ctl)} for tokio, which
