@@ -2,7 +2,9 @@
 //! `limit_request_field_size`, and the head budget `limit_request_head`),
 //! checked once hyper has parsed the head.
 
-use http::{header, HeaderValue, StatusCode};
+use http::StatusCode;
+
+use super::head::HeadScan;
 
 use crate::config::Config;
 
@@ -37,25 +39,28 @@ impl HeadLimits {
     /// Header Fields Too Large` for a header field or a whole head over its
     /// limit, else `None`.
     pub fn check(&self, parts: &http::request::Parts) -> Option<StatusCode> {
+        self.check_scanned(parts, &HeadScan::of(&parts.headers))
+    }
+
+    /// [`check`](Self::check) with the header lines already walked.
+    pub(crate) fn check_scanned(
+        &self,
+        parts: &http::request::Parts,
+        scan: &HeadScan<'_>,
+    ) -> Option<StatusCode> {
         let uri = &parts.uri;
         let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
             + uri.authority().map_or(0, |a| a.as_str().len())
             + uri.path_and_query().map_or(0, |pq| pq.as_str().len());
         // Two spaces and "HTTP/1.1".
-        if parts.method.as_str().len() + target + 10 > self.line {
+        let line = parts.method.as_str().len() + target + 10;
+        if line > self.line {
             return Some(StatusCode::URI_TOO_LONG);
         }
-        // "name: value" and CRLF, the whole line as Gunicorn counts it.
-        let too_large = |(name, value): (&header::HeaderName, &HeaderValue)| {
-            name.as_str().len() + 2 + value.len() + 2 > self.field
-        };
-        let total = parts.method.as_str().len() + target + 10 + 2 + 2;
-        let fields = parts
-            .headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + 2 + v.len() + 2);
-        let total = fields.fold(total, usize::saturating_add);
-        (parts.headers.iter().any(too_large) || total > self.head)
+        // Header lines count "name: value" and CRLF, as Gunicorn counts them;
+        // the head adds the request line's CRLF and the blank line.
+        let total = (line + 2 + 2).saturating_add(scan.lines);
+        (scan.widest > self.field || total > self.head)
             .then_some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
     }
 }
@@ -157,6 +162,7 @@ mod tests {
 /// never panic.
 #[cfg(test)]
 mod props {
+    use http::{header, HeaderValue};
     use proptest::prelude::*;
 
     use super::*;

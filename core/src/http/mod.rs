@@ -1,6 +1,7 @@
 //! The HTTP layer every worker shares: the app interface ([`app`]), bodies
 //! ([`body`]), where the app runs ([`run`]), one request ([`instrument`]),
-//! its head limits ([`limits`]) and one connection ([`conn`]): its http/1
+//! the header lines it checks, found in one walk (`head`), its head limits
+//! ([`limits`]) and one connection ([`conn`]): its http/1
 //! deadlines ([`deadline`]) and HTTP/2 ([`h2`]).
 
 /// The methods of a hyper `Write` impl for a wrapper whose writes go
@@ -45,6 +46,7 @@ pub mod body;
 pub mod conn;
 pub mod deadline;
 pub mod h2;
+mod head;
 pub mod instrument;
 pub mod limits;
 pub mod run;
