@@ -9,13 +9,12 @@ ROOT/BENCHMARKS.md (appending it if the markers are missing); bench/report.py
 keeps that section when it rewrites the file.
 """
 
-import os
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report_peers import load_jsonl, markers, put_section, rps  # noqa: E402  (bench/report_peers.py)
+from report_peers import load_jsonl, markers, rps, write_kept_section  # noqa: E402  (bench/report_peers.py)
 
 START, END = markers("ab")
 KINDS = ["sync", "thread", "eventloop", "greenlet"]
@@ -114,13 +113,7 @@ runs: it moves much less than req/s when other jobs share the CPUs.
 
 
 def main():
-    root, out = Path(sys.argv[1]), Path(sys.argv[2])
-    md = section(out)
-    print(md)
-    if os.environ.get("BENCH_AB_WRITE") == "1":
-        path = root / "BENCHMARKS.md"
-        put_section(path, "ab", md)
-        print(f"\nwrote the A/B section of {path}", file=sys.stderr)
+    write_kept_section("ab", section, "BENCH_AB_WRITE")
 
 
 if __name__ == "__main__":

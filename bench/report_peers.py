@@ -10,6 +10,8 @@ scrape.csv (bench/scrape.sh: workers,series,p50_ms,p99_ms,bytes).
 
 import csv
 import json
+import os
+import sys
 from pathlib import Path
 
 KEEPALIVE = ["thread", "eventloop", "greenlet"]
@@ -79,6 +81,19 @@ def put_section(path, name, md):
     else:
         text = text.rstrip("\n") + "\n\n" + md + "\n"
     path.write_text(text)
+
+
+def write_kept_section(name, section, env):
+    """The main of a script that owns kept section `name`: prints
+    `section(OUT)` and, when environment variable `env` is 1, puts it into
+    ROOT/BENCHMARKS.md (argv: ROOT OUT)."""
+    root, out = Path(sys.argv[1]), Path(sys.argv[2])
+    md = section(out)
+    print(md)
+    if os.environ.get(env) == "1":
+        path = root / "BENCHMARKS.md"
+        put_section(path, name, md)
+        print(f"\nwrote the {name} section of {path}", file=sys.stderr)
 
 
 def kept_sections(text):

@@ -9,12 +9,11 @@ it also replaces the section between the yield markers of ROOT/BENCHMARKS.md
 when it rewrites the file.
 """
 
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report_peers import load_jsonl, markers, median, put_section, rps  # noqa: E402
+from report_peers import load_jsonl, markers, median, rps, write_kept_section  # noqa: E402
 
 LOAD_NOTES = {
     "c16": "wrk -c16, 2 workers (bench/run.sh's shape)",
@@ -94,13 +93,7 @@ def section(out):
 
 
 def main():
-    root, out = Path(sys.argv[1]), Path(sys.argv[2])
-    md = section(out)
-    print(md)
-    if os.environ.get("BENCH_YIELD_WRITE") == "1":
-        path = root / "BENCHMARKS.md"
-        put_section(path, "yield", md)
-        print(f"\nwrote the idle_yield section of {path}", file=sys.stderr)
+    write_kept_section("yield", section, "BENCH_YIELD_WRITE")
 
 
 if __name__ == "__main__":
