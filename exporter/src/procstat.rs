@@ -1,7 +1,8 @@
 //! Figures read from `/proc/<pid>` at scrape time: resident memory, CPU
 //! seconds, open and maximum file descriptors, start time, virtual memory.
 
-use procfs::process::{LimitValue, Process};
+use procfs::process::{LimitValue, Limits, Stat};
+use procfs::FromRead;
 
 /// One process' figures.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -32,8 +33,11 @@ pub fn read_worker(pid: u32) -> Option<ProcStat> {
 }
 
 fn read_as(pid: u32, limits: bool) -> Option<ProcStat> {
-    let p = Process::new(i32::try_from(pid).ok()?).ok()?;
-    let stat = p.stat().ok()?;
+    // Files under `/proc/PID` by path, not through `Process::new`, which
+    // opens and stats the directory first: two system calls fewer per
+    // process, a tenth of a 256-worker scrape.
+    let dir = format!("/proc/{pid}");
+    let stat: Stat = FromRead::from_file(format!("{dir}/stat")).ok()?;
     // A killed worker not yet reaped (a zombie) has no memory map but still
     // reports its CPU time, which must keep counting until the master folds it.
     // `rss` of `stat` is the resident pages `statm` gives (both the kernel's
@@ -42,7 +46,7 @@ fn read_as(pid: u32, limits: bool) -> Option<ProcStat> {
     let ticks = procfs::ticks_per_second() as f64;
     let boot = procfs::boot_time_secs().unwrap_or(0) as f64;
     let max_fds = limits
-        .then(|| p.limits().ok())
+        .then(|| Limits::from_file(format!("{dir}/limits")).ok())
         .flatten()
         .map(|l| match l.max_open_files.soft_limit {
             LimitValue::Unlimited => u64::MAX,
@@ -53,10 +57,21 @@ fn read_as(pid: u32, limits: bool) -> Option<ProcStat> {
         resident_bytes: resident * procfs::page_size(),
         virtual_bytes: stat.vsize,
         cpu_seconds: (stat.utime + stat.stime) as f64 / ticks,
-        open_fds: p.fd_count().map_or(0, |n| n as u64),
+        open_fds: fd_count(&dir),
         max_fds,
         start_time: boot + stat.starttime as f64 / ticks,
     })
+}
+
+/// Open descriptors of the process at `dir`: since Linux 6.2 the size that
+/// `stat` gives `DIR/fd` (one system call), else its entries counted.
+fn fd_count(dir: &str) -> u64 {
+    let fd = format!("{dir}/fd");
+    match std::fs::metadata(&fd) {
+        Ok(m) if m.len() > 0 => m.len(),
+        Ok(_) => std::fs::read_dir(&fd).map_or(0, |d| d.count() as u64),
+        Err(_) => 0,
+    }
 }
 
 #[cfg(test)]

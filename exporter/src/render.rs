@@ -4,11 +4,11 @@
 
 use std::collections::BTreeMap;
 
-use gpe_core::WorkerState;
 use gpe_core::CELLS;
 use gpe_core::{AppKind, AppSeries, AppValue, ExemplarView, RejectReason};
 use gpe_core::{Buckets, Shape, SIZE_BUCKETS};
 use gpe_core::{ExitReason, Family, MasterSignal, Series, Snapshot, SnapshotReader, StoreDir};
+use gpe_core::{WorkerState, WorkerView};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::exemplar::Exemplar;
@@ -81,18 +81,11 @@ struct Procs {
 }
 
 impl Procs {
-    fn read(snap: &Snapshot) -> Procs {
+    /// The `/proc` figures of the live workers and the master (inside the
+    /// store's fold window: see [`SnapshotReader::read_with`]).
+    fn read(workers: &[WorkerView], master: Option<u32>) -> Procs {
         let mut p = Procs::default();
-        for s in snap
-            .series
-            .iter()
-            .filter(|s| s.family == Family::WorkerCpuRetired)
-        {
-            if let Some(slot) = s.labels.first().and_then(|l| l.parse().ok()) {
-                *p.cpu.entry(slot).or_default() += s.cells[0] as f64 / 1e9;
-            }
-        }
-        for w in &snap.workers {
+        for w in workers {
             for (i, pid) in w.pids.iter().enumerate() {
                 if let Some(st) = procstat::read_worker(*pid) {
                     *p.cpu.entry(w.slot).or_default() += st.cpu_seconds;
@@ -102,8 +95,23 @@ impl Procs {
                 }
             }
         }
-        p.master = snap.master.as_ref().and_then(|m| procstat::read(m.pid));
+        p.master = master.and_then(procstat::read);
         p
+    }
+
+    /// Adds the CPU seconds of each slot's exited processes, kept in the
+    /// store.
+    fn add_retired(mut self, snap: &Snapshot) -> Procs {
+        for s in snap
+            .series
+            .iter()
+            .filter(|s| s.family == Family::WorkerCpuRetired)
+        {
+            if let Some(slot) = s.labels.first().and_then(|l| l.parse().ok()) {
+                *self.cpu.entry(slot).or_default() += s.cells[0] as f64 / 1e9;
+            }
+        }
+        self
     }
 }
 
@@ -123,6 +131,7 @@ impl Scrape {
     /// The store cannot be read.
     pub fn collect_with(reader: &mut SnapshotReader) -> std::io::Result<Scrape> {
         let (snap, procs) = reader.read_with(Procs::read)?;
+        let procs = procs.add_retired(&snap);
         Ok(Scrape {
             snap,
             procs,

@@ -177,7 +177,7 @@ fn requests(snap: &Snapshot, route: &str) -> u64 {
 }
 
 fn read(store: &StoreDir) -> std::io::Result<Snapshot> {
-    Snapshot::read_within(store, Duration::from_millis(5), |_| ()).map(|(s, ())| s)
+    Snapshot::read_within(store, Duration::from_millis(5), |_, _| ()).map(|(s, ())| s)
 }
 
 fn config() -> ProptestConfig {

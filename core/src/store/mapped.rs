@@ -416,6 +416,33 @@ mod guard {
     }
 }
 
+/// Asks the CPU to start loading `row` into its caches: its first cache
+/// line, or both (`whole`: a histogram's sixteen cells). A hint only; on
+/// other architectures it does nothing.
+///
+/// The merge calls it some rows ahead of the one it sums. The hardware
+/// prefetcher stops at each 4 KiB page of a file, so that a 256-worker merge
+/// otherwise waits on memory at every page it enters.
+#[inline(always)]
+pub(super) fn prefetch(row: &Row, whole: bool) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let p = row.as_ptr().cast::<i8>();
+        // SAFETY: `_mm_prefetch` needs only SSE, which every x86_64 target
+        // has; a prefetch reads nothing into the program and never faults,
+        // and both addresses lie inside `row` (128 bytes), a live reference.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(p);
+            if whole {
+                _mm_prefetch::<_MM_HINT_T0>(p.add(64));
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (row, whole);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@ use super::exemplar::{self, ExemplarView};
 use super::index::Index;
 use super::layout::{FileKind, CELLS, MAX_APP_FAMILIES, MAX_FAMILIES};
 use super::snapshot::*;
-use super::{app, DataFile};
+use super::{app, mapped, DataFile};
 
 /// How the rows of one id are merged.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -38,6 +38,28 @@ struct Part {
     dropped: [u64; MAX_FAMILIES],
 }
 
+/// How many rows ahead of the one it sums `Part::add` prefetches (4 KiB, a
+/// page: 12–18% less read time at 256 workers × 1,000 routes than none,
+/// more than 4 or 8 rows ahead).
+const PREFETCH_AHEAD: usize = 32;
+
+/// In `owners`: a row any process may write (and, for `add`, the retired
+/// totals, which hold every slot's rows).
+const ANY_SLOT: u32 = u32::MAX;
+
+/// The worker slot whose processes alone write row `id`: the slot label of a
+/// per-slot family's series, [`ANY_SLOT`] for every other row.
+fn slot_owner(index: &Index, id: u32) -> u32 {
+    match index.family_of(id) {
+        Some(family) if !family.capped() => index
+            .describe(id)
+            .and_then(|(_, values)| values.first()?.parse().ok())
+            .filter(|slot| *slot != ANY_SLOT)
+            .unwrap_or(ANY_SLOT),
+        _ => ANY_SLOT,
+    }
+}
+
 impl Part {
     fn new(used: usize) -> Part {
         Part {
@@ -51,9 +73,24 @@ impl Part {
 
     /// Adds one file's rows: `live` is its (slot, generation), `None` for
     /// the retired totals.
-    fn add(&mut self, f: &DataFile, live: Option<(u32, u64)>, uses: &[RowUse]) {
+    ///
+    /// A live file's rows of other slots' per-slot series are skipped: only
+    /// the slot's own processes write them (a spare file is zeroed before
+    /// it is reused), and reading them would make the merge grow with
+    /// workers² (at 256 workers, about a fifth of what it reads).
+    fn add(&mut self, f: &DataFile, live: Option<(u32, u64)>, uses: &[RowUse], owners: &[u32]) {
         let rows = f.rows_upto(uses.len() as u32);
+        let mine = live.map_or(ANY_SLOT, |(slot, _)| slot);
+        let read = |id: usize| owners[id] == ANY_SLOT || mine == ANY_SLOT || owners[id] == mine;
         for (id, ((acc, row), use_)) in self.cells.iter_mut().zip(rows).zip(uses).enumerate() {
+            let ahead = id + PREFETCH_AHEAD;
+            if ahead < rows.len() && read(ahead) {
+                let whole = matches!(uses[ahead], RowUse::Sum | RowUse::AppHistogram);
+                mapped::prefetch(&rows[ahead], whole);
+            }
+            if !read(id) {
+                continue;
+            }
             match use_ {
                 RowUse::Counter => {
                     acc[0] = acc[0].wrapping_add(row[0].load(Ordering::Relaxed));
@@ -102,12 +139,13 @@ impl Part {
 
 impl SnapshotReader {
     /// One read of every file, merged (the caller checks the fold epoch).
-    pub(super) fn read_once(
+    pub(super) fn read_once<T: Send>(
         &mut self,
         index: &Index,
         retired: Option<&DataFile>,
         master: Option<&DataFile>,
-    ) -> io::Result<Snapshot> {
+        extra: &(impl Fn(&[WorkerView], Option<u32>) -> T + Sync),
+    ) -> io::Result<(Snapshot, T)> {
         let used = index.used();
         let uses: Vec<RowUse> = (0..used)
             .map(|id| {
@@ -126,6 +164,7 @@ impl SnapshotReader {
                 }
             })
             .collect();
+        let owners: Vec<u32> = (0..used).map(|id| slot_owner(index, id)).collect();
         let names = self.worker_files()?;
         // The files whose rows count: the retired totals first, then every
         // live (not folded) worker file, in name order.
@@ -184,11 +223,32 @@ impl SnapshotReader {
                 None => workers.push(view),
             }
         }
-        // Summing on more threads did not pay (docs/metrics.md).
-        let mut part = Part::new(used as usize);
-        for (f, live) in &counted {
-            part.add(f, *live, &uses);
-        }
+        let master_pid = master.map(|m| m.header().pid.load(Ordering::Relaxed));
+        // Summing on more threads did not pay (docs/metrics.md), but the
+        // caller's reads of each process overlap the sums well.
+        let sum = || {
+            let mut part = Part::new(used as usize);
+            for (f, live) in &counted {
+                part.add(f, *live, &uses, &owners);
+            }
+            part
+        };
+        let (part, more) = if workers.len() >= OVERLAP_WORKERS {
+            std::thread::scope(|s| {
+                let beside = std::thread::Builder::new()
+                    .name("gpe-read".into())
+                    .spawn_scoped(s, || extra(&workers, master_pid));
+                let part = sum();
+                // No thread to be had (or it panicked): the reads run here.
+                let more = beside
+                    .ok()
+                    .and_then(|h| h.join().ok())
+                    .unwrap_or_else(|| extra(&workers, master_pid));
+                (part, more)
+            })
+        } else {
+            (sum(), extra(&workers, master_pid))
+        };
         let Part {
             cells,
             sums: file_sums,
@@ -212,7 +272,7 @@ impl SnapshotReader {
                 *slot = e;
             }
         }
-        Ok(assemble(
+        let snap = assemble(
             index,
             master,
             &uses,
@@ -225,7 +285,8 @@ impl SnapshotReader {
                 workers,
                 in_flight,
             },
-        ))
+        );
+        Ok((snap, more))
     }
 }
 
