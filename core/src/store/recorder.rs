@@ -60,6 +60,23 @@ pub struct RequestRecord<'a> {
     pub trace: Option<u128>,
 }
 
+#[cfg(test)]
+impl RequestRecord<'static> {
+    /// A `GET /` answered 200 with 13 bytes, no error and no trace: the
+    /// tests' request, changed with struct update syntax.
+    pub(crate) fn hello() -> RequestRecord<'static> {
+        RequestRecord {
+            method: "GET",
+            route: "/",
+            status: 200,
+            request_bytes: 0,
+            response_bytes: 13,
+            error: None,
+            trace: None,
+        }
+    }
+}
+
 /// A request named in the in-flight table ([`Recorder::track`]); dropping it
 /// frees the entry.
 #[derive(Debug)]

@@ -52,13 +52,9 @@ fn requests_are_counted_exactly_and_state_follows_in_flight() {
         rec.finish(
             start,
             &RequestRecord {
-                method: "GET",
-                route: "/",
                 status: if i % 2 == 0 { 200 } else { 500 },
-                request_bytes: 0,
-                response_bytes: 13,
                 error: (i % 2 == 1).then_some(ErrorKind::AppError),
-                trace: None,
+                ..RequestRecord::hello()
             },
         );
     }
@@ -89,13 +85,8 @@ fn a_file_is_marked_once_it_holds_an_exemplar() {
         rec.finish(
             start,
             &RequestRecord {
-                method: "GET",
-                route: "/",
-                status: 200,
-                request_bytes: 0,
-                response_bytes: 13,
-                error: None,
                 trace,
+                ..RequestRecord::hello()
             },
         );
     };
@@ -128,13 +119,10 @@ fn overflow_goes_to_other_and_counts_drops() {
         rec.finish(
             start,
             &RequestRecord {
-                method: "GET",
                 route: &route,
                 status: 404,
-                request_bytes: 0,
                 response_bytes: 0,
-                error: None,
-                trace: None,
+                ..RequestRecord::hello()
             },
         );
     }
@@ -196,13 +184,9 @@ fn the_slot_histogram_counts_every_route_in_the_same_buckets() {
             1_000,
             1_000 + ns,
             &RequestRecord {
-                method: "GET",
                 route,
-                status: 200,
-                request_bytes: 0,
                 response_bytes: 0,
-                error: None,
-                trace: None,
+                ..RequestRecord::hello()
             },
         );
     }

@@ -384,19 +384,7 @@ mod tests {
             rec.ready();
             for _ in 0..=slot {
                 rec.begin_at(1_000);
-                rec.finish_at(
-                    1_000,
-                    2_000,
-                    &RequestRecord {
-                        method: "GET",
-                        route: "/",
-                        status: 200,
-                        request_bytes: 0,
-                        response_bytes: 13,
-                        error: None,
-                        trace: None,
-                    },
-                );
+                rec.finish_at(1_000, 2_000, &RequestRecord::hello());
             }
         }
         store
