@@ -4,7 +4,8 @@
 //! executor; blocking apps run on smol's blocking pool (`smol::unblock`).
 //!
 //! Why smol: async-std is discontinued upstream and its maintainers point to
-//! smol as the successor. hyper talks to smol through `smol-hyper`. The
+//! smol as the successor. hyper talks to smol through
+//! `smol-hyper`'s timer and this crate's own IO adapter (`hyper_io`). The
 //! lifecycle and the connection cap come from [`gpe_core::async_worker`].
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
@@ -12,6 +13,7 @@
 mod accept;
 mod compat;
 mod eager;
+mod hyper_io;
 
 use std::io;
 use std::rc::Rc;
@@ -27,7 +29,7 @@ use gpe_core::{conn_policy, serve_io, ErrorKind, Policy};
 use gpe_core::{supervise, take_listeners, Admission, Event, Gate, TICK};
 use gpe_core::{Worker, WorkerContext, WorkerExit};
 use smol::{Async, LocalExecutor, Timer};
-use smol_hyper::rt::{FuturesIo, SmolTimer};
+use smol_hyper::rt::SmolTimer;
 
 pub use compat::CompatRunner;
 
@@ -101,7 +103,7 @@ impl Connections {
         let (svc, p) = (&self.service, &self.policy);
         let Some(acceptor) = &self.tls else {
             let protocol = p.protocol(None);
-            let io = FuturesIo::new(io);
+            let io = hyper_io::HyperIo::new(io);
             serve_io(io, admission, peer, svc, p, protocol, &self.runner, drained).await;
             return;
         };
@@ -110,7 +112,7 @@ impl Connections {
         match futures_util::future::select(handshake, deadline).await {
             futures_util::future::Either::Left((Ok(stream), _)) => {
                 let protocol = p.protocol(stream.get_ref().1.alpn_protocol());
-                let io = FuturesIo::new(stream);
+                let io = hyper_io::HyperIo::new(stream);
                 serve_io(io, admission, peer, svc, p, protocol, &self.runner, drained).await;
             }
             futures_util::future::Either::Left((Err(_), _)) => {}
