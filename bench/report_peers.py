@@ -26,6 +26,7 @@ T_SCRAPE = {(64, 1000): 5.0, (256, 1000): 15.0}
 
 CEIL_2T = ("ceiling", "hyper-2t", "keepalive")
 CEIL_FORKED = ("ceiling", "forked-ct", "keepalive")
+CEIL_FORKED_BAL = ("ceiling", "forked-ct-bal", "keepalive")
 PEERS = {
     "actix plain": ("rust-peer", "actix", "plain"),
     "actix-web-prom": ("rust-peer", "actix", "prom"),
@@ -35,6 +36,7 @@ PEERS = {
 NAMES = {
     CEIL_2T: "ceiling: tokio+hyper, 1 process, 2-thread runtime",
     CEIL_FORKED: "forked ceiling: 2 processes, current-thread runtime each, one listener",
+    CEIL_FORKED_BAL: "forked ceiling, balanced as gpe balances (`--balanced`)",
     PEERS["actix plain"]: "actix-web 4, 2 workers",
     PEERS["actix-web-prom"]: "actix-web 4 + actix-web-prom, 2 workers",
     PEERS["axum plain"]: "axum 0.8, 2-thread tokio runtime",
@@ -61,6 +63,7 @@ def rps(row):
 KEPT_SECTIONS = {
     "ab": "bench/ab.sh",
     "yield": "bench/idle_yield.sh",
+    "layers": "bench/layers.sh",
 }
 
 
@@ -150,6 +153,13 @@ class Rounds:
         per = [ra[k] / rb[k] for k in sorted(ra) if k in rb and rb[k]]
         return median(per), per
 
+    def split(self, key, rnd):
+        """How the connections were split over the processes in round `rnd` ("13/3"), or None."""
+        for r in self.rows.get(key, []):
+            if r.get("round") == rnd:
+                return r.get("split")
+        return None
+
     def rate(self, key):
         return median(self.by.get(key, {}).values())
 
@@ -171,18 +181,19 @@ def ratio_section(rounds):
     n = len(rounds.rounds())
     lines = ["| server | req/s (median of the rounds) | rounds | RSS per process MiB | RSS total MiB |",
              "|---|---|---|---|---|"]
-    order = [CEIL_2T, CEIL_FORKED] + gpe_keys(rounds) + [("gpe", "eventloop", "axum")] + list(PEERS.values())
+    order = [CEIL_2T, CEIL_FORKED, CEIL_FORKED_BAL] + gpe_keys(rounds) + [("gpe", "eventloop", "axum")] \
+        + list(PEERS.values())
     for key in order:
         if key not in rounds.rows:
             continue
-        per = ", ".join(f"{rounds.by.get(key, {}).get(r, 0) / 1000:.1f}k" for r in rounds.rounds()
-                        if r in rounds.by.get(key, {}))
+        per = ", ".join(f"{rounds.by.get(key, {}).get(r, 0) / 1000:.1f}k" + split_note(rounds, key, r)
+                        for r in rounds.rounds() if r in rounds.by.get(key, {}))
         rate = rounds.rate(key)
         lines.append(f"| {name_of(key)} | {'no result' if rate is None else f'{rate:,.0f}'} | {per} "
                      f"| {f2(rounds.rss(key, 'rss_mib'))} | {f2(rounds.rss(key, 'rss_total_mib'))} |")
     throughput = "\n".join(lines)
 
-    cols = [("/ ceiling 2t", CEIL_2T), ("/ forked ceiling", CEIL_FORKED),
+    cols = [("/ ceiling 2t", CEIL_2T), ("/ forked ceiling", CEIL_FORKED), ("/ forked balanced", CEIL_FORKED_BAL),
             ("/ actix plain", PEERS["actix plain"]), ("/ axum plain", PEERS["axum plain"]),
             ("/ actix-web-prom", PEERS["actix-web-prom"]), ("/ axum-prometheus", PEERS["axum-prometheus"])]
     head = "| gpe | " + " | ".join(c for c, _ in cols) + " |"
@@ -205,15 +216,45 @@ apart. *RSS per process* is the mean over the worker processes (gpe: the
 master's children except the exporter; the forked ceiling: its 2 children;
 actix, axum and the ceiling: their one process), *RSS total* the sum of VmRSS
 over every process of the server (gpe: the master and the workers), both read
-at the end of the load and the median over the rounds.
+at the end of the load and the median over the rounds. After each round's
+req/s of a server with more than one process, in brackets: how many of the 16
+connections each process held halfway through the load, largest first.
 
 {throughput}
+
+{split_sentence(rounds)}
 
 Each ratio is the median over the rounds of the two servers' req/s in the
 same round (gpe's req/s over the other's):
 
 {ratios}"""
     return md, res
+
+
+def split_note(rounds, key, rnd):
+    """" (13/3)" for a multi-process server's round, else ""."""
+    sp = rounds.split(key, rnd)
+    return f" ({sp})" if sp and "/" in sp else ""
+
+
+def split_sentence(rounds):
+    """What the forked ceiling's rounds show about the split, from the figures."""
+    runs = [(rounds.by.get(CEIL_FORKED, {}).get(r), rounds.split(CEIL_FORKED, r)) for r in rounds.rounds()]
+    runs = [(v, sp) for v, sp in runs if v and sp and "/" in sp]
+    bal = rounds.rate(CEIL_FORKED_BAL)
+    if not runs or bal is None:
+        return ""
+    even = [v for v, sp in runs if len(set(sp.split("/"))) == 1]
+    skew = [(v, sp) for v, sp in runs if len(set(sp.split("/"))) > 1]
+    text = ", ".join(f"{v / 1000:.1f}k at {sp}" for v, sp in sorted(runs, key=lambda x: -x[0]))
+    out = (f"The forked ceiling's connections were split by the kernel ({text}: even in "
+           f"{len(even)} of {len(runs)} rounds); balanced as gpe balances (`--balanced`, an even "
+           f"split) it ran at {bal / 1000:.1f}k (median).")
+    if skew and (not even or median([v for v, _ in skew]) > median(even)):
+        out += (" Its uneven rounds ran faster: with wrk on the same 2 CPUs, one process holding "
+                "most connections keeps one CPU for the server and one for wrk, and seldom sleeps.")
+    return out + (" gpe's workers always balance, so the *forked balanced* column compares gpe with "
+                  "the same shape under the same split.")
 
 
 def ratio_targets(rounds, res):
@@ -234,6 +275,8 @@ def ratio_targets(rounds, res):
         [(k, key, CEIL_2T) for k, key in on], T_VS_CEILING)
     row("thread, eventloop, greenlet / the forked current-thread ceiling ≥ 0.97",
         [(k, key, CEIL_FORKED) for k, key in on], T_VS_FORKED)
+    row("(context, not a target of the issue) the same, against the forked ceiling balanced as gpe balances",
+        [(k, key, CEIL_FORKED_BAL) for k, key in on], T_VS_FORKED)
     row("gpe eventloop / actix-web plain ≥ 1.0 (metrics on)",
         [(k, key, PEERS["actix plain"]) for k, key in on if k == "eventloop"], T_VS_ACTIX)
     row("gpe with metrics / axum + axum-prometheus ≥ 1.3×",

@@ -32,7 +32,9 @@
 #  9. counts instructions per request by layer under callgrind (bench/instructions.sh;
 #     BENCH_SKIP_INSTR=1 leaves it out), and runs the criterion micro-benchmark of
 #     the hot path (core/benches/hot_path.rs);
-# 10. writes BENCHMARKS.md and the plots (bench/report.py).
+# 10. profiles CPU time per request by layer with perf (bench/layers.sh, which
+#     rewrites its own section of BENCHMARKS.md; BENCH_SKIP_LAYERS=1 leaves it out);
+# 11. writes BENCHMARKS.md and the plots (bench/report.py).
 #
 # Environment: BENCH_QUICK=1 (shorter phases, 1 round, no criterion, no
 # gunicorn; every default below then changes as noted in brackets),
@@ -45,7 +47,7 @@
 # BENCH_SCALE_SECONDS (3 [2]),
 # BENCH_SKIP_PEER=1 (gunicorn), BENCH_SKIP_RUST_PEERS=1 (actix, axum), BENCH_SKIP_MICRO=1,
 # BENCH_SKIP_PROFILE=1, BENCH_SKIP_AXUM=1, BENCH_SKIP_SCRAPE=1, BENCH_SKIP_TLS=1,
-# BENCH_SKIP_RATE=1, BENCH_SKIP_SCALING=1, BENCH_SKIP_PEER_SCRAPE=1,
+# BENCH_SKIP_RATE=1, BENCH_SKIP_SCALING=1, BENCH_SKIP_PEER_SCRAPE=1, BENCH_SKIP_LAYERS=1,
 # BENCH_KINDS (gpe worker types to load; default "sync thread eventloop greenlet"),
 # CARGO_TARGET_DIR (default: ./target).
 set -euo pipefail
@@ -100,8 +102,18 @@ measure() {
   local server=$1 kind=$2 variant=$3 close=$4 lister=$5 note=${6:-} all=${7:-$5}
   echo "-- $server $kind $variant (round $ROUND, warm-up ${WARM}s, load ${SECS}s)" >&2
   run_wrk "$close" "$WARM" >/dev/null || true
-  local res pids rss total
+  local res pids rss total split=null sampler=""
+  # Keep-alive connections stay where they were accepted: halfway through
+  # the load, note how many each process holds.
+  if [[ $close == 0 ]]; then
+    (sleep "$(awk -v s="$SECS" 'BEGIN{print s/2}')"; conn_split) >"$OUT/split.tmp" &
+    sampler=$!
+  fi
   res=$(run_wrk "$close" "$SECS" || true)
+  if [[ -n $sampler ]]; then
+    wait "$sampler" 2>/dev/null || true
+    [[ -s $OUT/split.tmp ]] && split="\"$(cat "$OUT/split.tmp")\""
+  fi
   # shellcheck disable=SC2046
   pids=$($lister)
   # shellcheck disable=SC2086
@@ -109,9 +121,15 @@ measure() {
   # shellcheck disable=SC2046,SC2086
   total=$(total_rss_mib $($all))
   [[ -n $res ]] || res=null
-  printf '{"server":"%s","kind":"%s","variant":"%s","close":%s,"round":%s,"workers":%s,"rss_mib":%s,"rss_total_mib":%s,"note":"%s","load1":%s,"wrk":%s}\n' \
-    "$server" "$kind" "$variant" "$close" "$ROUND" "$(wc -w <<<"$pids")" "$rss" "$total" "$note" "$(cut -d' ' -f1 /proc/loadavg)" "$res" >>"$OUT/results.jsonl"
+  printf '{"server":"%s","kind":"%s","variant":"%s","close":%s,"round":%s,"workers":%s,"rss_mib":%s,"rss_total_mib":%s,"note":"%s","load1":%s,"split":%s,"wrk":%s}\n' \
+    "$server" "$kind" "$variant" "$close" "$ROUND" "$(wc -w <<<"$pids")" "$rss" "$total" "$note" "$(cut -d' ' -f1 /proc/loadavg)" "$split" "$res" >>"$OUT/results.jsonl"
   echo "   $res rss=${rss}MiB total=${total}MiB pids=[$(echo $pids)]" >&2
+}
+# The established connections to the benchmark port per server process,
+# largest first ("13/3"); nothing if none.
+conn_split() {
+  ss -Htnp state established "( sport = :$PORT )" | grep -o 'pid=[0-9]*' | sort | uniq -c |
+    awk '{print $1}' | sort -rn | paste -sd/
 }
 skip_row() {
   printf '{"server":"%s","kind":"%s","variant":"%s","close":0,"workers":0,"rss_mib":null,"note":"%s","wrk":null}\n' \
@@ -128,7 +146,7 @@ setup() {
   command -v ss >/dev/null || missing+=(iproute2)
   command -v pgrep >/dev/null || missing+=(procps)
   [[ -x /usr/bin/time ]] || missing+=(time)
-  [[ ${BENCH_SKIP_PROFILE:-0} == 1 ]] || command -v perf >/dev/null || missing+=(linux-perf)
+  [[ ${BENCH_SKIP_PROFILE:-0} == 1 && ${BENCH_SKIP_LAYERS:-0} == 1 ]] || command -v perf >/dev/null || missing+=(linux-perf)
   command -v python3 >/dev/null || missing+=(python3 python3-venv)
   if [[ ${BENCH_SKIP_INSTR:-0} != 1 ]]; then
     command -v valgrind >/dev/null || missing+=(valgrind)
@@ -166,6 +184,7 @@ setup() {
 # The servers of the rounds, by id:
 #   ceiling-2t, ceiling-close       bench/ceiling, 2-thread runtime (keep-alive, close)
 #   ceiling-forked                  bench/ceiling --forked 2
+#   ceiling-forked-bal              bench/ceiling --forked 2 --balanced (gpe's balance)
 #   gpe:KIND:VARIANT                gpe serve -k KIND -w 2; VARIANT metrics,
 #                                   no-metrics, no-yield, or axum (gpe-axum-app)
 #   actix-plain, actix-prom, axum-plain, axum-prom   bench/peers, 2 workers
@@ -183,9 +202,11 @@ start_id() {
       ROW_SERVER=ceiling; ROW_KIND=hyper-2t; ROW_VARIANT=$([[ $ROW_CLOSE == 1 ]] && echo close || echo keepalive)
       ROW_NOTE="1 process, 2-thread tokio runtime"
       ROW_LISTER="echo $SERVER_PID"; ROW_ALL=$ROW_LISTER ;;
-    ceiling-forked)
-      start_server "$id-r$ROUND" "$CEILING" --bind "127.0.0.1:$PORT" --forked 2
-      ROW_SERVER=ceiling; ROW_KIND=forked-ct; ROW_VARIANT=keepalive
+    ceiling-forked | ceiling-forked-bal)
+      local bal=()
+      [[ $id == ceiling-forked-bal ]] && bal=(--balanced)
+      start_server "$id-r$ROUND" "$CEILING" --bind "127.0.0.1:$PORT" --forked 2 "${bal[@]}"
+      ROW_SERVER=ceiling; ROW_KIND=forked-ct${bal:+-bal}; ROW_VARIANT=keepalive
       ROW_NOTE="2 forked processes, a current-thread tokio runtime each, one listener"
       ROW_LISTER="children $SERVER_PID"; ROW_ALL="tree $SERVER_PID" ;;
     gpe:*)
@@ -242,7 +263,7 @@ kind_built() {
 # so that no server always follows the same one. Keep-alive servers, then the
 # close-mode pair; then each keep-alive type once with `--idle-yield false`.
 run_rounds() {
-  local ids=(ceiling-2t ceiling-forked) close_ids=() kind r i order
+  local ids=(ceiling-2t ceiling-forked ceiling-forked-bal) close_ids=() kind r i order
   for kind in $KINDS; do
     kind_built "$kind" || continue
     if [[ $kind == sync ]]; then
@@ -451,6 +472,15 @@ run_instructions() {
     bash "$HERE/instructions.sh" >/dev/null || echo "   bench/instructions.sh failed" >&2
 }
 
+# ---------------------------------------------------------------- layers
+# bench/layers.sh (perf record): CPU time per request by layer; it writes its
+# own section of BENCHMARKS.md, which report.py keeps.
+run_layers() {
+  log "CPU time per request by layer: bench/layers.sh"
+  BENCH_LAYERS_WRITE=1 BENCH_SECONDS=$(q 5 2) BENCH_PORT=$PORT BENCH_METRICS_PORT=$MPORT \
+    bash "$HERE/layers.sh" >/dev/null || echo "   bench/layers.sh failed" >&2
+}
+
 # ---------------------------------------------------------------- scrape cost
 # Prints "p50_ms size_bytes" of $SCRAPES scrapes of $1.
 scrape_stats() {
@@ -640,6 +670,7 @@ main() {
   [[ ${BENCH_SKIP_PEER:-0} == 1 || ${BENCH_SKIP_SCRAPE:-0} == 1 || ${BENCH_SKIP_PEER_SCRAPE:-0} == 1 ]] || scrape_peer
   [[ ${BENCH_SKIP_SCRAPE:-0} == 1 ]] || run_scrape_scaling
   [[ ${BENCH_SKIP_INSTR:-0} == 1 ]] || run_instructions
+  [[ ${BENCH_SKIP_LAYERS:-0} == 1 ]] || run_layers
   [[ ${BENCH_SKIP_MICRO:-0} == 1 ]] || run_micro
   log "report: BENCHMARKS.md and the plots"
   wrk_version=$(wrk -v 2>&1 | head -1 || true)

@@ -3,7 +3,7 @@
 //! request with `Hello, World!` and the same headers as gpe's `hello` app.
 //!
 //! ```text
-//! gpe-bench-ceiling [--bind ADDR] [--threads N | --forked N] [--close] [--tls CERT KEY]
+//! gpe-bench-ceiling [--bind ADDR] [--threads N | --forked N [--balanced [--max-defer-ms N]]] [--close] [--tls CERT KEY]
 //! ```
 //!
 //! `--threads N`: worker threads of the tokio runtime (1 = current-thread
@@ -14,12 +14,23 @@
 //! connection after one response (to compare with gpe's sync worker).
 //! `--tls CERT KEY`: serve HTTPS with tokio-rustls (ring provider, ALPN
 //! `http/1.1`), the ceiling of gpe's HTTPS rows.
+//!
+//! `--balanced` (with `--forked`): the children balance connections the way
+//! gpe's workers do (`core/src/balance.rs`): before each accept, a child
+//! that holds more open connections than its least-loaded sibling waits
+//! 1 ms at a time, 50 ms at most (`--max-defer-ms`), for that sibling to take
+//! the connection.
+//! The counts live in an anonymous shared mapping made before the forks.
+//! Left alone, the kernel hands a burst of connections to whichever child
+//! runs first, and how it split them moves this ceiling's rate.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -33,6 +44,8 @@ struct Opts {
     bind: SocketAddr,
     threads: usize,
     forked: Option<usize>,
+    balanced: bool,
+    max_defer: Duration,
     close: bool,
     tls: Option<(PathBuf, PathBuf)>,
 }
@@ -42,6 +55,8 @@ fn parse() -> Result<Opts, String> {
         bind: SocketAddr::from(([127, 0, 0, 1], 8000)),
         threads: 2,
         forked: None,
+        balanced: false,
+        max_defer: MAX_DEFER,
         close: false,
         tls: None,
     };
@@ -72,6 +87,12 @@ fn parse() -> Result<Opts, String> {
                 );
             }
             "--close" => opts.close = true,
+            "--balanced" => opts.balanced = true,
+            "--max-defer-ms" => {
+                let v = args.next().ok_or("--max-defer-ms needs N")?;
+                let ms = v.parse().map_err(|e| format!("--max-defer-ms {v}: {e}"))?;
+                opts.max_defer = Duration::from_millis(ms);
+            }
             "--tls" => {
                 let cert = args.next().ok_or("--tls needs CERT KEY")?;
                 let key = args.next().ok_or("--tls needs CERT KEY")?;
@@ -79,7 +100,7 @@ fn parse() -> Result<Opts, String> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: gpe-bench-ceiling [--bind ADDR] [--threads N | --forked N] [--close] [--tls CERT KEY]"
+                    "usage: gpe-bench-ceiling [--bind ADDR] [--threads N | --forked N [--balanced [--max-defer-ms N]]] [--close] [--tls CERT KEY]"
                 );
                 std::process::exit(0);
             }
@@ -88,6 +109,9 @@ fn parse() -> Result<Opts, String> {
     }
     if threads_given && opts.forked.is_some() {
         return Err("--forked runs a current-thread runtime per process: drop --threads".into());
+    }
+    if opts.balanced && opts.forked.is_none() {
+        return Err("--balanced balances forked processes: add --forked N".into());
     }
     Ok(opts)
 }
@@ -144,14 +168,82 @@ fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(sock.into())
 }
 
+/// The open connections of every forked child (`--balanced`), shared
+/// across the forks, and which of them is this process's.
+#[derive(Clone, Copy)]
+struct Balance {
+    counts: &'static [AtomicUsize],
+    me: usize,
+    max_defer: Duration,
+}
+
+/// Longest a child defers to its siblings before accepting by default
+/// (gpe's `MAX_DEFER`).
+const MAX_DEFER: Duration = Duration::from_millis(50);
+/// How long it pauses before asking again (gpe's `BALANCE_PAUSE`).
+const BALANCE_PAUSE: Duration = Duration::from_millis(1);
+
+impl Balance {
+    /// `n` zeroed counters in an anonymous shared mapping, which the children
+    /// forked after this call share. The mapping is never unmapped.
+    fn shared(n: usize) -> std::io::Result<&'static [AtomicUsize]> {
+        let len = n * std::mem::size_of::<AtomicUsize>();
+        // SAFETY: a new mapping (address chosen by the kernel, no file), so
+        // no existing memory is touched; the result is checked below.
+        // MAP_SHARED (memmap2's anonymous maps are MAP_PRIVATE, which a fork
+        // copies) makes the children's stores visible to each other.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the mapping is page-aligned (so aligned for AtomicUsize),
+        // `len` bytes long, zero-filled by the kernel (a valid AtomicUsize,
+        // which has the layout of usize), and never unmapped, so it lives as
+        // long as the process; every access goes through atomics. The
+        // `forked` tests serve through it.
+        Ok(unsafe { std::slice::from_raw_parts(ptr.cast::<AtomicUsize>(), n) })
+    }
+
+    /// Waits while this child holds more connections than its least-loaded
+    /// sibling, at most `max_defer`.
+    async fn my_turn(&self) {
+        let start = Instant::now();
+        while start.elapsed() < self.max_defer {
+            let mine = self.counts[self.me].load(Ordering::Relaxed);
+            let least = (0..self.counts.len())
+                .filter(|&i| i != self.me)
+                .map(|i| self.counts[i].load(Ordering::Relaxed))
+                .min()
+                .unwrap_or(mine);
+            if mine <= least {
+                return;
+            }
+            tokio::time::sleep(BALANCE_PAUSE).await;
+        }
+    }
+}
+
 async fn serve(
     opts: &Opts,
     tls: Option<tokio_rustls::TlsAcceptor>,
     listener: std::net::TcpListener,
+    balance: Option<Balance>,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let close = opts.close;
     loop {
+        if let Some(b) = &balance {
+            b.my_turn().await;
+        }
         let (stream, _) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
@@ -161,7 +253,11 @@ async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let tls = tls.clone();
+        if let Some(b) = balance {
+            b.counts[b.me].fetch_add(1, Ordering::Relaxed);
+        }
         tokio::spawn(async move {
+            let _open = balance.map(Open);
             let svc = service_fn(move |req| hello(req, close));
             let mut builder = http1::Builder::new();
             builder.keep_alive(!close);
@@ -179,12 +275,22 @@ async fn serve(
     }
 }
 
+/// One open connection of a balanced child, counted until it is dropped.
+struct Open(Balance);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.counts[self.0.me].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Runs one server process: a tokio runtime with `threads` workers (1 = current-thread).
 fn run(
     opts: &Opts,
     threads: usize,
     tls: Option<tokio_rustls::TlsAcceptor>,
     listener: std::net::TcpListener,
+    balance: Option<Balance>,
 ) -> std::io::Result<()> {
     let rt = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -196,7 +302,7 @@ fn run(
             .enable_all()
             .build()
     }?;
-    rt.block_on(serve(opts, tls, listener))
+    rt.block_on(serve(opts, tls, listener, balance))
 }
 
 /// `--forked N`: forks N servers on `listener`, then waits for SIGTERM or
@@ -220,6 +326,11 @@ fn forked(
     set.thread_block()
         .map_err(|e| format!("sigprocmask: {e}"))?;
     let parent = nix::unistd::getpid();
+    let counts = if opts.balanced {
+        Some(Balance::shared(n).map_err(|e| format!("--balanced: shared mapping: {e}"))?)
+    } else {
+        None
+    };
     let mut children: Vec<Pid> = Vec::with_capacity(n);
     let stop = |children: &mut Vec<Pid>| {
         for &pid in children.iter() {
@@ -229,7 +340,7 @@ fn forked(
             let _ = waitpid(pid, None);
         }
     };
-    for _ in 0..n {
+    for me in 0..n {
         // SAFETY: the process is single-threaded here (no runtime has been
         // built yet, and nothing else spawns threads before this point), so
         // the child may run any code, not only async-signal-safe functions.
@@ -243,7 +354,12 @@ fn forked(
                     if nix::unistd::getppid() != parent {
                         return Err(std::io::Error::other("the parent exited"));
                     }
-                    run(opts, 1, tls.clone(), listener.try_clone()?)
+                    let balance = counts.map(|counts| Balance {
+                        counts,
+                        me,
+                        max_defer: opts.max_defer,
+                    });
+                    run(opts, 1, tls.clone(), listener.try_clone()?, balance)
                 })();
                 if let Err(e) = child {
                     eprintln!("gpe-bench-ceiling: child {}: {e}", std::process::id());
@@ -313,6 +429,7 @@ fn main() -> ExitCode {
     };
     let addr = listener.local_addr().map_or(opts.bind, |a| a);
     let shape = match opts.forked {
+        Some(n) if opts.balanced => format!("{n} forked current-thread process(es), balanced"),
         Some(n) => format!("{n} forked current-thread process(es)"),
         None => format!("{} thread(s)", opts.threads),
     };
@@ -327,7 +444,7 @@ fn main() -> ExitCode {
     );
     let res = match opts.forked {
         Some(n) => forked(&opts, n, tls, listener),
-        None => run(&opts, opts.threads, tls, listener).map_err(|e| e.to_string()),
+        None => run(&opts, opts.threads, tls, listener, None).map_err(|e| e.to_string()),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
