@@ -154,10 +154,14 @@ class Rounds:
         return median(per), per
 
     def split(self, key, rnd):
-        """How the connections were split over the processes in round `rnd` ("13/3"), or None."""
+        """How the connections were split over the processes in round `rnd`
+        ("13/3", "16/0"), or None. The run lists only processes that held a
+        connection; the others are added as zeros."""
         for r in self.rows.get(key, []):
-            if r.get("round") == rnd:
-                return r.get("split")
+            if r.get("round") == rnd and r.get("split"):
+                parts = r["split"].split("/")
+                parts += ["0"] * max(0, (r.get("workers") or 0) - len(parts))
+                return "/".join(parts)
         return None
 
     def rate(self, key):
@@ -250,9 +254,10 @@ def split_sentence(rounds):
     out = (f"The forked ceiling's connections were split by the kernel ({text}: even in "
            f"{len(even)} of {len(runs)} rounds); balanced as gpe balances (`--balanced`, an even "
            f"split) it ran at {bal / 1000:.1f}k (median).")
-    if skew and (not even or median([v for v, _ in skew]) > median(even)):
-        out += (" Its uneven rounds ran faster: with wrk on the same 2 CPUs, one process holding "
-                "most connections keeps one CPU for the server and one for wrk, and seldom sleeps.")
+    if skew and median([v for v, _ in skew]) > bal:
+        out += (" Its uneven rounds ran faster than the balanced ones: with wrk on the same 2 CPUs, "
+                "one process holding most connections keeps one CPU for the server and one for "
+                "wrk, and seldom sleeps.")
     return out + (" gpe's workers always balance, so the *forked balanced* column compares gpe with "
                   "the same shape under the same split.")
 
@@ -299,25 +304,31 @@ def fixed_rate_section(out, secs, conns):
     runs = load_jsonl(out / "fixed_rate.jsonl")
     if not runs:
         return "(not measured: oha was not installed, or the rounds gave no peaks)", {}
-    lines = ["| server | peak req/s (rounds) | rate asked | achieved req/s | success | p50 ms | p99 ms | p99.9 ms |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| server | peak req/s (rounds) | rate asked | achieved req/s | success | p50 ms | p99 ms | p99.9 ms "
+             "| p99 ms of each round |",
+             "|---|---|---|---|---|---|---|---|---|"]
     p99 = {}
+    by = {}
     for r in runs:
-        key = (r["server"], r["kind"], r["variant"])
-        o = r.get("oha") or {}
-        summ = o.get("summary") or {}
-        ach = summ.get("requestsPerSec")
-        succ = summ.get("successRate")
-        lat = {q: oha_lat(o, q) for q in ("p50", "p99", "p99.9")}
+        by.setdefault((r["server"], r["kind"], r["variant"]), []).append(r)
+    n = max(len(v) for v in by.values())
+    for key, rs in by.items():
+        summ = [(r.get("oha") or {}).get("summary") or {} for r in rs]
+        ach = median([x.get("requestsPerSec") for x in summ])
+        succ = median([x.get("successRate") for x in summ])
+        lat = {q: median([oha_lat(r.get("oha") or {}, q) for r in rs]) for q in ("p50", "p99", "p99.9")}
         p99[key] = lat["p99"]
-        lines.append(f"| {name_of(key)} | {r['peak']:,} | {r['rate']:,} | {'–' if ach is None else f'{ach:,.0f}'} "
+        each = ", ".join(f2(oha_lat(r.get("oha") or {}, "p99")) for r in rs)
+        lines.append(f"| {name_of(key)} | {rs[0]['peak']:,} | {rs[0]['rate']:,} | {'–' if ach is None else f'{ach:,.0f}'} "
                      f"| {'–' if succ is None else f'{succ:.1%}'} | {f2(lat['p50'])} | {f2(lat['p99'])} "
-                     f"| {f2(lat['p99.9'])} |")
+                     f"| {f2(lat['p99.9'])} | {each} |")
     md = f"""`oha --latency-correction -q RATE -c {conns} -z {secs}s` against each server
 started afresh (after a wrk warm-up), RATE being half of that server's own peak:
 the median req/s of its interleaved rounds above. With `--latency-correction`
 each request's latency counts from when it was due, not from when it was sent,
-so a stall shows in the percentiles instead of lowering the rate.
+so a stall shows in the percentiles instead of lowering the rate. {n} round(s),
+odd ones in the order below and even ones reversed; each figure is the median
+over the rounds (a stall of the host moves one round, not the median).
 
 """ + "\n".join(lines)
     return md, p99

@@ -42,7 +42,7 @@
 # BENCH_REPEAT (3 rounds [1]), BENCH_TLS_REPEAT (1 pair per type),
 # BENCH_PORT (18000), BENCH_METRICS_PORT (19091), BENCH_PEER_METRICS_PORT (19092),
 # BENCH_SCRAPES (50 [10]), BENCH_RESPAWNS (200 [20]), BENCH_PROFILE_SECONDS (5 [2]),
-# BENCH_RATE_SECONDS (BENCH_SECONDS), BENCH_SCALE_KINDS ("eventloop thread" ["eventloop"]),
+# BENCH_RATE_SECONDS (BENCH_SECONDS), BENCH_RATE_REPEAT (3 rounds [1]), BENCH_SCALE_KINDS ("eventloop thread" ["eventloop"]),
 # BENCH_SCALE_WORKERS ("1 2 4 8"), BENCH_SCALE_CONNECTIONS ("16 256 1024"),
 # BENCH_SCALE_SECONDS (3 [2]),
 # BENCH_SKIP_PEER=1 (gunicorn), BENCH_SKIP_RUST_PEERS=1 (actix, axum), BENCH_SKIP_MICRO=1,
@@ -70,6 +70,7 @@ TLS_REPEAT=${BENCH_TLS_REPEAT:-1}
 RESPAWNS=${BENCH_RESPAWNS:-$(q 200 20)}
 KINDS=${BENCH_KINDS:-sync thread eventloop greenlet}
 RATE_SECS=${BENCH_RATE_SECONDS:-$SECS}
+RATE_REPEAT=${BENCH_RATE_REPEAT:-$(q 3 1)}
 SCALE_KINDS=${BENCH_SCALE_KINDS:-$(q "eventloop thread" eventloop)}
 SCALE_WORKERS=${BENCH_SCALE_WORKERS:-1 2 4 8}
 SCALE_CONNS=${BENCH_SCALE_CONNECTIONS:-16 256 1024}
@@ -393,30 +394,42 @@ run_fixed_rate() {
     return 0
   fi
   log "fixed rate: oha at 50% of each server's peak, -c$CONNS, ${RATE_SECS}s"
-  local id peak rate res
-  local ids=()
+  local id ids=() i r
   for id in thread eventloop greenlet; do
     grep -q "gpe:$id:metrics" "$OUT/round-servers" 2>/dev/null && ids+=("gpe:$id:metrics")
   done
   [[ ${BENCH_SKIP_RUST_PEERS:-0} == 1 ]] || ids+=(actix-plain actix-prom axum-plain axum-prom)
-  for id in "${ids[@]}"; do
-    start_id "$id"
-    peak=$(median_rps "$ROW_SERVER" "$ROW_KIND" "$ROW_VARIANT")
-    if [[ -z $peak ]] || ! wait_http "$URL" 20; then
-      echo "-- $id: no peak or did not start; skipped" >&2
-      stop_server
-      continue
+  # RATE_REPEAT rounds, odd ones in order and even ones reversed: one bad
+  # second of the host moves one round's p99, not the median of the rounds.
+  for r in $(seq 1 "$RATE_REPEAT"); do
+    if ((r % 2)); then
+      for i in "${ids[@]}"; do fixed_rate_one "$i" "$r"; done
+    else
+      for ((i = ${#ids[@]} - 1; i >= 0; i--)); do fixed_rate_one "${ids[i]}" "$r"; done
     fi
-    rate=$((peak / 2))
-    echo "-- $ROW_SERVER $ROW_KIND $ROW_VARIANT: peak $peak req/s, oha -q $rate" >&2
-    run_wrk 0 "$WARM" >/dev/null || true
-    res=$(timeout $((RATE_SECS + 30)) oha --no-tui --output-format json --latency-correction \
-      -z "${RATE_SECS}s" -c "$CONNS" -q "$rate" "$URL" 2>>"$OUT/logs/oha.log" || true)
-    [[ -n $res ]] || res=null
-    printf '{"server":"%s","kind":"%s","variant":"%s","peak":%s,"rate":%s,"seconds":%s,"conns":%s,"oha":%s}\n' \
-      "$ROW_SERVER" "$ROW_KIND" "$ROW_VARIANT" "$peak" "$rate" "$RATE_SECS" "$CONNS" "$(tr -d '\n' <<<"$res")" >>"$OUT/fixed_rate.jsonl"
-    stop_server
   done
+}
+
+# One oha run of server ID at half its peak, as round $2.
+fixed_rate_one() {
+  local id=$1 round=$2 peak rate res
+  start_id "$id"
+  peak=$(median_rps "$ROW_SERVER" "$ROW_KIND" "$ROW_VARIANT")
+  if [[ -z $peak ]] || ! wait_http "$URL" 20; then
+    echo "-- $id: no peak or did not start; skipped" >&2
+    stop_server
+    return 0
+  fi
+  rate=$((peak / 2))
+  echo "-- $ROW_SERVER $ROW_KIND $ROW_VARIANT (round $round): peak $peak req/s, oha -q $rate" >&2
+  run_wrk 0 "$WARM" >/dev/null || true
+  res=$(timeout $((RATE_SECS + 30)) oha --no-tui --output-format json --latency-correction \
+    -z "${RATE_SECS}s" -c "$CONNS" -q "$rate" "$URL" 2>>"$OUT/logs/oha.log" || true)
+  [[ -n $res ]] || res=null
+  printf '{"server":"%s","kind":"%s","variant":"%s","round":%s,"peak":%s,"rate":%s,"seconds":%s,"conns":%s,"load1":%s,"oha":%s}\n' \
+    "$ROW_SERVER" "$ROW_KIND" "$ROW_VARIANT" "$round" "$peak" "$rate" "$RATE_SECS" "$CONNS" \
+    "$(cut -d' ' -f1 /proc/loadavg)" "$(tr -d '\n' <<<"$res")" >>"$OUT/fixed_rate.jsonl"
+  stop_server
 }
 
 # ---------------------------------------------------------------- scaling
@@ -675,7 +688,7 @@ main() {
   log "report: BENCHMARKS.md and the plots"
   wrk_version=$(wrk -v 2>&1 | head -1 || true)
   BENCH_PROFILE_SECONDS=$PROFILE_SECS BENCH_SECONDS=$SECS BENCH_WARMUP=$WARM BENCH_REPEAT=$REPEAT BENCH_SCRAPES=$SCRAPES BENCH_CONNECTIONS=$CONNS BENCH_WRK_VERSION="$wrk_version" \
-    BENCH_TLS_REPEAT=$TLS_REPEAT BENCH_RATE_SECONDS=$RATE_SECS BENCH_SCALE_SECONDS=$SCALE_SECS BENCH_QUICK=$QUICK \
+    BENCH_TLS_REPEAT=$TLS_REPEAT BENCH_RATE_SECONDS=$RATE_SECS BENCH_RATE_REPEAT=$RATE_REPEAT BENCH_SCALE_SECONDS=$SCALE_SECS BENCH_QUICK=$QUICK \
     BENCH_RESPAWNS=$RESPAWNS BENCH_OHA_VERSION="$(oha --version 2>/dev/null | head -1 || true)" \
     "$([[ -x $VENV/bin/python ]] && echo "$VENV/bin/python" || echo python3)" "$HERE/report.py" "$ROOT" "$OUT"
 }
