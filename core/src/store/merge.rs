@@ -145,6 +145,7 @@ impl SnapshotReader {
         retired: Option<&DataFile>,
         master: Option<&DataFile>,
         extra: &(impl Fn(&[WorkerView], Option<u32>) -> T + Sync),
+        overlap: bool,
     ) -> io::Result<(Snapshot, T)> {
         let used = index.used();
         let uses: Vec<RowUse> = (0..used)
@@ -233,7 +234,7 @@ impl SnapshotReader {
             }
             part
         };
-        let (part, more) = if workers.len() >= OVERLAP_WORKERS {
+        let (part, more) = if overlap && workers.len() >= OVERLAP_WORKERS {
             std::thread::scope(|s| {
                 let beside = std::thread::Builder::new()
                     .name("gpe-read".into())

@@ -220,7 +220,10 @@ impl Snapshot {
     /// The index is missing or invalid, or the directory cannot be listed, or a
     /// fold kept racing the read for too long.
     pub fn read(store: &StoreDir) -> io::Result<Snapshot> {
-        Self::read_with(store, |_, _| ()).map(|(s, ())| s)
+        // Nothing to read beside the sums, so no second thread.
+        SnapshotReader::new(store.clone())
+            .read_within(FOLD_STALE, |_, _| (), false)
+            .map(|(s, ())| s)
     }
 
     /// Reads `store` consistently and calls `extra` on each attempt's live
@@ -248,7 +251,7 @@ impl Snapshot {
         stale: Duration,
         extra: impl Fn(&[WorkerView], Option<u32>) -> T + Sync,
     ) -> io::Result<(Snapshot, T)> {
-        SnapshotReader::new(store.clone()).read_within(stale, extra)
+        SnapshotReader::new(store.clone()).read_within(stale, extra, true)
     }
 }
 
@@ -285,13 +288,16 @@ impl SnapshotReader {
         &mut self,
         extra: impl Fn(&[WorkerView], Option<u32>) -> T + Sync,
     ) -> io::Result<(Snapshot, T)> {
-        self.read_within(FOLD_STALE, extra)
+        self.read_within(FOLD_STALE, extra, true)
     }
 
+    /// As [`Snapshot::read_with`]; `overlap` allows running `extra` on a
+    /// second thread (from [`OVERLAP_WORKERS`] live workers on).
     fn read_within<T: Send>(
         &mut self,
         stale: Duration,
         extra: impl Fn(&[WorkerView], Option<u32>) -> T + Sync,
+        overlap: bool,
     ) -> io::Result<(Snapshot, T)> {
         let store = self.store.clone();
         let index = store.open_index()?;
@@ -317,7 +323,8 @@ impl SnapshotReader {
                 }
             }
             attempts += 1;
-            let (snap, more) = self.read_once(&index, retired.as_ref(), master.as_ref(), &extra)?;
+            let (snap, more) =
+                self.read_once(&index, retired.as_ref(), master.as_ref(), &extra, overlap)?;
             fence(Ordering::Acquire);
             let end = retired
                 .as_ref()
