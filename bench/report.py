@@ -411,6 +411,13 @@ plot "{dat}" using 2:xtic(1) title "gpe, metrics on" lc rgb "#1f77b4", \\
     # ---------------------------------------------------------- BENCHMARKS.md
     started = (out / "started").read_text().strip() if (out / "started").exists() else ""
     load0 = (out / "loadavg-start").read_text().strip() if (out / "loadavg-start").exists() else "?"
+    # How long bench/run.sh took from its start to the report (builds included).
+    took = ""
+    if started and (out / "finished").exists():
+        fmt = "%Y-%m-%dT%H:%M:%SZ"
+        secs = int((datetime.datetime.strptime((out / "finished").read_text().strip(), fmt)
+                    - datetime.datetime.strptime(started, fmt)).total_seconds())
+        took = f", {secs // 60} min {secs % 60} s from start to report"
     # The commit the run measured (recorded at its start), else the current one.
     commit_file = out / "commit"
     commit = (commit_file.read_text().strip() if commit_file.exists() else "") or sh(
@@ -475,7 +482,7 @@ The rows, each serving the same `GET /` (13-byte `Hello, World!`,
 - **gunicorn 23** with the same app as WSGI, plain and with
   gunicorn-prometheus-exporter.
 
-- **Run:** {started} (UTC), gpe commit `{commit}`, {'`BENCH_QUICK=1` (short phases: figures for checking the machinery, not for quoting)' if os.environ.get('BENCH_QUICK') == '1' else 'full run'}
+- **Run:** {started} (UTC), gpe commit `{commit}`, {'`BENCH_QUICK=1` (short phases: figures for checking the machinery, not for quoting)' if os.environ.get('BENCH_QUICK') == '1' else 'full run'}{took}
 - **Machine:** {machine}
 - **Peers:** {pyver or 'gunicorn not installed'}; {rust_peers}; {os.environ.get('BENCH_OHA_VERSION') or 'oha not installed'}
 - **Load average at the start** (1, 5, 15 min): {load0}; the *load* column is the
