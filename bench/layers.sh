@@ -24,7 +24,8 @@
 # (`serve -k TYPE -w 2`, the built-in hello, metrics on).
 # Environment: BENCH_LAYERS_SERVERS ("ceiling forked forked-bal eventloop
 # thread greenlet"), BENCH_SECONDS (5), BENCH_LAYERS_FREQ (sampling Hz per CPU, 1999),
-# BENCH_LAYERS_WRITE, BENCH_PORT, BENCH_METRICS_PORT, CARGO_TARGET_DIR.
+# BENCH_LAYERS_WRITE, BENCH_PORT, BENCH_METRICS_PORT, CARGO_TARGET_DIR, BENCH_BUILT (1: do
+# not build first).
 # Output: bench/out/layers.jsonl (one server per line), bench/out/layers/.
 set -euo pipefail
 
@@ -42,7 +43,10 @@ TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 mkdir -p "$OUT/logs" "$OUT/layers"
 
 command -v perf >/dev/null || { echo "bench/layers.sh: perf is missing (Debian: linux-perf)" >&2; exit 1; }
-(cd "$ROOT" && cargo build --release -q -p gpe && cargo build --release -q -p gpe-bench-ceiling)
+# bench/run.sh built everything at its start (BENCH_BUILT=1): building again
+# would measure whatever the tree holds by then.
+[[ ${BENCH_BUILT:-0} == 1 ]] ||
+  (cd "$ROOT" && cargo build --release -q -p gpe && cargo build --release -q -p gpe-bench-ceiling)
 GPE=$TARGET/release/gpe
 CEILING=$TARGET/release/gpe-bench-ceiling
 

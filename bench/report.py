@@ -418,6 +418,10 @@ plot "{dat}" using 2:xtic(1) title "gpe, metrics on" lc rgb "#1f77b4", \\
         secs = int((datetime.datetime.strptime((out / "finished").read_text().strip(), fmt)
                     - datetime.datetime.strptime(started, fmt)).total_seconds())
         took = f", {secs // 60} min {secs % 60} s from start to report"
+        if (out / "set-up").exists():
+            setup = int((datetime.datetime.strptime((out / "set-up").read_text().strip(), fmt)
+                         - datetime.datetime.strptime(started, fmt)).total_seconds())
+            took += f" ({setup} s of it installing and building)"
     # The commit the run measured (recorded at its start), else the current one.
     commit_file = out / "commit"
     commit = (commit_file.read_text().strip() if commit_file.exists() else "") or sh(
@@ -528,7 +532,9 @@ exporter / plain).
 `/metrics` of a server with 8 sync workers after {conns} connections sent
 requests to 1,000 distinct paths (`bench/wrk/paths.lua`; every worker sees every
 path, so each worker holds ~1,000 label sets per HTTP family; gpe with
-`--metrics-max-series 2000`). p50 of {os.environ.get('BENCH_SCRAPES', '50')} sequential scrapes with curl (`time_total`)
+`--metrics-max-series 2000 --unmatched-route path`: the hello app answers
+those paths 404 and names no route, so by default they would share one
+`unmatched` label set). p50 of {os.environ.get('BENCH_SCRAPES', '50')} sequential scrapes with curl (`time_total`)
 and the body size (uncompressed). Then `max_requests = 20` is set in the
 config file and the master reloaded (HUP), the same load runs until
 ≥ {T_RESPAWNS} workers have been recycled for max_requests, `max_requests` goes back to 0

@@ -481,7 +481,7 @@ run_scrape_scaling() {
 run_instructions() {
   command -v valgrind >/dev/null || { echo "   valgrind missing: no instruction counts" >&2; return 0; }
   log "instructions per request: bench/instructions.sh"
-  BENCH_INSTR_REQUESTS=$(q 10000 3000) BENCH_PORT=$PORT BENCH_METRICS_PORT=$MPORT \
+  BENCH_BUILT=1 BENCH_INSTR_REQUESTS=$(q 10000 3000) BENCH_PORT=$PORT BENCH_METRICS_PORT=$MPORT \
     bash "$HERE/instructions.sh" >/dev/null || echo "   bench/instructions.sh failed" >&2
 }
 
@@ -490,7 +490,7 @@ run_instructions() {
 # own section of BENCHMARKS.md, which report.py keeps.
 run_layers() {
   log "CPU time per request by layer: bench/layers.sh"
-  BENCH_LAYERS_WRITE=1 BENCH_SECONDS=$(q 4 2) BENCH_LAYERS_FREQ=${BENCH_LAYERS_FREQ:-999} BENCH_PORT=$PORT BENCH_METRICS_PORT=$MPORT \
+  BENCH_BUILT=1 BENCH_LAYERS_WRITE=1 BENCH_SECONDS=$(q 4 2) BENCH_LAYERS_FREQ=${BENCH_LAYERS_FREQ:-999} BENCH_PORT=$PORT BENCH_METRICS_PORT=$MPORT \
     bash "$HERE/layers.sh" >/dev/null || echo "   bench/layers.sh failed" >&2
 }
 
@@ -519,7 +519,9 @@ scrape_gpe() {
   local before after series n deadline fill=$((SECS < 5 ? SECS : 5))
   echo 'max_requests = 0' >"$conf"
   log "scrape cost: gpe, 8 sync workers, 1,000 paths"
-  start_server gpe-scrape "$GPE" serve -k sync -w 8 -c "$conf" --metrics-max-series 2000 \
+  # `--unmatched-route path`: the hello app answers /p/N with 404 and names no
+  # route, so without it all 1,000 paths would be one `unmatched` label set.
+  start_server gpe-scrape "$GPE" serve -k sync -w 8 -c "$conf" --metrics-max-series 2000 --unmatched-route path \
     --bind "127.0.0.1:$PORT" --metrics-bind "127.0.0.1:$MPORT"
   if ! wait_http "$URL" 20; then stop_server; return 0; fi
   sleep 1
@@ -653,7 +655,7 @@ run_micro() {
 # ---------------------------------------------------------------- main
 main() {
   mkdir -p "$OUT/logs"
-  rm -f "$OUT"/finished "$OUT"/results.jsonl "$OUT"/scrape.jsonl "$OUT"/profile.jsonl "$OUT"/fixed_rate.jsonl \
+  rm -f "$OUT"/finished "$OUT"/set-up "$OUT"/results.jsonl "$OUT"/scrape.jsonl "$OUT"/profile.jsonl "$OUT"/fixed_rate.jsonl \
     "$OUT"/scaling.jsonl "$OUT"/scrape.csv "$OUT"/instructions.jsonl "$OUT"/round-servers "$OUT"/logs/*.log "$OUT"/logs/*.csv
   : >"$OUT/results.jsonl"; : >"$OUT/scrape.jsonl"; : >"$OUT/profile.jsonl"
   : >"$OUT/fixed_rate.jsonl"; : >"$OUT/scaling.jsonl"
@@ -667,6 +669,7 @@ main() {
   } | paste -sd' ' >"$OUT/commit"
   cut -d' ' -f1-3 /proc/loadavg >"$OUT/loadavg-start"
   setup
+  date -u +%Y-%m-%dT%H:%M:%SZ >"$OUT/set-up"
   for p in "$PORT" "$MPORT" "$PPORT"; do
     ss -Hltn "sport = :$p" | grep -q . && { echo "port $p is busy; set BENCH_*PORT" >&2; exit 1; }
   done

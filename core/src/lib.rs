@@ -35,7 +35,9 @@ pub use http::app::{
 pub use http::body::Body;
 
 // The HTTP layer the workers share.
-pub use http::conn::{policy as conn_policy, serve_io, ConnectionGuard, Policy, Protocol};
+pub use http::conn::{
+    policy as conn_policy, serve_http1, serve_io, ConnectionGuard, Policy, Protocol,
+};
 pub use http::h2::Rewind;
 pub use http::instrument::Instrumented;
 pub use http::limits::HeadLimits;
@@ -48,8 +50,8 @@ pub use async_worker::{accept_retrying, supervise, take_listeners, Admission, Ev
 pub use listener::{AcceptFailure, Listener, Stream, TokioListener, ACCEPT_BACKOFF};
 pub use rt::idle::yield_when_idle;
 pub use rt::tokio::{
-    accept_loop, runtime as tokio_runtime, serve_conn, serve_worker, worker_events, Acceptor, Conn,
-    TlsAcceptor,
+    accept_loop, handshake, runtime as tokio_runtime, serve_accepted, serve_conn, serve_worker,
+    worker_events, Acceptor, Conn, Ready, TlsAcceptor,
 };
 pub use tls::server_config as tls_server_config;
 pub use worker::{Control, Worker, WorkerContext, WorkerExit};

@@ -81,7 +81,7 @@ pub struct WorkerContext {
     /// Inherited listening sockets (non-blocking).
     pub listeners: Vec<Listener>,
     /// The app with metrics, limits and access log around it.
-    pub service: std::rc::Rc<Instrumented>,
+    pub service: Arc<Instrumented>,
     /// The worker's slot.
     pub slot: u32,
     /// Requests after which this process retires (jitter applied), if any.
@@ -271,7 +271,7 @@ pub(crate) fn child_main(
         };
         config.max_requests + jitter
     });
-    let service = std::rc::Rc::new(Instrumented::new(
+    let service = Arc::new(Instrumented::new(
         app,
         recorder.clone(),
         access,

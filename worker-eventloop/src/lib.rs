@@ -40,7 +40,7 @@ impl Worker for EventloopWorker {
 }
 
 async fn serve(ctx: &mut WorkerContext) -> io::Result<WorkerExit> {
-    serve_worker(ctx, Inline, || std::future::ready(())).await
+    serve_worker(ctx, Inline).await
 }
 
 #[cfg(test)]

@@ -67,7 +67,7 @@ impl Worker for GreenletWorker {
 
 /// What every connection task needs.
 struct Connections {
-    service: Rc<Instrumented>,
+    service: std::sync::Arc<Instrumented>,
     policy: Policy,
     tls: Option<futures_rustls::TlsAcceptor>,
     runner: CompatRunner,

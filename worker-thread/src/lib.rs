@@ -1,10 +1,14 @@
 //! The thread worker (`--worker thread`): one IO thread per process runs a
-//! tokio current-thread runtime that multiplexes connections, keep-alive,
-//! pipelining and upgrades with hyper; a fixed pool of `threads` OS threads
-//! runs each request's future, so a handler that blocks holds only its own
-//! thread. Like Gunicorn's gthread, connections that are idle or still
-//! sending their head stay on the IO thread and hold no pool thread; a
-//! process accepts only while a pool thread is free.
+//! tokio current-thread runtime: the reactor and timers, accepting, TLS
+//! handshakes, the heartbeat and signals. A fixed pool of `threads` OS
+//! threads serves the connections: an HTTP/1.x connection is a task that
+//! the IO thread's reactor wakes onto a free pool thread whenever its
+//! socket has bytes, which then parses the request, runs the app inline and
+//! writes the response, so a handler that blocks holds only its own thread
+//! (and its own connection). Like Gunicorn's gthread, a connection that is
+//! idle or still sending its head holds no pool thread; a process accepts
+//! only while a pool thread is free. HTTP/2 connections stay on the IO
+//! thread, which hands each stream's app future to the pool.
 //!
 //! The heartbeat comes from the IO thread, so `timeout` does not cap one
 //! request's time. The lifecycle (heartbeat, draining, `max_requests`) and
@@ -15,11 +19,13 @@
 mod pool;
 
 use std::io;
+use std::sync::Arc;
 
-use gpe_core::{serve_worker, WorkerKind};
+use gpe_core::{conn_policy, handshake, serve_accepted, serve_http1, serve_io};
+use gpe_core::{Admission, Conn, Instrumented, Policy, Protocol, Ready, TlsAcceptor, WorkerKind};
 use gpe_core::{Worker, WorkerContext, WorkerExit};
 
-use crate::pool::Pool;
+use crate::pool::{LocalRunner, Pool, PoolRunner};
 
 /// The thread worker.
 #[derive(Debug, Default, Clone, Copy)]
@@ -30,9 +36,10 @@ impl Worker for ThreadWorker {
         WorkerKind::Thread
     }
 
-    /// Requests are recorded on the IO thread; pool threads only run the app.
+    /// Requests are recorded on the pool threads (HTTP/1.x) and on the IO
+    /// thread (HTTP/2).
     fn single_recorder_thread(&self) -> bool {
-        true
+        false
     }
 
     fn run(&self, mut ctx: WorkerContext) -> io::Result<WorkerExit> {
@@ -41,13 +48,88 @@ impl Worker for ThreadWorker {
         let pool = Pool::start(ctx.config.threads as usize, rt.handle())?;
         let exit = tokio::task::LocalSet::new().block_on(&rt, serve(&mut ctx, &pool));
         // After a drain the pool is idle; after a quick stop its threads may
-        // still be inside the app. Either way the process exits now.
+        // still be inside the app or a connection. Either way the process
+        // exits now.
+        pool.exiting();
         rt.shutdown_background();
         exit
     }
 }
 
+/// What every connection needs, shared by the IO thread and the pool.
+struct Shared {
+    service: Arc<Instrumented>,
+    policy: Policy,
+    tls: Option<TlsAcceptor>,
+    /// For HTTP/1.x connections, which run on the pool.
+    local: LocalRunner,
+    /// For HTTP/2 connections, which run on the IO thread.
+    remote: PoolRunner,
+}
+
+/// Serves the worker (core's [`serve_accepted`]): a connection is taken only
+/// while a pool thread is free, and each is served by [`spawn_conn`].
 async fn serve(ctx: &mut WorkerContext, pool: &Pool) -> io::Result<WorkerExit> {
-    // A connection is taken only while a pool thread is free.
-    serve_worker(ctx, pool.runner(), || pool.load().room()).await
+    let shared = Arc::new(Shared {
+        service: ctx.service.clone(),
+        policy: conn_policy(&ctx.config, true, true, hyper_util::rt::TokioTimer::new()),
+        tls: ctx.tls.clone().map(TlsAcceptor::from),
+        local: pool.local_runner(),
+        remote: pool.runner(),
+    });
+    serve_accepted(
+        ctx,
+        || pool.load().room(),
+        |conn, peer, admission| spawn_conn(pool, &shared, conn, peer, admission),
+    )
+    .await
+}
+
+/// Serves one accepted connection. A plain HTTP/1.x connection becomes a
+/// pool task at once. Otherwise a task on the IO thread makes it ready (the
+/// TLS handshake, ALPN) and then hands an HTTP/1.x connection to the pool,
+/// or serves an HTTP/2 (or prior-knowledge sniffed) one itself, handing each
+/// request to the pool.
+fn spawn_conn(pool: &Pool, shared: &Arc<Shared>, conn: Conn, peer: String, admission: Admission) {
+    let s = shared.clone();
+    if s.tls.is_none() && s.policy.protocol(None) == Protocol::Http1 {
+        pool.spawn(async move {
+            let drained = admission.drained();
+            let io = conn.into_hyper();
+            serve_http1(
+                io, admission, &peer, &s.service, &s.policy, &s.local, drained,
+            )
+            .await;
+        });
+        return;
+    }
+    let spawner = pool.spawner();
+    tokio::task::spawn_local(async move {
+        let drained = admission.drained();
+        let (svc, policy) = (&s.service, &s.policy);
+        match handshake(conn, s.tls.as_ref(), svc, policy).await {
+            Some((Ready::Tls(io), Protocol::Http1)) => {
+                let s = s.clone();
+                spawner.spawn(async move {
+                    serve_http1(
+                        io, admission, &peer, &s.service, &s.policy, &s.local, drained,
+                    )
+                    .await;
+                });
+            }
+            Some((Ready::Tls(io), protocol)) => {
+                serve_io(
+                    io, admission, &peer, svc, policy, protocol, &s.remote, drained,
+                )
+                .await;
+            }
+            Some((Ready::Plain(io), protocol)) => {
+                serve_io(
+                    io, admission, &peer, svc, policy, protocol, &s.remote, drained,
+                )
+                .await;
+            }
+            None => {}
+        }
+    });
 }

@@ -1,16 +1,27 @@
-//! The app pool: a fixed set of OS threads that take requests' futures from a
-//! crossbeam channel, drive each to its response and send it back through a
-//! oneshot. Pool threads may block (a [`blocking`](gpe_core::blocking)
-//! closure runs inline there) and run inside the IO thread's tokio context,
-//! so tokio::time, tokio::net and tokio::spawn work in handlers (spawned
-//! tasks run on the IO thread). The IO thread hands requests over through
-//! [`PoolRunner`], which also keeps the [`Load`] the accept loop waits on.
+//! The app pool: a fixed set of OS threads fed by one crossbeam channel. It
+//! carries two kinds of work:
+//!
+//! - **connection tasks** ([`Pool::spawn`]): an HTTP/1.x connection's whole
+//!   future, polled on whichever pool thread is free each time it is woken
+//!   (by the IO thread's reactor: its socket became readable, or a timer
+//!   fired). Its app runs inline there ([`LocalRunner`]). An idle
+//!   connection is a parked future and holds no thread.
+//! - **requests** ([`PoolRunner`]): the app future of one request of an
+//!   HTTP/2 connection, which the IO thread serves; it is driven to its
+//!   response and sent back through a oneshot.
+//!
+//! Pool threads may block (a [`blocking`](gpe_core::blocking) closure runs
+//! inline there) and run inside the IO thread's tokio context, so
+//! tokio::time, tokio::net and tokio::spawn work in handlers (spawned tasks
+//! run on the IO thread). Both runners keep the [`Load`] the accept loop
+//! waits on.
 
 use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use async_task::Runnable;
 use crossbeam_channel::{Receiver, Sender};
 use gpe_core::AppFuture;
 use gpe_core::{allow_blocking, catching, start_call as start, Failure, Runner};
@@ -24,6 +35,14 @@ type Outcome = Result<Response, Failure>;
 struct Job {
     fut: AppFuture,
     reply: oneshot::Sender<Outcome>,
+}
+
+/// What the pool threads take from the channel.
+enum Work {
+    /// One request's app future, driven to its response.
+    Job(Job),
+    /// A connection task to poll once.
+    Task(Runnable),
 }
 
 /// Requests handed to the pool and not yet answered. The accept loop takes a
@@ -79,8 +98,9 @@ impl Drop for Unit {
 /// A fixed pool of app threads.
 #[derive(Debug)]
 pub(crate) struct Pool {
-    jobs: Sender<Job>,
+    jobs: Sender<Work>,
     load: Arc<Load>,
+    exiting: Arc<AtomicBool>,
 }
 
 impl Pool {
@@ -91,22 +111,32 @@ impl Pool {
     /// # Errors
     /// A thread could not be spawned; the ones already started stop on their own.
     pub(crate) fn start(threads: usize, rt: &tokio::runtime::Handle) -> io::Result<Pool> {
-        let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
+        let (jobs, queue) = crossbeam_channel::unbounded::<Work>();
+        let exiting = Arc::new(AtomicBool::new(false));
         for i in 0..threads.max(1) {
             let queue = queue.clone();
             let rt = rt.clone();
+            let exiting = exiting.clone();
             std::thread::Builder::new()
                 .name(format!("gpe-app-{i}"))
                 .spawn(move || {
                     allow_blocking();
                     let _context = rt.enter();
-                    work(&queue);
+                    work(&queue, &exiting);
                 })?;
         }
         Ok(Pool {
             jobs,
             load: Load::new(threads),
+            exiting,
         })
+    }
+
+    /// Says that the process is exiting: the runtime is about to shut down
+    /// under tasks still on the pool (a quick stop), and what they do then
+    /// is not logged.
+    pub(crate) fn exiting(&self) {
+        self.exiting.store(true, Ordering::Relaxed);
     }
 
     /// A handle that runs requests on this pool.
@@ -117,21 +147,82 @@ impl Pool {
         }
     }
 
+    /// A handle that runs requests inline on the pool thread that polls
+    /// their connection.
+    pub(crate) fn local_runner(&self) -> LocalRunner {
+        LocalRunner {
+            load: self.load.clone(),
+        }
+    }
+
     /// The pool's load.
     pub(crate) fn load(&self) -> &Load {
         &self.load
     }
+
+    /// Runs `task` on the pool (see [`Spawner::spawn`]).
+    pub(crate) fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.spawner().spawn(task);
+    }
+
+    /// A handle that starts tasks on this pool.
+    pub(crate) fn spawner(&self) -> Spawner {
+        Spawner {
+            jobs: self.jobs.clone(),
+        }
+    }
 }
 
-/// The body of a pool thread: runs jobs until the queue closes. A job whose
+/// Starts connection tasks on the pool.
+#[derive(Debug, Clone)]
+pub(crate) struct Spawner {
+    jobs: Sender<Work>,
+}
+
+impl Spawner {
+    /// Runs `task` on the pool: it is polled on a free pool thread now and
+    /// each time it is woken. A panic in it ends the task, not the thread.
+    pub(crate) fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let jobs = self.jobs.clone();
+        // Once the pool threads are gone (the process is exiting), a woken
+        // task is dropped with its runnable.
+        let schedule = move |r: Runnable| {
+            let _ = jobs.send(Work::Task(r));
+        };
+        let (runnable, task) = async_task::spawn(task, schedule);
+        runnable.schedule();
+        task.detach();
+    }
+}
+
+/// The body of a pool thread: runs work until the queue closes. A job whose
 /// caller has gone (client disconnected while it was queued) is skipped.
-fn work(queue: &Receiver<Job>) {
-    for job in queue.iter() {
-        if job.reply.is_closed() {
-            continue;
+fn work(queue: &Receiver<Work>, exiting: &AtomicBool) {
+    for work in queue.iter() {
+        match work {
+            Work::Job(job) => {
+                if job.reply.is_closed() {
+                    continue;
+                }
+                let out = futures_executor::block_on(catching(job.fut));
+                let _ = job.reply.send(out);
+            }
+            Work::Task(runnable) => {
+                // The app's panics are caught below it (`catching`); this
+                // one came from the connection's own code. The task is
+                // closed and dropped, its connection with it.
+                let run = std::panic::AssertUnwindSafe(|| runnable.run());
+                if std::panic::catch_unwind(run).is_err() && !exiting.load(Ordering::Relaxed) {
+                    gpe_core::log_error!("a connection task panicked; its connection is closed");
+                }
+            }
         }
-        let out = futures_executor::block_on(catching(job.fut));
-        let _ = job.reply.send(out);
     }
 }
 
@@ -139,7 +230,7 @@ fn work(queue: &Receiver<Job>) {
 /// returned future holds no pool thread while it waits.
 #[derive(Debug, Clone)]
 pub(crate) struct PoolRunner {
-    jobs: Sender<Job>,
+    jobs: Sender<Work>,
     load: Arc<Load>,
 }
 
@@ -149,7 +240,8 @@ impl Runner for PoolRunner {
     fn run(&self, app: &SharedApp, req: Request) -> impl Future<Output = Outcome> {
         let unit = self.load.take();
         let (reply, answer) = oneshot::channel();
-        let queued = start(app, req).map(|fut| self.jobs.send(Job { fut, reply }).is_ok());
+        let queued =
+            start(app, req).map(|fut| self.jobs.send(Work::Job(Job { fut, reply })).is_ok());
         async move {
             let out = match queued {
                 Ok(true) => answer.await.unwrap_or(Err(Failure::Panicked)),
@@ -159,6 +251,37 @@ impl Runner for PoolRunner {
             drop(unit);
             out
         }
+    }
+}
+
+/// Runs the app inline, on the pool thread that polls the request's
+/// connection; the request holds a unit of the pool's [`Load`] while it runs.
+#[derive(Debug, Clone)]
+pub(crate) struct LocalRunner {
+    load: Arc<Load>,
+}
+
+impl Runner for LocalRunner {
+    fn run(&self, app: &SharedApp, req: Request) -> impl Future<Output = Outcome> {
+        let unit = self.load.take();
+        let started = start(app, req);
+        async move {
+            let out = match started {
+                Ok(fut) => catching(fut).await,
+                Err(failure) => Err(failure),
+            };
+            drop(unit);
+            out
+        }
+    }
+}
+
+impl std::fmt::Debug for Work {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Work::Job(_) => "Work::Job",
+            Work::Task(_) => "Work::Task",
+        })
     }
 }
 
@@ -308,6 +431,99 @@ mod tests {
         assert!(!pool.load().has_room(), "4 requests fill 4 threads");
         drop(held);
         assert!(pool.load().has_room());
+    }
+
+    /// Waits (bounded) until `done` holds.
+    fn wait_for(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_task_is_polled_on_the_pool_each_time_it_is_woken() {
+        let rt = rt();
+        let pool = Pool::start(2, rt.handle()).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = seen.clone();
+        pool.spawn(async move {
+            // Parked between messages: woken from another thread each time.
+            while let Some(n) = rx.recv().await {
+                let name = std::thread::current().name().unwrap_or("").to_owned();
+                s.lock().unwrap().push((n, name));
+            }
+        });
+        for n in 0..100 {
+            tx.send(n).unwrap();
+            wait_for("the task to take a message", || {
+                seen.lock().unwrap().len() == n as usize + 1
+            });
+        }
+        drop(tx);
+        let seen = seen.lock().unwrap();
+        assert_eq!(
+            seen.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            (0..100).collect::<Vec<_>>()
+        );
+        assert!(
+            seen.iter().all(|(_, t)| t.starts_with("gpe-app-")),
+            "{seen:?}"
+        );
+    }
+
+    #[test]
+    fn a_panicking_task_ends_alone_and_the_thread_serves_on() {
+        let rt = rt();
+        // One thread: had the panic ended it, nothing else would run.
+        let pool = Pool::start(1, rt.handle()).unwrap();
+        let done = Arc::new(AtomicUsize::new(0));
+        for i in 0..10 {
+            let d = done.clone();
+            pool.spawn(async move {
+                assert!(i % 2 == 1, "connection task panic (expected by the test)");
+                d.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        wait_for("the five tasks that do not panic", || {
+            done.load(Ordering::SeqCst) == 5
+        });
+        // And requests still run on that thread.
+        let app = blocking(|_r: FullRequest| text(StatusCode::OK, "ok")).into_app();
+        let out = run_all(&rt, &pool, &app, &["/"]);
+        assert!(out[0].is_ok());
+    }
+
+    #[test]
+    fn the_local_runner_runs_the_app_inline_and_holds_the_load_meanwhile() {
+        let rt = rt();
+        let pool = Pool::start(1, rt.handle()).unwrap();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let held = std::sync::Mutex::new(held);
+        let app = blocking(move |_r: FullRequest| {
+            held.lock().unwrap().recv().unwrap();
+            text(
+                StatusCode::OK,
+                std::thread::current().name().unwrap_or("").to_owned(),
+            )
+        })
+        .into_app();
+        let app = Arc::new(app);
+        let runner = pool.local_runner();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let a = app.clone();
+        pool.spawn(async move {
+            let _ = tx.send(runner.run(&a, req("/")).await);
+        });
+        wait_for("the request to hold the pool's one thread", || {
+            !pool.load().has_room()
+        });
+        release.send(()).unwrap();
+        let out = rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        assert_eq!(body(&rt, out), "gpe-app-0");
+        wait_for("the load to be given back", || pool.load().has_room());
     }
 
     #[test]

@@ -43,8 +43,9 @@ pub type FullResponse = http::Response<Bytes>;
 pub type AppFuture = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send + 'static>>;
 
 /// An app as a worker holds it: a type-erased service that can be called
-/// through a shared reference (each call works on its own clone).
-pub trait App: Send + 'static {
+/// through a shared reference (each call works on its own clone), from any
+/// thread (the thread worker serves connections on its pool threads).
+pub trait App: Send + Sync + 'static {
     /// Starts one request. The returned future does all the work (readiness
     /// and the service call), so it can run on any thread.
     fn call(&self, req: Request) -> AppFuture;
@@ -63,8 +64,11 @@ pub type SharedApp = Box<dyn App>;
 /// exit with the boot-error code.
 pub type AppFactory = Arc<dyn Fn() -> Result<SharedApp, BoxError> + Send + Sync + 'static>;
 
-/// A tower service as an [`App`].
-struct ServiceApp<S>(S);
+/// A tower service as an [`App`]. The service sits behind a mutex, held
+/// only while it is cloned for a call, so that a service that is `Send` but
+/// not `Sync` (tower's `BoxCloneService`) can still be called from several
+/// threads.
+struct ServiceApp<S>(std::sync::Mutex<S>);
 
 impl<S, B> App for ServiceApp<S>
 where
@@ -75,7 +79,8 @@ where
     B::Error: Into<BoxError>,
 {
     fn call(&self, req: Request) -> AppFuture {
-        let svc = self.0.clone();
+        // A panic while cloning leaves the service as it was: use it.
+        let svc = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
         Box::pin(async move {
             let resp = svc.oneshot(req).await.map_err(Into::into)?;
             Ok(resp.map(box_body))
@@ -123,7 +128,7 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    Box::new(ServiceApp(service))
+    Box::new(ServiceApp(std::sync::Mutex::new(service)))
 }
 
 /// What an app factory may return: a [`SharedApp`] already, or any tower

@@ -280,6 +280,31 @@ where
     }
 }
 
+/// The hyper service of one connection: counts the request for the
+/// connection's deadline watch, runs it through [`Instrumented::handle`]
+/// and, once the connection drains, asks an http/1 client to close. A macro
+/// rather than a function: a function would return an opaque type whose
+/// future hyper could not see as `Send`. The state it borrows is atomics
+/// (not Cells) so that the http/1 connection future stays `Send`.
+macro_rules! conn_service {
+    ($svc:expr, $peer:expr, $runner:expr, $watch:expr, $draining:expr) => {{
+        let (svc, peer, runner, w, draining) = ($svc, $peer, $runner, $watch, $draining);
+        hyper::service::service_fn(
+            move |req: hyper::Request<hyper::body::Incoming>| async move {
+                w.started.fetch_add(1, Ordering::Relaxed);
+                let watch = w.clone();
+                let h1 = req.version() < http::Version::HTTP_2;
+                let mut resp = svc.handle(req, peer, runner).await;
+                if h1 && draining.load(Ordering::Relaxed) {
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, std::convert::Infallible>(resp.map(|body| Watched { body, watch }))
+            },
+        )
+    }};
+}
+
 /// Serves one connection with hyper until it closes, counting it as open
 /// while it (or the connection it was upgraded to) lives; `hold` lives as
 /// long too. `protocol` comes from [`Policy::protocol`]. When `drain`
@@ -305,21 +330,9 @@ pub async fn serve_io<I, H, R, D>(
 {
     let guard = ConnectionGuard::new(svc.recorder().clone());
     let watch = Arc::new(Watch::new());
-    // Atomics (not Cells) so that the http/1 connection future stays Send.
     let draining = AtomicBool::new(false);
     let (draining, w) = (&draining, &watch);
-    let service =
-        hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-            w.started.fetch_add(1, Ordering::Relaxed);
-            let watch = w.clone();
-            let h1 = req.version() < http::Version::HTTP_2;
-            let mut resp = svc.handle(req, peer, runner).await;
-            if h1 && draining.load(Ordering::Relaxed) {
-                resp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            Ok::<_, std::convert::Infallible>(resp.map(|body| Watched { body, watch }))
-        });
+    let service = conn_service!(svc, peer, runner, w, draining);
     let result = match (protocol, &policy.h2) {
         (Protocol::Sniff, Some(h2)) => {
             let sniffed = policy.timer.sleep(policy.deadlines.head);
@@ -369,6 +382,43 @@ pub async fn serve_io<I, H, R, D>(
             serve_h1(io, service, svc, policy, drain, &watch, draining).await
         }
     };
+    record_end(svc, result);
+}
+
+/// Serves one HTTP/1.x connection as [`serve_io`] does with
+/// [`Protocol::Http1`]. Unlike [`serve_io`], whose HTTP/2 streams run inside
+/// the connection's task on one thread, its future is `Send` when `runner`'s
+/// is: the thread worker polls it on its pool threads.
+pub async fn serve_http1<I, H, R, D>(
+    io: I,
+    hold: H,
+    peer: &str,
+    svc: &Instrumented,
+    policy: &Policy,
+    runner: &R,
+    drain: D,
+) where
+    I: Read + Write + Unpin + Send + 'static,
+    H: Unpin + Send + 'static,
+    R: Runner,
+    D: Future<Output = ()>,
+{
+    let guard = ConnectionGuard::new(svc.recorder().clone());
+    let watch = Arc::new(Watch::new());
+    let draining = AtomicBool::new(false);
+    let (draining, w) = (&draining, &watch);
+    let service = conn_service!(svc, peer, runner, w, draining);
+    let io = Held {
+        io,
+        _hold: (hold, guard),
+        watch: watch.clone(),
+    };
+    let result = serve_h1(io, service, svc, policy, drain, &watch, draining).await;
+    record_end(svc, result);
+}
+
+/// Counts how a connection ended, if not cleanly.
+fn record_end(svc: &Instrumented, result: Result<(), Ended>) {
     let kind = match result {
         Ok(()) | Err(Ended::Expired(Expiry::Idle)) => None,
         // No complete head in time (a fresh connection, or a keep-alive one

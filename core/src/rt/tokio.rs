@@ -154,11 +154,58 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// Serves one accepted connection as [`serve_io`] does; with `tls`, after a
-/// TLS handshake in this task that must end within `header_timeout` (a
-/// handshake that does not is counted as a `timeout` error; one that fails
-/// just closes the connection, unlogged: scanners and clients that distrust
-/// the certificate end there). ALPN chooses the protocol.
+/// An accepted connection ready for HTTP: as accepted, or after its TLS
+/// handshake.
+// The TLS variant is large (rustls' state), but a `Ready` is made once per
+// connection and moved straight into the connection's future, which holds
+// the stream anyway: boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum Ready {
+    /// Plain TCP or a unix socket.
+    Plain(hyper_util::rt::TokioIo<Conn>),
+    /// TLS over it.
+    Tls(hyper_util::rt::TokioIo<tokio_rustls::server::TlsStream<Conn>>),
+}
+
+impl std::fmt::Debug for Ready {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Ready::Plain(_) => "Ready::Plain",
+            Ready::Tls(_) => "Ready::Tls",
+        })
+    }
+}
+
+/// Makes `conn` ready for HTTP and says which protocol it speaks: with
+/// `tls`, after a TLS handshake in this task that must end within
+/// `header_timeout` (a handshake that does not is counted as a `timeout`
+/// error; one that fails just closes the connection, unlogged: scanners and
+/// clients that distrust the certificate end there), ALPN choosing the
+/// protocol. `None`: the connection is gone.
+pub async fn handshake(
+    conn: Conn,
+    tls: Option<&TlsAcceptor>,
+    svc: &Instrumented,
+    policy: &Policy,
+) -> Option<(Ready, crate::http::conn::Protocol)> {
+    let Some(acceptor) = tls else {
+        return Some((Ready::Plain(conn.into_hyper()), policy.protocol(None)));
+    };
+    match tokio::time::timeout(policy.handshake_timeout(), acceptor.accept(conn)).await {
+        Ok(Ok(stream)) => {
+            let protocol = policy.protocol(stream.get_ref().1.alpn_protocol());
+            Some((Ready::Tls(hyper_util::rt::TokioIo::new(stream)), protocol))
+        }
+        Ok(Err(_)) => None,
+        Err(_) => {
+            svc.recorder().error_without_request(ErrorKind::Timeout);
+            None
+        }
+    }
+}
+
+/// Serves one accepted connection as [`serve_io`] does, after its
+/// [`handshake`].
 #[allow(clippy::too_many_arguments)]
 pub async fn serve_conn<H, R, D>(
     conn: Conn,
@@ -174,29 +221,20 @@ pub async fn serve_conn<H, R, D>(
     R: Runner,
     D: std::future::Future<Output = ()>,
 {
-    let Some(acceptor) = tls else {
-        let io = conn.into_hyper();
-        serve_io(
-            io,
-            hold,
-            peer,
-            svc,
-            policy,
-            policy.protocol(None),
-            runner,
-            drain,
-        )
-        .await;
+    if tls.is_none() {
+        // The plain path keeps the connection's future small: no `Ready`.
+        let (io, protocol) = (conn.into_hyper(), policy.protocol(None));
+        serve_io(io, hold, peer, svc, policy, protocol, runner, drain).await;
         return;
-    };
-    match tokio::time::timeout(policy.handshake_timeout(), acceptor.accept(conn)).await {
-        Ok(Ok(stream)) => {
-            let protocol = policy.protocol(stream.get_ref().1.alpn_protocol());
-            let io = hyper_util::rt::TokioIo::new(stream);
+    }
+    match handshake(conn, tls, svc, policy).await {
+        Some((Ready::Plain(io), protocol)) => {
             serve_io(io, hold, peer, svc, policy, protocol, runner, drain).await;
         }
-        Ok(Err(_)) => {}
-        Err(_) => svc.recorder().error_without_request(ErrorKind::Timeout),
+        Some((Ready::Tls(io), protocol)) => {
+            serve_io(io, hold, peer, svc, policy, protocol, runner, drain).await;
+        }
+        None => {}
     }
 }
 
@@ -246,59 +284,79 @@ where
     }
 }
 
-/// Serves a tokio-based worker (thread, eventloop) on the current
-/// `LocalSet` until it should exit: accepts on every listener under the
-/// worker's [`Gate`] and `room` (see [`accept_loop`]), serves each connection
-/// as a local task with the one builder policy and `runner`, and runs the
-/// shared lifecycle ([`supervise`]). The accept loops own the listeners, so
-/// when `supervise` drops them (TERM, INT, QUIT, `max_requests`) this
-/// process's listening sockets close at once, before the drain.
+/// Serves the eventloop worker on the current `LocalSet` until it should
+/// exit: [`serve_accepted`], each connection a local task served with the one
+/// builder policy and `runner`, accepting whenever the gate admits.
 ///
 /// # Errors
 /// Registering a socket or the signal pipe, or a fatal accept error.
-pub async fn serve_worker<R, Room, RF>(
-    ctx: &mut WorkerContext,
-    runner: R,
-    room: Room,
-) -> io::Result<WorkerExit>
+pub async fn serve_worker<R>(ctx: &mut WorkerContext, runner: R) -> io::Result<WorkerExit>
 where
     R: Runner + 'static,
-    Room: Fn() -> RF,
-    RF: std::future::Future<Output = ()>,
 {
-    use futures_util::FutureExt;
-
     /// What every connection task needs.
     struct Connections<R> {
-        service: std::rc::Rc<Instrumented>,
+        service: std::sync::Arc<Instrumented>,
         policy: Policy,
         tls: Option<TlsAcceptor>,
         runner: R,
     }
 
-    let listeners = take_listeners(ctx, Acceptor::register)?;
-    let ctx = &*ctx;
-    let gate = Gate::for_worker(ctx);
     let connections = std::rc::Rc::new(Connections {
         service: ctx.service.clone(),
         policy: policy(&ctx.config, true, true, hyper_util::rt::TokioTimer::new()),
         tls: ctx.tls.clone().map(TlsAcceptor::from),
         runner,
     });
+    serve_accepted(
+        ctx,
+        || std::future::ready(()),
+        |conn, peer, admission| {
+            let c = connections.clone();
+            tokio::task::spawn_local(async move {
+                let drained = admission.drained();
+                let (svc, p, r) = (&c.service, &c.policy, &c.runner);
+                let tls = c.tls.as_ref();
+                serve_conn(conn, tls, admission, &peer, svc, p, r, drained).await;
+            });
+        },
+    )
+    .await
+}
+
+/// Runs a tokio-based worker (thread, eventloop) on the current `LocalSet`
+/// until it should exit: accepts on every listener under the worker's
+/// [`Gate`] and `room` (see [`accept_loop`]), hands each connection to
+/// `spawn`, and runs the shared lifecycle ([`supervise`]). The accept loops
+/// own the listeners, so when `supervise` drops them (TERM, INT, QUIT,
+/// `max_requests`) this process's listening sockets close at once, before
+/// the drain.
+///
+/// # Errors
+/// Registering a socket or the signal pipe, or a fatal accept error.
+pub async fn serve_accepted<Room, RF, S>(
+    ctx: &mut WorkerContext,
+    room: Room,
+    spawn: S,
+) -> io::Result<WorkerExit>
+where
+    Room: Fn() -> RF,
+    RF: std::future::Future<Output = ()>,
+    S: Fn(Conn, String, Admission),
+{
+    use futures_util::FutureExt;
+
+    let listeners = take_listeners(ctx, Acceptor::register)?;
+    let ctx = &*ctx;
+    let gate = Gate::for_worker(ctx);
     let events = std::pin::pin!(worker_events(ctx)?);
     let accepting = {
-        let (gate, connections, room) = (&gate, &connections, &room);
+        let (gate, room, spawn) = (&gate, &room, &spawn);
         async move {
             let listeners = listeners;
             let (e, _, _) = futures_util::future::select_all(listeners.iter().map(|listener| {
                 accept_loop(listener, gate, room, |conn, peer, admission| {
-                    let c = connections.clone();
-                    tokio::task::spawn_local(async move {
-                        let drained = admission.drained();
-                        let (svc, p, r) = (&c.service, &c.policy, &c.runner);
-                        let tls = c.tls.as_ref();
-                        serve_conn(conn, tls, admission, &peer, svc, p, r, drained).await;
-                    });
+                    spawn(conn, peer, admission);
                 })
                 .boxed_local()
             }))
