@@ -106,7 +106,9 @@ pub(crate) struct Pool {
 impl Pool {
     /// Starts `threads` app threads (at least one) that run inside the
     /// context of `rt` (the IO thread's runtime). The threads end when the
-    /// pool and its runners are gone.
+    /// pool, its runners and spawners and every task spawned on it are gone
+    /// (a parked task keeps its way back onto the queue); the worker process
+    /// exits without waiting for them.
     ///
     /// # Errors
     /// A thread could not be spawned; the ones already started stop on their own.
