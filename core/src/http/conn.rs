@@ -328,67 +328,63 @@ pub async fn serve_io<I, H, R, D>(
     R: Runner,
     D: Future<Output = ()>,
 {
+    let h2 = match (protocol, &policy.h2) {
+        (Protocol::Http1, _) | (_, None) => {
+            serve_http1(io, hold, peer, svc, policy, runner, drain).await;
+            return;
+        }
+        (_, Some(h2)) => h2,
+    };
     let guard = ConnectionGuard::new(svc.recorder().clone());
     let watch = Arc::new(Watch::new());
     let draining = AtomicBool::new(false);
     let (draining, w) = (&draining, &watch);
     let service = conn_service!(svc, peer, runner, w, draining);
-    let result = match (protocol, &policy.h2) {
-        (Protocol::Sniff, Some(h2)) => {
-            let sniffed = policy.timer.sleep(policy.deadlines.head);
-            match futures_util::future::select(std::pin::pin!(sniff(io)), sniffed).await {
-                futures_util::future::Either::Left((Ok((true, io)), _)) => {
-                    let io = Held {
-                        io,
-                        _hold: (hold, guard),
-                        watch: watch.clone(),
-                    };
-                    serve_h2(io, service, policy, h2, drain, draining)
-                        .await
-                        .map_err(Ended::Hyper)
-                }
-                futures_util::future::Either::Left((Ok((false, io)), _)) => {
-                    let io = Held {
-                        io,
-                        _hold: (hold, guard),
-                        watch: watch.clone(),
-                    };
-                    serve_h1(io, service, svc, policy, drain, &watch, draining).await
-                }
-                // The client went away, or said nothing in time.
-                futures_util::future::Either::Left((Err(_), _)) => Ok(()),
-                futures_util::future::Either::Right(_) => {
-                    svc.recorder().error_without_request(ErrorKind::Timeout);
-                    Ok(())
-                }
+    let result = if protocol == Protocol::Sniff {
+        let sniffed = policy.timer.sleep(policy.deadlines.head);
+        match futures_util::future::select(std::pin::pin!(sniff(io)), sniffed).await {
+            futures_util::future::Either::Left((Ok((true, io)), _)) => {
+                let io = Held {
+                    io,
+                    _hold: (hold, guard),
+                    watch: watch.clone(),
+                };
+                serve_h2(io, service, policy, h2, drain, draining)
+                    .await
+                    .map_err(Ended::Hyper)
+            }
+            futures_util::future::Either::Left((Ok((false, io)), _)) => {
+                let io = Held {
+                    io,
+                    _hold: (hold, guard),
+                    watch: watch.clone(),
+                };
+                serve_h1(io, service, svc, policy, drain, &watch, draining).await
+            }
+            // The client went away, or said nothing in time.
+            futures_util::future::Either::Left((Err(_), _)) => Ok(()),
+            futures_util::future::Either::Right(_) => {
+                svc.recorder().error_without_request(ErrorKind::Timeout);
+                Ok(())
             }
         }
-        (Protocol::Http2, Some(h2)) => {
-            let io = Held {
-                io,
-                _hold: (hold, guard),
-                watch: watch.clone(),
-            };
-            serve_h2(io, service, policy, h2, drain, draining)
-                .await
-                .map_err(Ended::Hyper)
-        }
-        _ => {
-            let io = Held {
-                io,
-                _hold: (hold, guard),
-                watch: watch.clone(),
-            };
-            serve_h1(io, service, svc, policy, drain, &watch, draining).await
-        }
+    } else {
+        let io = Held {
+            io,
+            _hold: (hold, guard),
+            watch: watch.clone(),
+        };
+        serve_h2(io, service, policy, h2, drain, draining)
+            .await
+            .map_err(Ended::Hyper)
     };
     record_end(svc, result);
 }
 
-/// Serves one HTTP/1.x connection as [`serve_io`] does with
-/// [`Protocol::Http1`]. Unlike [`serve_io`], whose HTTP/2 streams run inside
-/// the connection's task on one thread, its future is `Send` when `runner`'s
-/// is: the thread worker polls it on its pool threads.
+/// Serves one HTTP/1.x connection: what [`serve_io`] does for
+/// [`Protocol::Http1`] (it calls this). Unlike [`serve_io`]'s, whose HTTP/2
+/// streams run inside the connection's task on one thread, its future is
+/// `Send` when `runner`'s is: the thread worker polls it on its pool threads.
 pub async fn serve_http1<I, H, R, D>(
     io: I,
     hold: H,
