@@ -415,9 +415,10 @@ plot "{dat}" using 2:xtic(1) title "gpe, metrics on" lc rgb "#1f77b4", \\
     took = ""
     if started and (out / "finished").exists():
         fmt = "%Y-%m-%dT%H:%M:%SZ"
-        secs = int((datetime.datetime.strptime((out / "finished").read_text().strip(), fmt)
-                    - datetime.datetime.strptime(started, fmt)).total_seconds())
-        took = f", {secs // 60} min {secs % 60} s from start to report"
+        # Its own name: `secs` is the measured seconds per load, used below.
+        run_s = int((datetime.datetime.strptime((out / "finished").read_text().strip(), fmt)
+                     - datetime.datetime.strptime(started, fmt)).total_seconds())
+        took = f", {run_s // 60} min {run_s % 60} s from start to report"
         if (out / "set-up").exists():
             setup = int((datetime.datetime.strptime((out / "set-up").read_text().strip(), fmt)
                          - datetime.datetime.strptime(started, fmt)).total_seconds())
