@@ -22,6 +22,8 @@
 #   hyper + runtime  the rest: parsing, dispatch, response head, buffers, the
 #                    runtime (tokio, or smol for greenlet) and its IO driver; on
 #                    thread also the hand-off to the pool and back.
+# On eventloop one more row serves the hello through the axum Router of
+# examples/axum-app (its `app` is then the Router).
 # Environment: BENCH_INSTR_REQUESTS (10000), BENCH_INSTR_KINDS ("eventloop
 # thread greenlet"), CARGO_TARGET_DIR.
 set -euo pipefail
@@ -46,9 +48,10 @@ done
 # bench/run.sh built everything at its start (BENCH_BUILT=1): building again
 # would measure whatever the tree holds by then.
 [[ ${BENCH_BUILT:-0} == 1 ]] ||
-  (cd "$ROOT" && cargo build --release -q -p gpe && cargo build --release -q -p gpe-bench-ceiling)
+  (cd "$ROOT" && cargo build --release -q -p gpe -p gpe-bench-ceiling -p gpe-example-axum-app)
 GPE=$TARGET/release/gpe
 CEILING=$TARGET/release/gpe-bench-ceiling
+AXUM=$TARGET/release/gpe-axum-app
 
 CONNS=8
 # shellcheck source=bench/lib.sh
@@ -124,6 +127,10 @@ for kind in $KINDS; do
     measure "$kind-metrics-$metrics" "$GPE" serve -k "$kind" -w 1 --bind "127.0.0.1:$PORT" \
       --metrics-bind "127.0.0.1:$MPORT" --timeout 120 "${flags[@]}"
   done
+  # The same hello through the axum Router of examples/axum-app (metrics on):
+  # what serving a tower service costs against the built-in app, counted.
+  [[ $kind == eventloop ]] && measure "$kind-axum-router" "$AXUM" -k "$kind" -w 1 \
+    --bind "127.0.0.1:$PORT" --metrics-bind "127.0.0.1:$MPORT" --timeout 120
 done
 
 python3 - "$OUT/instructions.jsonl" <<'EOF'

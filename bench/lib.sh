@@ -111,6 +111,17 @@ tree() { echo "$1"; descendants "$1"; }
 # gpe's master and its workers (not the exporter).
 gpe_master_and_workers() { echo "$1"; gpe_worker_pids "$1"; }
 
+# CPU time (user + system, in clock ticks) the given pids have used so far,
+# all their threads included (/proc/<pid>/stat fields 14 and 15).
+cpu_ticks() {
+  local p sum=0 t
+  for p in "$@"; do
+    t=$(awk '{print $14 + $15}' /proc/"$p"/stat 2>/dev/null || true)
+    [[ -n $t ]] && sum=$((sum + t))
+  done
+  echo "$sum"
+}
+
 # Total resident set (MiB) of the given pids: the sum of VmRSS in /proc/<pid>/status.
 total_rss_mib() {
   local sum=0 n=0 p r

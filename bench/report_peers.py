@@ -58,6 +58,15 @@ def rps(row):
     return w["requests"] / (w["duration_us"] / 1e6)
 
 
+def cpu_us(row):
+    """µs of CPU (user + system, every process of the server) per request
+    during the measured load, or None (rows of runs before it was recorded)."""
+    w = row and row.get("wrk")
+    if not w or not w.get("requests") or row.get("cpu_s") is None:
+        return None
+    return row["cpu_s"] * 1e6 / w["requests"]
+
+
 # Sections of BENCHMARKS.md that their own scripts write (each with its own
 # run and date); bench/report.py keeps them when it rewrites the file.
 KEPT_SECTIONS = {
@@ -137,6 +146,7 @@ class Rounds:
 
     def __init__(self, rows):
         self.by = {}
+        self.cpu = {}
         self.rows = {}
         for r in rows:
             if not r.get("round"):
@@ -146,12 +156,25 @@ class Rounds:
             v = rps(r)
             if v is not None:
                 self.by.setdefault(key, {})[r["round"]] = v
+            c = cpu_us(r)
+            if c:
+                self.cpu.setdefault(key, {})[r["round"]] = c
 
     def ratio(self, a, b):
         """Median over the rounds of a's req/s / b's in the same round, and the per-round ratios."""
         ra, rb = self.by.get(a, {}), self.by.get(b, {})
         per = [ra[k] / rb[k] for k in sorted(ra) if k in rb and rb[k]]
         return median(per), per
+
+    def cpu_ratio(self, a, b):
+        """Median over the rounds of b's CPU per request / a's in the same
+        round (above 1: a serves a request with less CPU), and the per-round ratios."""
+        ca, cb = self.cpu.get(a, {}), self.cpu.get(b, {})
+        per = [cb[k] / ca[k] for k in sorted(ca) if k in cb and ca[k]]
+        return median(per), per
+
+    def cpu_per_request(self, key):
+        return median(self.cpu.get(key, {}).values())
 
     def split(self, key, rnd):
         """How the connections were split over the processes in round `rnd`
@@ -183,8 +206,9 @@ def ratio_section(rounds):
     if not rounds.by:
         return "(not measured: no interleaved rounds in this run)", {}
     n = len(rounds.rounds())
-    lines = ["| server | req/s (median of the rounds) | rounds | RSS per process MiB | RSS total MiB |",
-             "|---|---|---|---|---|"]
+    lines = ["| server | req/s (median of the rounds) | rounds | CPU µs per request | RSS per process MiB "
+             "| RSS total MiB |",
+             "|---|---|---|---|---|---|"]
     order = [CEIL_2T, CEIL_FORKED, CEIL_FORKED_BAL] + gpe_keys(rounds) + [("gpe", "eventloop", "axum")] \
         + list(PEERS.values())
     for key in order:
@@ -193,7 +217,9 @@ def ratio_section(rounds):
         per = ", ".join(f"{rounds.by.get(key, {}).get(r, 0) / 1000:.1f}k" + split_note(rounds, key, r)
                         for r in rounds.rounds() if r in rounds.by.get(key, {}))
         rate = rounds.rate(key)
+        cpu = rounds.cpu_per_request(key)
         lines.append(f"| {name_of(key)} | {'no result' if rate is None else f'{rate:,.0f}'} | {per} "
+                     f"| {'–' if cpu is None else f'{cpu:.2f}'} "
                      f"| {f2(rounds.rss(key, 'rss_mib'))} | {f2(rounds.rss(key, 'rss_total_mib'))} |")
     throughput = "\n".join(lines)
 
@@ -203,16 +229,22 @@ def ratio_section(rounds):
     head = "| gpe | " + " | ".join(c for c, _ in cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 1)]
     res = {}
+    cpu_lines = [head, "|" + "---|" * (len(cols) + 1)]
     for key in gpe_keys(rounds) + [("gpe", "eventloop", "axum")]:
         if key not in rounds.by:
             continue
-        cells = []
+        cells, cpu_cells = [], []
         for c, other in cols:
             m, per = rounds.ratio(key, other)
             res[(key, other)] = (m, per)
             cells.append("–" if m is None else f"{m:.2f}")
+            m, per = rounds.cpu_ratio(key, other)
+            res[("cpu", key, other)] = (m, per)
+            cpu_cells.append("–" if m is None else f"{m:.2f}")
         lines.append(f"| {name_of(key)[4:]} | " + " | ".join(cells) + " |")
+        cpu_lines.append(f"| {name_of(key)[4:]} | " + " | ".join(cpu_cells) + " |")
     ratios = "\n".join(lines)
+    cpu_ratios = "\n".join(cpu_lines) if rounds.cpu else ""
     md = f"""{n} interleaved round(s): in each round every server below ran once, one
 after the other (odd rounds in one order, even rounds in the reverse order), so
 that each ratio compares servers measured minutes apart, not a whole run
@@ -223,6 +255,10 @@ over every process of the server (gpe: the master and the workers), both read
 at the end of the load and the median over the rounds. After each round's
 req/s of a server with more than one process, in brackets: how many of the 16
 connections each process held halfway through the load, largest first.
+*CPU µs per request* is the user and system time of every process of the
+server (gpe: the master, the workers and the exporter) over the measured
+load, from `/proc/PID/stat`, divided by the requests wrk counted; the median
+over the rounds.
 
 {throughput}
 
@@ -232,6 +268,17 @@ Each ratio is the median over the rounds of the two servers' req/s in the
 same round (gpe's req/s over the other's):
 
 {ratios}"""
+    if cpu_ratios:
+        md += f"""
+
+The same pairs by CPU per request: the median over the rounds of the other
+server's CPU µs per request over gpe's in the same round (above 1: gpe serves
+a request with less CPU). This is a second view of the same rounds: req/s
+depends on the share of the 2 CPUs the server got beside wrk, CPU per request
+on what a request costs it. It moves between rounds too (a server that gets
+less CPU handles more events per wake-up), but it is not the same noise.
+
+{cpu_ratios}"""
     return md, res
 
 
@@ -288,6 +335,20 @@ def ratio_targets(rounds, res):
         [(k, key, PEERS["axum-prometheus"]) for k, key in on], T_VS_PROM, lambda v: f"{v:.2f}×")
     row("gpe with metrics / actix-web + actix-web-prom ≥ 1.3×",
         [(k, key, PEERS["actix-web-prom"]) for k, key in on], T_VS_PROM, lambda v: f"{v:.2f}×")
+    if rounds.cpu:
+        def cpu_row(label, other, target, fmt=lambda v: f"{v:.2f}"):
+            parts = []
+            for k, key in on:
+                m, per = res.get(("cpu", key, other), (None, []))
+                per_s = ", ".join(f"{x:.2f}" for x in per)
+                parts.append(f"{k} {'–' if m is None else fmt(m)} ({per_s}){'' if m is not None and m >= target else ' ✗'}")
+            tl.append(f"| (context, not a target of the issue) {label}, by CPU per request (the other's "
+                      f"CPU µs per request / gpe's) | {'; '.join(parts) or 'not measured'} | – |")
+        cpu_row("thread, eventloop, greenlet / bare hyper 2-thread ceiling ≥ 0.90", CEIL_2T, T_VS_CEILING)
+        cpu_row("gpe with metrics / axum + axum-prometheus ≥ 1.3×", PEERS["axum-prometheus"], T_VS_PROM,
+                lambda v: f"{v:.2f}×")
+        cpu_row("gpe with metrics / actix-web + actix-web-prom ≥ 1.3×", PEERS["actix-web-prom"], T_VS_PROM,
+                lambda v: f"{v:.2f}×")
     return tl
 
 
@@ -506,13 +567,22 @@ def instructions_section(out):
     for r in rows:
         cells = [f"{r[c]:,}" if c in r else "-" for c in cols]
         lines.append(f"| {r['server']} | " + " | ".join(cells) + f" | {r['total'] / base:.2f} |")
+    by = {r["server"]: r for r in rows}
+    axum, native = by.get("eventloop-axum-router"), by.get("eventloop-metrics-on")
+    note = ""
+    if axum and native and axum.get("app") and native.get("app"):
+        note = (f"\n\nThrough the axum Router of examples/axum-app (`eventloop-axum-router`, metrics "
+                f"on) the hello takes {axum['total']:,} instructions, {axum['total'] / native['total']:.2f}× "
+                f"the built-in hello's {native['total']:,}; its app layer (the Router, its matched-path "
+                f"layer and the handler) takes {axum['app']:,} against {native['app']:,}. Every other "
+                f"layer differs by under {max(abs(axum[c] - native[c]) for c in cols[2:]):,}.")
     return ("`bench/instructions.sh`: user-space instructions per keep-alive request of the hello "
             "route under callgrind, one worker (one runtime thread for the ceiling), "
             f"{rows[0].get('requests', 0):,} requests over 8 connections. The count does not "
             "depend on the host's speed or its scheduler; the kernel's share (system calls, "
             "context switches) is not in it, and the syscall profile above shows that part. "
             "Layers are inclusive costs of the functions that begin them (see the script's "
-            "header).\n\n" + "\n".join(lines))
+            "header).\n\n" + "\n".join(lines) + note)
 
 
 def sections(root, out, rows, env):

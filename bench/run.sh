@@ -110,7 +110,16 @@ measure() {
     (sleep "$(awk -v s="$SECS" 'BEGIN{print s/2}')"; conn_split) >"$OUT/split.tmp" &
     sampler=$!
   fi
+  # The CPU every process of the server uses during the measured load (gpe's
+  # exporter included), in seconds: its CPU per request does not depend on
+  # how the 2 CPUs were shared with wrk, as req/s does.
+  local procs cpu0 cpu=null
+  procs=$(tree "$SERVER_PID")
+  # shellcheck disable=SC2086
+  cpu0=$(cpu_ticks $procs)
   res=$(run_wrk "$close" "$SECS" || true)
+  # shellcheck disable=SC2086
+  cpu=$(awk -v a="$cpu0" -v b="$(cpu_ticks $procs)" -v hz="$(getconf CLK_TCK)" 'BEGIN{printf "%.3f", (b - a) / hz}')
   if [[ -n $sampler ]]; then
     wait "$sampler" 2>/dev/null || true
     [[ -s $OUT/split.tmp ]] && split="\"$(cat "$OUT/split.tmp")\""
@@ -122,8 +131,8 @@ measure() {
   # shellcheck disable=SC2046,SC2086
   total=$(total_rss_mib $($all))
   [[ -n $res ]] || res=null
-  printf '{"server":"%s","kind":"%s","variant":"%s","close":%s,"round":%s,"workers":%s,"rss_mib":%s,"rss_total_mib":%s,"note":"%s","load1":%s,"split":%s,"wrk":%s}\n' \
-    "$server" "$kind" "$variant" "$close" "$ROUND" "$(wc -w <<<"$pids")" "$rss" "$total" "$note" "$(cut -d' ' -f1 /proc/loadavg)" "$split" "$res" >>"$OUT/results.jsonl"
+  printf '{"server":"%s","kind":"%s","variant":"%s","close":%s,"round":%s,"workers":%s,"rss_mib":%s,"rss_total_mib":%s,"cpu_s":%s,"note":"%s","load1":%s,"split":%s,"wrk":%s}\n' \
+    "$server" "$kind" "$variant" "$close" "$ROUND" "$(wc -w <<<"$pids")" "$rss" "$total" "$cpu" "$note" "$(cut -d' ' -f1 /proc/loadavg)" "$split" "$res" >>"$OUT/results.jsonl"
   echo "   $res rss=${rss}MiB total=${total}MiB pids=[$(echo $pids)]" >&2
 }
 # The established connections to the benchmark port per server process,
