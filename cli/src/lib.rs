@@ -26,7 +26,7 @@ pub mod top;
 pub mod workers;
 
 #[cfg(feature = "axum")]
-pub use route_layer::{MatchedPathLayer, MatchedPathService};
+pub use route_layer::{MatchedPathFuture, MatchedPathLayer, MatchedPathService};
 
 use std::process::ExitCode;
 use std::sync::Arc;

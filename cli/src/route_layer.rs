@@ -32,11 +32,10 @@ pub struct MatchedPathService<S> {
 impl<S, B, RB> tower::Service<http::Request<B>> for MatchedPathService<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
-    S::Future: Send + 'static,
 {
     type Response = http::Response<RB>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+    type Future = MatchedPathFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -46,16 +45,40 @@ where
         let matched = req
             .extensions()
             .get::<MatchedPath>()
-            .map(|p| p.as_str().to_owned());
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let mut resp = fut.await?;
-            if let Some(path) = matched {
-                if resp.extensions().get::<Route>().is_none() {
-                    resp.extensions_mut().insert(Route::owned(path));
-                }
+            .map(|p| Route::owned(p.as_str().to_owned()));
+        MatchedPathFuture {
+            inner: self.inner.call(req),
+            matched,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`MatchedPathService`]: the inner service's, naming the
+    /// response's route when it is ready. A named type rather than a boxed
+    /// future: one allocation and one move less per request.
+    #[derive(Debug)]
+    pub struct MatchedPathFuture<F> {
+        #[pin]
+        inner: F,
+        matched: Option<Route>,
+    }
+}
+
+impl<F, RB, E> Future for MatchedPathFuture<F>
+where
+    F: Future<Output = Result<http::Response<RB>, E>>,
+{
+    type Output = Result<http::Response<RB>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut resp = std::task::ready!(this.inner.poll(cx))?;
+        if let Some(route) = this.matched.take() {
+            if resp.extensions().get::<Route>().is_none() {
+                resp.extensions_mut().insert(route);
             }
-            Ok(resp)
-        })
+        }
+        Poll::Ready(Ok(resp))
     }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use tower::{Service, ServiceExt};
+use tower::Service;
 
 pub use super::body::Body;
 
@@ -80,9 +80,14 @@ where
 {
     fn call(&self, req: Request) -> AppFuture {
         // A panic while cloning leaves the service as it was: use it.
-        let svc = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut svc = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
         Box::pin(async move {
-            let resp = svc.oneshot(req).await.map_err(Into::into)?;
+            // What `ServiceExt::oneshot` does, without moving the request
+            // through its state machine: readiness, then the call.
+            std::future::poll_fn(|cx| svc.poll_ready(cx))
+                .await
+                .map_err(Into::into)?;
+            let resp = svc.call(req).await.map_err(Into::into)?;
             Ok(resp.map(box_body))
         })
     }
@@ -155,10 +160,6 @@ where
 /// [`Body`] enforces). A body over the limit answers 413.
 async fn buffered(req: Request) -> Result<FullRequest, FullResponse> {
     let (parts, body) = req.into_parts();
-    // Most requests have no body: skip the collecting machinery.
-    if http_body::Body::is_end_stream(&body) {
-        return Ok(FullRequest::from_parts(parts, Bytes::new()));
-    }
     match body.collect().await {
         Ok(c) => Ok(FullRequest::from_parts(parts, c.to_bytes())),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(text(
@@ -197,6 +198,15 @@ where
 
     fn call(&mut self, req: Request) -> Self::Future {
         let f = self.0.clone();
+        // Most requests have no body: hand the closure its request at once
+        // instead of moving the request through `buffered`'s future. The
+        // closure itself still runs only when the future is polled.
+        let (parts, body) = req.into_parts();
+        if http_body::Body::is_end_stream(&body) {
+            let req = FullRequest::from_parts(parts, Bytes::new());
+            return Box::pin(async move { Ok(f(req).await.map(Full::new)) });
+        }
+        let req = Request::from_parts(parts, body);
         Box::pin(async move {
             let resp = match buffered(req).await {
                 Ok(req) => f(req).await,
