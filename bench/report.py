@@ -627,7 +627,7 @@ event; *CPU µs* is the servers' task-clock per request. `recvfrom + read` and
   in between ({pfig('sync', *sys_)} syscalls per request).
 - **The ceiling moves.** The bare server itself varies from run to run on this
   shared VM, and every ratio above moves with it.
-"""
+{report_peers.axum_bound(out)}"""
     # Keep the sections of bench/ab.sh and bench/idle_yield.sh (their own runs).
     old_md = (root / "BENCHMARKS.md").read_text() if (root / "BENCHMARKS.md").exists() else ""
     for kept in kept_sections(old_md):
