@@ -156,10 +156,9 @@ where
     }
 }
 
-/// Reads the whole body of `req` (bounded by `max_body_size`, which the
-/// [`Body`] enforces). A body over the limit answers 413.
-async fn buffered(req: Request) -> Result<FullRequest, FullResponse> {
-    let (parts, body) = req.into_parts();
+/// Reads the whole `body` of a request (bounded by `max_body_size`, which
+/// the [`Body`] enforces). A body over the limit answers 413.
+async fn buffered(parts: http::request::Parts, body: Body) -> Result<FullRequest, FullResponse> {
     match body.collect().await {
         Ok(c) => Ok(FullRequest::from_parts(parts, c.to_bytes())),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(text(
@@ -206,9 +205,8 @@ where
             let req = FullRequest::from_parts(parts, Bytes::new());
             return Box::pin(async move { Ok(f(req).await.map(Full::new)) });
         }
-        let req = Request::from_parts(parts, body);
         Box::pin(async move {
-            let resp = match buffered(req).await {
+            let resp = match buffered(parts, body).await {
                 Ok(req) => f(req).await,
                 Err(resp) => resp,
             };
