@@ -216,6 +216,17 @@ pub struct Held<I, H> {
     watch: Arc<Watch>,
 }
 
+impl<I, H> Held<I, H> {
+    /// `io`, holding `hold` until it is dropped, reporting to `watch`.
+    fn new(io: I, hold: H, watch: &Arc<Watch>) -> Held<I, H> {
+        Held {
+            io,
+            _hold: hold,
+            watch: watch.clone(),
+        }
+    }
+}
+
 impl<I: Read + Unpin, H: Unpin> Read for Held<I, H> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -344,21 +355,13 @@ pub async fn serve_io<I, H, R, D>(
         let sniffed = policy.timer.sleep(policy.deadlines.head);
         match futures_util::future::select(std::pin::pin!(sniff(io)), sniffed).await {
             futures_util::future::Either::Left((Ok((true, io)), _)) => {
-                let io = Held {
-                    io,
-                    _hold: (hold, guard),
-                    watch: watch.clone(),
-                };
+                let io = Held::new(io, (hold, guard), &watch);
                 serve_h2(io, service, policy, h2, drain, draining)
                     .await
                     .map_err(Ended::Hyper)
             }
             futures_util::future::Either::Left((Ok((false, io)), _)) => {
-                let io = Held {
-                    io,
-                    _hold: (hold, guard),
-                    watch: watch.clone(),
-                };
+                let io = Held::new(io, (hold, guard), &watch);
                 serve_h1(io, service, svc, policy, drain, &watch, draining).await
             }
             // The client went away, or said nothing in time.
@@ -369,11 +372,7 @@ pub async fn serve_io<I, H, R, D>(
             }
         }
     } else {
-        let io = Held {
-            io,
-            _hold: (hold, guard),
-            watch: watch.clone(),
-        };
+        let io = Held::new(io, (hold, guard), &watch);
         serve_h2(io, service, policy, h2, drain, draining)
             .await
             .map_err(Ended::Hyper)
@@ -404,11 +403,7 @@ pub async fn serve_http1<I, H, R, D>(
     let draining = AtomicBool::new(false);
     let (draining, w) = (&draining, &watch);
     let service = conn_service!(svc, peer, runner, w, draining);
-    let io = Held {
-        io,
-        _hold: (hold, guard),
-        watch: watch.clone(),
-    };
+    let io = Held::new(io, (hold, guard), &watch);
     let result = serve_h1(io, service, svc, policy, drain, &watch, draining).await;
     record_end(svc, result);
 }
